@@ -1,0 +1,76 @@
+"""Functional API of the Triton backend: the same signatures as kernels.torch_ops.
+
+These validate arguments (same messages as the torch path), then call the autograd Functions.
+"""
+from __future__ import annotations
+
+import torch
+
+from kernels.autograd import AddNormFunction, NormFunction, PeriJunctionFunction
+from kernels.checks import check_kind, check_params, check_same_shape
+from kernels.triton_common import block_size
+
+
+def _check_input(what: str, *tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if not t.is_floating_point():
+            raise TypeError(f"{what}: expected floating-point tensors, got {t.dtype}")
+    dev = tensors[0].device
+    for t in tensors[1:]:
+        if t.device != dev:
+            raise ValueError(f"{what}: all tensors must be on one device, got {dev} and {t.device}")
+    block_size(tensors[0].shape[-1], what)  # hidden-size limit, with the message that names it
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, scale: float = 1.0) -> torch.Tensor:
+    check_params("rms_norm", x.shape[-1], weight, None, True)
+    _check_input("rms_norm", x, weight)
+    return NormFunction.apply(x, weight, None, float(eps), float(scale), True)
+
+
+def layer_norm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float, scale: float = 1.0
+) -> torch.Tensor:
+    check_params("layer_norm", x.shape[-1], weight, bias, False)
+    _check_input("layer_norm", x, weight, *([bias] if bias is not None else []))
+    return NormFunction.apply(x, weight, bias, float(eps), float(scale), False)
+
+
+def add_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    eps: float,
+    scale: float = 1.0,
+    kind: str = "rmsnorm",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + residual, N(x + residual) * scale) in one kernel."""
+    is_rms = check_kind(kind)
+    check_same_shape("add_norm", x, residual, ("x", "residual"))
+    check_params("add_norm", x.shape[-1], weight, bias, is_rms)
+    _check_input("add_norm", x, residual, weight, *([bias] if bias is not None else []))
+    return AddNormFunction.apply(x, residual, weight, bias, float(eps), float(scale), is_rms)
+
+
+def peri_junction(
+    f: torch.Tensor,
+    residual: torch.Tensor,
+    out_weight: torch.Tensor,
+    out_bias: torch.Tensor | None,
+    in_weight: torch.Tensor,
+    in_bias: torch.Tensor | None,
+    eps: float,
+    scale: float = 1.0,
+    kind: str = "rmsnorm",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, N_in(s) * scale) with s = residual + N_out(f), in one kernel."""
+    is_rms = check_kind(kind)
+    check_same_shape("peri_junction", f, residual, ("f", "residual"))
+    check_params("peri_junction (out norm)", f.shape[-1], out_weight, out_bias, is_rms)
+    check_params("peri_junction (in norm)", f.shape[-1], in_weight, in_bias, is_rms)
+    _check_input("peri_junction", f, residual, out_weight, in_weight,
+                 *[b for b in (out_bias, in_bias) if b is not None])
+    return PeriJunctionFunction.apply(
+        f, residual, out_weight, out_bias, in_weight, in_bias, float(eps), float(scale), is_rms
+    )

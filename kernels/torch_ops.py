@@ -1,0 +1,79 @@
+"""Plain torch norm ops: the reference every fused backend is tested against, and the CPU path.
+
+Statistics are computed in fp32 whatever the input dtype; the output has the input's dtype.
+`scale` is a constant multiplier applied after the gain (LayerNorm Scaling's 1/sqrt(l)).
+The fused ops (add_norm, peri_junction) are the plain compositions here; the Triton backend
+computes the same values in one pass.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernels.checks import check_kind, check_params, check_same_shape
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, scale: float = 1.0) -> torch.Tensor:
+    check_params("rms_norm", x.shape[-1], weight, None, True)
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    y = y * weight.float()
+    if scale != 1.0:
+        y = y * scale
+    return y.to(x.dtype)
+
+
+def layer_norm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float, scale: float = 1.0
+) -> torch.Tensor:
+    check_params("layer_norm", x.shape[-1], weight, bias, False)
+    y = F.layer_norm(x.float(), (x.shape[-1],), weight.float(), None if bias is None else bias.float(), eps)
+    if scale != 1.0:
+        y = y * scale
+    return y.to(x.dtype)
+
+
+def _norm(kind_is_rms: bool, x, weight, bias, eps, scale=1.0):
+    if kind_is_rms:
+        return rms_norm(x, weight, eps, scale)
+    return layer_norm(x, weight, bias, eps, scale)
+
+
+def add_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    eps: float,
+    scale: float = 1.0,
+    kind: str = "rmsnorm",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + residual, N(x + residual) * scale): the pre/lns junction, unfused."""
+    is_rms = check_kind(kind)
+    check_same_shape("add_norm", x, residual, ("x", "residual"))
+    check_params("add_norm", x.shape[-1], weight, bias, is_rms)
+    s = x + residual
+    return s, _norm(is_rms, s, weight, bias, eps, scale)
+
+
+def peri_junction(
+    f: torch.Tensor,
+    residual: torch.Tensor,
+    out_weight: torch.Tensor,
+    out_bias: torch.Tensor | None,
+    in_weight: torch.Tensor,
+    in_bias: torch.Tensor | None,
+    eps: float,
+    scale: float = 1.0,
+    kind: str = "rmsnorm",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, N_in(s) * scale) with s = residual + N_out(f): the Peri-LN junction, unfused.
+
+    The scale belongs to the next block's input norm only (LNS never scales the output norm).
+    """
+    is_rms = check_kind(kind)
+    check_same_shape("peri_junction", f, residual, ("f", "residual"))
+    check_params("peri_junction (out norm)", f.shape[-1], out_weight, out_bias, is_rms)
+    check_params("peri_junction (in norm)", f.shape[-1], in_weight, in_bias, is_rms)
+    s = residual + _norm(is_rms, f, out_weight, out_bias, eps)
+    return s, _norm(is_rms, s, in_weight, in_bias, eps, scale)

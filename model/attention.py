@@ -1,0 +1,48 @@
+"""Causal self-attention with RoPE, grouped-query attention and optional QK-norm.
+
+The fused QKV projection uses Megatron's grouped layout: for each key/value head g, its
+q_per_kv query heads, then its key, then its value. A contiguous split of the output dimension
+is then a split by KV group, which is what tensor parallelism needs.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.norms import NormFactory
+from model.rope import Rotary
+
+
+class Attention(nn.Module):
+    def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, *, bias: bool, dropout: float,
+                 qk_norm: bool, norms: NormFactory, rotary: Rotary):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.head_dim = hidden // num_heads
+        self.q_per_kv = num_heads // num_kv_heads
+        self.qkv = nn.Linear(hidden, (num_heads + 2 * num_kv_heads) * self.head_dim, bias=bias)
+        self.proj = nn.Linear(num_heads * self.head_dim, hidden, bias=bias)
+        self.q_norm = norms.optional(qk_norm, self.head_dim)
+        self.k_norm = norms.optional(qk_norm, self.head_dim)
+        self.dropout = dropout
+        self.rotary = rotary
+
+    def split_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, T, d) -> q (B, T, H, hd), k and v (B, T, Hkv, hd), normed and rotated."""
+        b, t, _ = x.shape
+        qkv = self.qkv(x).view(b, t, self.num_kv_heads, self.q_per_kv + 2, self.head_dim)
+        q = qkv[:, :, :, : self.q_per_kv].reshape(b, t, self.num_heads, self.head_dim)
+        k, v = qkv[:, :, :, self.q_per_kv], qkv[:, :, :, self.q_per_kv + 1]
+        q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = self.rotary.tables(t, x.device, q.dtype)
+        return self.rotary.apply(q, cos, sin), self.rotary.apply(k, cos, sin), v
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = (z.transpose(1, 2) for z in self.split_qkv(x))
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )
+        return self.proj(y.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))

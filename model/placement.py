@@ -1,0 +1,170 @@
+"""Where the norms go: one registry entry per published placement (DESIGN.md §4, §9).
+
+Every placement is the same sublayer shape with optional slots:
+
+    y = post_norm(alpha * x + out_norm(F(in_norm(x) * in_scale)))
+
+A placement is a small function `(layer, num_layers, cfg) -> LayerSpec` saying which slots a
+block fills, evaluated once when the model is built. The block's forward never looks at the
+placement name. Adding a placement = one `@register(...)` function here + the tests that
+already parametrize over `PLACEMENTS`.
+
+Layer indices are GLOBAL and 1-based (l = 1..L), also under pipeline parallelism.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class SublayerSpec:
+    """The slots of one residual branch (attention or MLP)."""
+
+    in_norm: bool = False  # N(x) before the sublayer
+    out_norm: bool = False  # N(F(.)) on the branch output
+    post_norm: bool = False  # N(alpha*x + branch) after the residual add
+    in_scale: float = 1.0  # constant on the input norm's output (LNS: 1/sqrt(l)); a plain float
+    residual_alpha: float = 1.0  # multiplier on the skip path (DeepNorm)
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    attn: SublayerSpec
+    mlp: SublayerSpec
+    # Multiplier on the init std of the value, attention-output and MLP weights (DeepNorm's beta).
+    init_gain: float = 1.0
+
+
+@dataclass(frozen=True)
+class Placement:
+    name: str
+    summary: str
+    layer: Callable[[int, int, object], LayerSpec]
+    final_norm: bool  # a norm before the output layer
+    embedding_norm: bool  # default for the `embedding_norm` switch
+    depth_scale: str  # default for the `depth_scale` switch
+    has_input_norms: bool  # whether depth_scale (which scales input norms) can apply
+
+
+PLACEMENTS: dict[str, Placement] = {}
+
+
+def register(name: str, summary: str, *, final_norm: bool, embedding_norm: bool = False,
+             depth_scale: str = "none", has_input_norms: bool = True):
+    def wrap(fn: Callable[[int, int, object], LayerSpec]) -> Callable:
+        PLACEMENTS[name] = Placement(name, summary, fn, final_norm, embedding_norm, depth_scale,
+                                     has_input_norms)
+        return fn
+
+    return wrap
+
+
+def _both(spec: SublayerSpec, init_gain: float = 1.0) -> LayerSpec:
+    return LayerSpec(attn=spec, mlp=spec, init_gain=init_gain)
+
+
+@register("pre", "x + F(N(x)) (GPT-2, Llama)", final_norm=True)
+def _pre(layer: int, num_layers: int, cfg) -> LayerSpec:
+    return _both(SublayerSpec(in_norm=True))
+
+
+@register("post", "N(x + F(x)) (original Transformer, BERT)", final_norm=False, has_input_norms=False)
+def _post(layer: int, num_layers: int, cfg) -> LayerSpec:
+    return _both(SublayerSpec(post_norm=True))
+
+
+@register("peri", "x + N_out(F(N_in(x))) (Peri-LN; Gemma 2/3)", final_norm=True, embedding_norm=True)
+def _peri(layer: int, num_layers: int, cfg) -> LayerSpec:
+    return _both(SublayerSpec(in_norm=True, out_norm=True))
+
+
+@register("lns", "x + F(N(x) / sqrt(l)) (LayerNorm Scaling, The Curse of Depth)", final_norm=True,
+          depth_scale="inv_sqrt_layer")
+def _lns(layer: int, num_layers: int, cfg) -> LayerSpec:
+    return _both(SublayerSpec(in_norm=True))
+
+
+@register("mix", "Post-LN for the first round(alpha*L) blocks, Pre-LN after (Mix-LN)", final_norm=True)
+def _mix(layer: int, num_layers: int, cfg) -> LayerSpec:
+    if layer <= mix_post_layers(num_layers, cfg.mix_alpha):
+        return _post(layer, num_layers, cfg)
+    return _pre(layer, num_layers, cfg)
+
+
+@register("deepnorm", "N(alpha*x + F(x)), alpha=(2L)^(1/4), beta=(8L)^(-1/4) init (DeepNet)",
+          final_norm=False, has_input_norms=False)
+def _deepnorm(layer: int, num_layers: int, cfg) -> LayerSpec:
+    alpha = (2 * num_layers) ** 0.25
+    beta = (8 * num_layers) ** -0.25
+    return _both(SublayerSpec(post_norm=True, residual_alpha=alpha), init_gain=beta)
+
+
+@register("reordered", "x + N(F(x)) (OLMo 2, Swin v2)", final_norm=True, has_input_norms=False)
+def _reordered(layer: int, num_layers: int, cfg) -> LayerSpec:
+    return _both(SublayerSpec(out_norm=True))
+
+
+def mix_post_layers(num_layers: int, alpha: float) -> int:
+    """How many of the bottom blocks Mix-LN runs as Post-LN."""
+    return int(math.floor(alpha * num_layers + 0.5))
+
+
+# -------------------------------------------------------------------------- config integration
+
+
+def validate_placement(m) -> None:
+    """Rejects unknown placements and switch combinations that make no sense."""
+    from pretrain.config import ConfigError, _did_you_mean
+
+    if m.placement not in PLACEMENTS:
+        raise ConfigError(
+            f"model.placement: '{m.placement}' is not a placement; allowed: "
+            f"{', '.join(PLACEMENTS)}{_did_you_mean(m.placement, list(PLACEMENTS))}"
+        )
+    p = PLACEMENTS[m.placement]
+    if m.depth_scale == "inv_sqrt_layer" and not p.has_input_norms:
+        raise ConfigError(
+            f"model.depth_scale: 'inv_sqrt_layer' scales the input norms, but placement "
+            f"'{m.placement}' has none; use it with: "
+            f"{', '.join(n for n, q in PLACEMENTS.items() if q.has_input_norms)}"
+        )
+    if m.placement == "lns" and m.depth_scale == "none":
+        raise ConfigError(
+            "model.depth_scale: 'none' contradicts model.placement='lns' (= pre + inv_sqrt_layer); "
+            "use placement 'pre' for plain Pre-LN"
+        )
+    if m.placement == "mix" and mix_post_layers(m.num_layers, m.mix_alpha) in (0,):
+        raise ConfigError(
+            f"model.mix_alpha: {m.mix_alpha} x {m.num_layers} layers leaves no Post-LN block; "
+            "use placement 'pre' or a larger mix_alpha"
+        )
+
+
+def resolve_model_switches(m):
+    """Fills the switches left null with the placement's defaults."""
+    p = PLACEMENTS[m.placement]
+    return dataclasses.replace(
+        m,
+        embedding_norm=p.embedding_norm if m.embedding_norm is None else m.embedding_norm,
+        depth_scale=p.depth_scale if m.depth_scale is None else m.depth_scale,
+    )
+
+
+def layer_specs(m) -> list[LayerSpec]:
+    """The per-block slot specs of a resolved model config, with the depth scale applied."""
+    p = PLACEMENTS[m.placement]
+    specs = []
+    for layer in range(1, m.num_layers + 1):
+        spec = p.layer(layer, m.num_layers, m)
+        if m.depth_scale == "inv_sqrt_layer":
+            scale = 1.0 / math.sqrt(layer)
+            spec = dataclasses.replace(
+                spec,
+                attn=dataclasses.replace(spec.attn, in_scale=scale) if spec.attn.in_norm else spec.attn,
+                mlp=dataclasses.replace(spec.mlp, in_scale=scale) if spec.mlp.in_norm else spec.mlp,
+            )
+        specs.append(spec)
+    return specs

@@ -1,0 +1,438 @@
+"""The job's configuration: dataclasses, YAML loading, `--set` overrides and validation.
+
+Everything a run can be told lives here, so that "which keys exist?" has one answer. A config is
+loaded from YAML (optionally on top of a `base:` file), overridden from the command line, then
+validated ONCE, before any process group starts: unknown keys get a did-you-mean error, bad
+values name the field, the value and what is allowed. `resolve()` fills every default that
+depends on other fields (vocabulary size from the tokenizer, per-placement switches, ...) so the
+config written to the run directory is complete.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user can fix; the message says where and how."""
+
+
+def _f(default: Any, help: str, **checks: Any) -> Any:
+    """A dataclass field with a help text and optional checks (min, max, gt)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **checks})
+    return field(default=default, metadata={"help": help, **checks})
+
+
+# ----------------------------------------------------------------------------------- sections
+
+
+@dataclass
+class RunConfig:
+    name: str = _f("default", "run name; the run directory defaults to runs/<name>")
+    dir: str = _f("", "run directory (config, metrics, TensorBoard, checkpoints, eval)")
+    seed: int = _f(1234, "seed for model init, data order and every rank's RNG", min=0)
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = _f(0, "vocabulary size; 0 = the tokenizer's, padded to vocab_multiple", min=0)
+    vocab_multiple: int = _f(128, "pad the vocabulary to a multiple of this (Megatron style)", min=1)
+    hidden_size: int = _f(256, "model width d", min=1)
+    num_layers: int = _f(6, "number of transformer blocks L", min=1)
+    num_heads: int = _f(4, "attention heads", min=1)
+    num_kv_heads: int = _f(0, "key/value heads for GQA; 0 = num_heads (plain multi-head)", min=0)
+    ffn_hidden_size: int = _f(0, "MLP width; 0 = 8/3*d rounded up to ffn_multiple (SwiGLU) or 4d (GELU)", min=0)
+    ffn_multiple: int = _f(64, "round the automatic MLP width up to a multiple of this", min=1)
+    seq_len: int = _f(256, "training sequence length (tokens per sample)", min=2)
+    mlp: Literal["swiglu", "gelu"] = _f("swiglu", "MLP type")
+    placement: str = _f("peri", "norm placement (model/placement.py registry)")
+    norm: Literal["rmsnorm", "layernorm"] = _f("rmsnorm", "normalization function")
+    norm_eps: float = _f(1e-5, "epsilon of every norm", gt=0)
+    qk_norm: bool = _f(False, "normalize queries and keys per head before attention")
+    embedding_norm: Optional[bool] = _f(None, "norm after the token embedding; null = the placement's default")
+    depth_scale: Optional[Literal["none", "inv_sqrt_layer"]] = _f(
+        None, "scale on the input norms: inv_sqrt_layer = LayerNorm Scaling; null = the placement's default"
+    )
+    zero_centered_gain: bool = _f(False, "parameterise norm gains as (1 + w) with w initialised to 0")
+    mix_alpha: float = _f(0.25, "Mix-LN: fraction of blocks (from the bottom) that use Post-LN", min=0, max=1)
+    tie_embeddings: bool = _f(True, "share the token embedding with the output layer")
+    rope_theta: float = _f(10000.0, "RoPE base", gt=0)
+    bias: bool = _f(False, "biases in the linear layers")
+    dropout: float = _f(0.0, "dropout on attention probabilities and residual branches", min=0, max=1)
+    init_std: float = _f(0.02, "std of the normal init; output projections get std/sqrt(2L)", gt=0)
+
+
+@dataclass
+class DataConfig:
+    dir: str = _f("data/bundled", "prepared dataset directory (python -m pretrain.data prepare)")
+    tokenizer: str = _f("", "sentencepiece model; empty = <dir>/tokenizer.model")
+    train: list = _f([], "Megatron .bin/.idx prefixes (optionally 'WEIGHT PREFIX') to train on; empty = <dir>/train")
+    valid: list = _f([], "validation prefixes; empty = <dir>/valid")
+    test: list = _f([], "held-out test prefixes; empty = <dir>/test")
+    cache_dir: str = _f("", "where sample indices are cached; empty = <dir>/cache")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = _f(1000, "optimizer steps to train", min=1)
+    micro_batch_size: int = _f(8, "sequences per rank per forward/backward", min=1)
+    global_batch_size: int = _f(16, "sequences per optimizer step (micro * data-parallel * accumulation)", min=1)
+    lr: float = _f(1e-3, "peak learning rate", gt=0)
+    min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of the peak", min=0, max=1)
+    warmup_steps: int = _f(100, "linear warmup steps", min=0)
+    schedule: Literal["cosine", "wsd", "constant"] = _f(
+        "cosine", "after warmup: cosine decay, warmup-stable-decay, or constant"
+    )
+    decay_fraction: float = _f(0.2, "wsd: fraction of max_steps spent in the final linear decay", gt=0, max=1)
+    weight_decay: float = _f(0.1, "AdamW weight decay (not applied to norms, biases and embeddings)", min=0)
+    beta1: float = _f(0.9, "AdamW beta1", min=0, max=1)
+    beta2: float = _f(0.95, "AdamW beta2", min=0, max=1)
+    adam_eps: float = _f(1e-8, "AdamW epsilon", gt=0)
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this; 0 = no clipping", min=0)
+    precision: Literal["fp32", "bf16", "fp16"] = _f("fp32", "training precision (DeepSpeed)")
+    log_every: int = _f(10, "steps between progress lines and metrics.jsonl records", min=1)
+    eval_every: int = _f(200, "steps between validation passes; 0 = only at the end", min=0)
+    eval_batches: int = _f(8, "validation batches (of global_batch_size sequences) per pass", min=1)
+    exit_at_step: int = _f(0, "stop after this step with a checkpoint, schedule unchanged (0 = run to max_steps)", min=0)
+    peak_tflops: float = _f(0.0, "device dense peak for MFU; 0 = known GPUs auto, else MFU not reported", min=0)
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = _f(0, "steps between checkpoints; 0 = only at the end", min=0)
+    keep_last: int = _f(3, "complete checkpoints to keep; 0 = keep all", min=0)
+    resume: str = _f("never", "never | auto (newest complete, else fresh) | must (fail if none) | PATH")
+    verify: Literal["sha256", "size", "none"] = _f("sha256", "check checkpoint files against the manifest on load")
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = _f(1, "tensor-parallel size", min=1)
+    pp: int = _f(1, "pipeline-parallel size", min=1)
+
+
+@dataclass
+class ZeroConfig:
+    stage: int = _f(1, "DeepSpeed ZeRO stage", min=0, max=3)
+
+
+@dataclass
+class KernelsConfig:
+    backend: str = _f("auto", "norm implementation (kernels/backend.py)")
+
+
+@dataclass
+class EvalConfig:
+    split: Literal["test", "valid"] = _f("test", "split evaluated by python -m pretrain.eval")
+    max_tokens: int = _f(0, "evaluate at most this many tokens; 0 = the whole split", min=0)
+    batch_size: int = _f(8, "sequences per evaluation forward pass", min=1)
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ----------------------------------------------------------------------- loading and overrides
+
+
+def _did_you_mean(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _check_value(path: str, value: Any, tp: Any, meta: dict) -> Any:
+    """Type-check (with lossless coercion int->float) and range-check one leaf value."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union and type(None) in args:
+        if value is None:
+            return None
+        (tp,) = [a for a in args if a is not type(None)]
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        if value not in args:
+            allowed = ", ".join(str(a) for a in args)
+            hint = _did_you_mean(str(value), [str(a) for a in args])
+            raise ConfigError(f"{path}: '{value}' is not allowed; allowed: {allowed}{hint}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"{path}: expected a finite number, got {value!r}")
+    elif tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+    elif tp is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+    if "min" in meta and value < meta["min"]:
+        raise ConfigError(f"{path}: {value} is below the minimum {meta['min']}")
+    if "max" in meta and value > meta["max"]:
+        raise ConfigError(f"{path}: {value} is above the maximum {meta['max']}")
+    if "gt" in meta and value <= meta["gt"]:
+        raise ConfigError(f"{path}: {value} must be greater than {meta['gt']}")
+    return value
+
+
+def _build(cls: type, data: dict, path: str) -> Any:
+    """Builds dataclass `cls` from a dict, rejecting unknown keys with a did-you-mean hint."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping of keys, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    types = _field_types(cls)
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{path}.{key}" if path else str(key)
+        if key not in fields:
+            kind = "section" if not path else "key"
+            raise ConfigError(
+                f"{where}: unknown {kind}{_did_you_mean(str(key), list(fields))} "
+                f"(known: {', '.join(fields)})"
+            )
+        tp = types[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, where)
+        else:
+            kwargs[key] = _check_value(where, value, tp, dict(fields[key].metadata))
+    return cls(**kwargs)
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def read_yaml(path: str | Path, _seen: tuple = ()) -> dict:
+    """Reads a config file; `base: other.yaml` (relative to this file) is loaded underneath."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    if path.resolve() in _seen:
+        raise ConfigError(f"config file '{path}': 'base' chain loops back to itself")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}': expected a mapping at the top level")
+    base = data.pop("base", None)
+    if base is not None:
+        data = _deep_merge(read_yaml(path.parent / base, _seen + (path.resolve(),)), data)
+    return data
+
+
+def apply_override(data: dict, assignment: str) -> dict:
+    """Applies one `section.key=value` assignment; the value is parsed as YAML (3, 1e-3, true, [a])."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set '{assignment}': expected KEY=VALUE, e.g. model.placement=pre")
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"--set '{assignment}': keys are SECTION.KEY, e.g. train.max_steps=100")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    section, name = parts
+    out = dict(data)
+    out[section] = dict(out.get(section) or {})
+    out[section][name] = value
+    return out
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Loads, overrides and validates a config. Does not touch the filesystem beyond the YAML."""
+    data = read_yaml(path) if path else {}
+    for assignment in overrides:
+        data = apply_override(data, assignment)
+    cfg = _build(Config, data, "")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict) -> Config:
+    cfg = _build(Config, data, "")
+    validate(cfg)
+    return cfg
+
+
+# --------------------------------------------------------------------------------- validation
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that a single field's type and range cannot express."""
+    from kernels import BACKEND_CHOICES
+    from model.placement import validate_placement
+
+    m, t = cfg.model, cfg.train
+    if m.hidden_size % m.num_heads:
+        raise ConfigError(
+            f"model.hidden_size: {m.hidden_size} is not divisible by model.num_heads={m.num_heads}; "
+            f"head counts that divide it: {_divisors(m.hidden_size, limit=64)}"
+        )
+    head_dim = m.hidden_size // m.num_heads
+    if head_dim % 2:
+        raise ConfigError(f"model.hidden_size/num_heads = {head_dim} must be even for RoPE")
+    kv = m.num_kv_heads or m.num_heads
+    if m.num_heads % kv:
+        raise ConfigError(
+            f"model.num_kv_heads: {kv} does not divide model.num_heads={m.num_heads}; "
+            f"allowed: {_divisors(m.num_heads)}"
+        )
+    validate_placement(m)
+    if cfg.kernels.backend not in BACKEND_CHOICES:
+        raise ConfigError(
+            f"kernels.backend: '{cfg.kernels.backend}' is not allowed; allowed: "
+            f"{', '.join(BACKEND_CHOICES)}{_did_you_mean(cfg.kernels.backend, list(BACKEND_CHOICES))}"
+        )
+    if cfg.parallel.tp != 1 or cfg.parallel.pp != 1:
+        raise ConfigError(
+            f"parallel: tp={cfg.parallel.tp}, pp={cfg.parallel.pp} requested, but this version trains "
+            "data-parallel only (tp=1, pp=1); tensor and pipeline parallelism are not implemented yet"
+        )
+    if t.warmup_steps >= t.max_steps and t.schedule != "constant":
+        raise ConfigError(
+            f"train.warmup_steps: {t.warmup_steps} must be smaller than train.max_steps={t.max_steps}"
+        )
+    if t.precision == "fp16" and m.norm_eps < 1e-5:
+        raise ConfigError(f"model.norm_eps: {m.norm_eps} underflows in fp16; use >= 1e-5 with train.precision=fp16")
+    r = cfg.checkpoint.resume
+    if r not in ("never", "auto", "must") and not r:
+        raise ConfigError("checkpoint.resume: empty; allowed: never, auto, must, or a checkpoint path")
+    for name in ("train", "valid", "test"):
+        for item in getattr(cfg.data, name):
+            _parse_blend_item(f"data.{name}", item)
+
+
+def check_world(cfg: Config, world_size: int) -> int:
+    """Checks the batch arithmetic for a world size; returns the gradient-accumulation steps."""
+    t = cfg.train
+    dp = world_size // (cfg.parallel.tp * cfg.parallel.pp)
+    per_step = t.micro_batch_size * dp
+    if world_size % (cfg.parallel.tp * cfg.parallel.pp) or t.global_batch_size % per_step:
+        valid = sorted({t.micro_batch_size * dp * k for k in range(1, 9)})
+        raise ConfigError(
+            f"train.global_batch_size: {t.global_batch_size} is not a multiple of micro_batch_size x "
+            f"data-parallel size = {t.micro_batch_size} x {dp} = {per_step}; valid sizes include "
+            f"{', '.join(map(str, valid))}"
+        )
+    return t.global_batch_size // per_step
+
+
+def _parse_blend_item(where: str, item: Any) -> tuple[float, str]:
+    if not isinstance(item, str) or not item.strip():
+        raise ConfigError(f"{where}: entries are 'PREFIX' or 'WEIGHT PREFIX' strings, got {item!r}")
+    parts = item.split()
+    if len(parts) == 1:
+        return 1.0, parts[0]
+    if len(parts) == 2:
+        try:
+            weight = float(parts[0])
+        except ValueError:
+            raise ConfigError(f"{where}: '{item}': the weight '{parts[0]}' is not a number") from None
+        if weight <= 0:
+            raise ConfigError(f"{where}: '{item}': the weight must be positive")
+        return weight, parts[1]
+    raise ConfigError(f"{where}: '{item}': expected 'PREFIX' or 'WEIGHT PREFIX'")
+
+
+def parse_blend(where: str, items: list) -> list[tuple[float, str]]:
+    return [_parse_blend_item(where, item) for item in items]
+
+
+def _divisors(n: int, limit: int | None = None) -> str:
+    ds = [d for d in range(1, n + 1) if n % d == 0 and (limit is None or d <= limit)]
+    return ", ".join(map(str, ds))
+
+
+# ---------------------------------------------------------------------------------- resolution
+
+
+def resolve(cfg: Config, vocab_size: int | None = None) -> Config:
+    """Returns a copy with every derived default filled in (what config.yaml records)."""
+    from model.placement import resolve_model_switches
+
+    cfg = dataclasses.replace(cfg)
+    cfg.run = dataclasses.replace(cfg.run, dir=cfg.run.dir or os.path.join("runs", cfg.run.name))
+    d = cfg.data
+    cfg.data = dataclasses.replace(
+        d,
+        tokenizer=d.tokenizer or os.path.join(d.dir, "tokenizer.model"),
+        train=d.train or [os.path.join(d.dir, "train")],
+        valid=d.valid or [os.path.join(d.dir, "valid")],
+        test=d.test or [os.path.join(d.dir, "test")],
+        cache_dir=d.cache_dir or os.path.join(d.dir, "cache"),
+    )
+    m = cfg.model
+    if m.vocab_size == 0:
+        if vocab_size is None:
+            raise ConfigError("model.vocab_size: 0 (from the tokenizer) but no tokenizer was given")
+        mult = m.vocab_multiple
+        m = dataclasses.replace(m, vocab_size=((vocab_size + mult - 1) // mult) * mult)
+    elif vocab_size is not None and m.vocab_size < vocab_size:
+        raise ConfigError(
+            f"model.vocab_size: {m.vocab_size} is smaller than the tokenizer's vocabulary ({vocab_size})"
+        )
+    if m.num_kv_heads == 0:
+        m = dataclasses.replace(m, num_kv_heads=m.num_heads)
+    if m.ffn_hidden_size == 0:
+        if m.mlp == "swiglu":
+            raw = int(8 * m.hidden_size / 3)
+            m = dataclasses.replace(m, ffn_hidden_size=-(-raw // m.ffn_multiple) * m.ffn_multiple)
+        else:
+            m = dataclasses.replace(m, ffn_hidden_size=4 * m.hidden_size)
+    cfg.model = resolve_model_switches(m)
+    return cfg
+
+
+def describe_keys() -> str:
+    """Every key with its default and help, for `--help-config`."""
+    lines = []
+    for f in dataclasses.fields(Config):
+        lines.append(f"{f.name}:")
+        section = f.default_factory()
+        for sf in dataclasses.fields(section):
+            lines.append(f"  {sf.name} = {getattr(section, sf.name)!r}  # {sf.metadata.get('help', '')}")
+    return "\n".join(lines)

@@ -1,0 +1,52 @@
+"""The DeepSpeed engine: our config -> a DeepSpeed config, AdamW param groups, the LR schedule."""
+from __future__ import annotations
+
+import torch
+
+from pretrain.schedule import make_lr_lambda
+
+
+def deepspeed_config(cfg, grad_accum: int) -> dict:
+    """The DeepSpeed JSON for this run; every value comes from our config (one source of truth)."""
+    t = cfg.train
+    ds = {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "zero_optimization": {"stage": cfg.zero.stage},
+        # We pass torch's AdamW: DeepSpeed supports it under ZeRO but asks for this opt-in.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,  # progress is ours
+        "wall_clock_breakdown": False,
+    }
+    if t.grad_clip > 0:
+        ds["gradient_clipping"] = t.grad_clip
+    if t.precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    elif t.precision == "fp16":
+        ds["fp16"] = {"enabled": True, "initial_scale_power": 16, "loss_scale_window": 1000,
+                      "hysteresis": 2, "min_loss_scale": 1}
+    return ds
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices (linear and embedding weights), none on norm gains and biases."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_engine(model: torch.nn.Module, cfg, grad_accum: int, device: torch.device):
+    import deepspeed
+
+    t = cfg.train
+    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
+                                  eps=t.adam_eps, fused=device.type == "cuda")
+    # A callable, so the schedule is built on the optimizer DeepSpeed actually steps (its ZeRO wrapper).
+    scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, make_lr_lambda(t))  # noqa: E731
+    engine, _, _, lr_scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, grad_accum)
+    )
+    return engine, lr_scheduler

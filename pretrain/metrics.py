@@ -1,0 +1,123 @@
+"""What a run reports: metrics.jsonl (for machines), TensorBoard scalars, and a progress line.
+
+Only the main rank writes. On resume, records beyond the resumed step are dropped from
+metrics.jsonl and TensorBoard is purged from that step, so the curves have no duplicated tail.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+class MetricsWriter:
+    def __init__(self, run_dir: Path, enabled: bool, resume_step: int | None = None):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.tb = None
+        if not enabled:
+            return
+        if resume_step is not None and self.path.exists():
+            kept = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= resume_step]
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(l + "\n" for l in kept))
+            os.replace(tmp, self.path)
+        elif resume_step is None and self.path.exists():
+            self.path.unlink()  # a fresh start in an existing run directory starts a fresh curve
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step + 1 if resume_step is not None else None)
+        self.file = open(self.path, "a")
+
+    def log(self, record: dict, prefix: str = "train") -> None:
+        if not self.enabled:
+            return
+        record = {k: _clean(v) for k, v in record.items()}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        step = record.get("step", 0)
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and value is not None:
+                self.tb.add_scalar(f"{prefix}/{key}", value, step)
+
+    def text(self, tag: str, text: str) -> None:
+        if self.enabled:
+            self.tb.add_text(tag, text.replace("\n", "  \n"), 0)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            self.tb.close()
+
+
+def _clean(v):
+    if isinstance(v, torch.Tensor):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+# Dense bf16 peaks (no sparsity) for MFU; override with train.peak_tflops.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+
+
+def device_peak_tflops(device: torch.device, override: float) -> float | None:
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in PEAK_TFLOPS.items():
+        if key in name:
+            return tflops
+    return None
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class Progress:
+    """Step time averaged since the (re)start, for tokens/s and the ETA."""
+
+    def __init__(self, start_step: int, max_steps: int, tokens_per_step: int):
+        self.start_step, self.max_steps, self.tokens_per_step = start_step, max_steps, tokens_per_step
+        self.t_start = time.perf_counter()
+        self.t_last, self.step_last = self.t_start, start_step
+
+    def interval(self, step: int) -> dict:
+        """Timing over the steps since the previous call (step = number of completed steps)."""
+        now = time.perf_counter()
+        steps = max(1, step - self.step_last)
+        dt = (now - self.t_last) / steps
+        self.t_last, self.step_last = now, step
+        done = step - self.start_step
+        avg = (now - self.t_start) / max(1, done)
+        return {"step_time": dt, "tokens_per_s": self.tokens_per_step / dt if dt > 0 else 0.0,
+                "eta_s": avg * (self.max_steps - step), "elapsed_s": now - self.t_start}
+
+
+def say(msg: str, enabled: bool = True, log_file: Path | None = None) -> None:
+    if not enabled:
+        return
+    print(msg, flush=True)
+    if log_file is not None:
+        with open(log_file, "a") as f:
+            f.write(msg + "\n")
+    sys.stdout.flush()

@@ -1,0 +1,226 @@
+"""python -m pretrain.train --config configs/quickstart.yaml [--set KEY=VALUE ...] [--resume auto]
+
+Trains a GPT under a DeepSpeed engine. Run it through a launcher for several processes:
+    bash launch/local.sh 2 -m pretrain.train --config configs/tiny.yaml
+The config is validated before any process group starts; see `--help-config` for every key.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pretrain.checkpoint import Checkpointer, CheckpointError, compare_configs
+from pretrain.config import Config, ConfigError, check_world, describe_keys, load_config, parse_blend, resolve
+from pretrain.data import DataError, SampleStream, TokenStream, Tokenizer, build_train_dataset, micro_batch_start
+from pretrain.data.indexed import open_indexed
+from pretrain.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
+from pretrain.evaluate import evaluate_stream
+from pretrain.metrics import MetricsWriter, Progress, device_peak_tflops, format_duration, peak_memory_mb, say
+
+# Keys that describe one invocation rather than the run; not compared on resume.
+PER_INVOCATION = {("checkpoint", "resume")}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m pretrain.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML config (configs/*.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set model.placement=pre (repeatable)")
+    p.add_argument("--resume", default=None, metavar="MODE",
+                   help="never | auto (newest complete checkpoint, else fresh) | must | PATH")
+    p.add_argument("--help-config", action="store_true", help="list every config key with its default")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    args = p.parse_args(argv)
+    if not args.help_config and not args.config:
+        p.error("--config is required")
+    return args
+
+
+def prepare_config(args: argparse.Namespace) -> tuple[Config, Tokenizer]:
+    """Everything that can be checked before a process group exists: config, data, batch sizes."""
+    overrides = list(args.set) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
+    cfg = load_config(args.config, overrides)
+    tokenizer = Tokenizer(cfg.data.tokenizer or os.path.join(cfg.data.dir, "tokenizer.model"))
+    cfg = resolve(cfg, tokenizer.vocab_size)
+    check_world(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    for split in ("train", "valid"):
+        for _, prefix in parse_blend(f"data.{split}", getattr(cfg.data, split)):
+            open_indexed(prefix)
+    return cfg, tokenizer
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.help_config:
+        print(describe_keys())
+        return 0
+    try:
+        cfg, tokenizer = prepare_config(args)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    dist = init_distributed()
+    try:
+        train(cfg, tokenizer, dist)
+    except CheckpointError as e:
+        print(f"[rank {dist.rank}] checkpoint error: {e}", file=sys.stderr)
+        return 3
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def train(cfg: Config, tokenizer: Tokenizer, dist: DistInfo) -> None:
+    from model import build_model
+    from pretrain.engine import build_engine
+
+    run_dir = Path(cfg.run.dir)
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    barrier()
+    log_file = run_dir / "train.log"
+    log = lambda msg: say(msg, dist.is_main, log_file)  # noqa: E731
+    t, m = cfg.train, cfg.model
+    grad_accum = check_world(cfg, dist.world_size)
+    dp = dist.world_size
+
+    seed_everything(cfg.run.seed)  # identical initial weights on every rank
+    model, backend_reason = build_model(m, cfg.kernels.backend, dist.device)
+    log(f"[model] placement={m.placement} norm={m.norm} d={m.hidden_size} L={m.num_layers} heads={m.num_heads}"
+        f"/{m.num_kv_heads} ffn={m.ffn_hidden_size} vocab={m.vocab_size}: {model.num_params():,} parameters "
+        f"({model.num_params(embedding=False):,} non-embedding)")
+    log(f"[kernels] norm backend {backend_reason}")
+    flops_per_token = model.flops_per_token()
+    engine, _ = build_engine(model, cfg, grad_accum, dist.device)
+    seed_everything(cfg.run.seed + 1 + dist.rank)  # per-rank streams (dropout), restored on resume
+
+    checkpointer = Checkpointer(run_dir / "checkpoints", dist.rank, cfg.checkpoint.keep_last,
+                                cfg.checkpoint.verify, log)
+    start_step, resumed = 0, False
+    resume_from = checkpointer.resolve(cfg.checkpoint.resume)
+    if resume_from is not None:
+        saved = json.loads((resume_from / "meta.json").read_text())
+        check_resumable(saved, cfg, dist, log)
+        meta = checkpointer.load(engine, resume_from)
+        start_step, resumed = meta["step"], True
+        log(f"[checkpoint] resumed from {resume_from} at step {start_step} "
+            f"({meta['consumed_samples']:,} samples consumed)")
+    elif cfg.checkpoint.resume == "auto":
+        log(f"[checkpoint] --resume auto: no checkpoint under {checkpointer.root}; starting fresh")
+    if dist.is_main:
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+
+    metrics = MetricsWriter(run_dir, dist.is_main, resume_step=start_step if resumed else None)
+    metrics.text("config", cfg.to_yaml())
+    stream = SampleStream(build_train_dataset(parse_blend("data.train", cfg.data.train), tokenizer, m.seq_len,
+                                              cfg.run.seed, cfg.data.cache_dir), cfg.run.seed)
+    valid = TokenStream([p for _, p in parse_blend("data.valid", cfg.data.valid)], m.seq_len,
+                        max_tokens=t.eval_batches * t.global_batch_size * m.seq_len)
+    token_bytes = tokenizer.token_bytes()
+    tokens_per_step = t.global_batch_size * m.seq_len
+    peak = device_peak_tflops(dist.device, t.peak_tflops)
+    log(f"[run] {run_dir}: world {dist.world_size} ({dist.backend}) = dp {dp} x tp {cfg.parallel.tp} x pp "
+        f"{cfg.parallel.pp}; ZeRO-{cfg.zero.stage}, {t.precision}; batch {t.global_batch_size} = micro "
+        f"{t.micro_batch_size} x dp {dp} x accumulation {grad_accum}; {tokens_per_step:,} tokens/step; "
+        f"steps {start_step}->{t.max_steps} ({(t.max_steps - start_step) * tokens_per_step:,} tokens); "
+        f"train epoch = {stream.epoch_size:,} samples")
+
+    def loss_fn(tokens, labels, mask):
+        return engine(tokens, labels, mask)
+
+    def validate(step: int) -> None:
+        engine.eval()
+        result = evaluate_stream(loss_fn, valid, token_bytes, t.micro_batch_size, dist.rank, dist.world_size,
+                                 dist.device, tokenizer.pad)
+        engine.train()
+        metrics.log({"step": step, "loss": result["loss"], "perplexity": result["perplexity"],
+                     "bits_per_byte": result["bits_per_byte"], "tokens": result["tokens"]}, prefix="valid")
+        log(f"[valid] step {step}: loss {result['loss']:.4f} | ppl {result['perplexity']:.2f} | "
+            f"bpb {result['bits_per_byte']:.4f} ({result['tokens']:,} tokens)")
+
+    def save(step: int) -> None:
+        checkpointer.save(engine, step, {
+            "step": step, "consumed_samples": step * t.global_batch_size, "tokens": step * tokens_per_step,
+            "world_size": dist.world_size, "zero_stage": cfg.zero.stage, "config": cfg.to_dict(),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+
+    engine.train()
+    progress = Progress(start_step, t.max_steps, tokens_per_step)
+    loss_acc, steps_acc = 0.0, 0
+    step = start_step
+    while step < t.max_steps:
+        for micro in range(grad_accum):
+            start = micro_batch_start(step, micro, dist.rank, t.global_batch_size, t.micro_batch_size, dp)
+            batch = stream.batch(start, t.micro_batch_size)
+            loss = engine(batch.tokens.to(dist.device), batch.labels.to(dist.device),
+                          batch.loss_mask.to(dist.device))
+            engine.backward(loss)
+            engine.step()
+            loss_acc += float(loss.detach()) / grad_accum
+        steps_acc += 1
+        step += 1
+        if step % t.log_every == 0 or step == t.max_steps:
+            total, count = all_reduce_sum([loss_acc, float(steps_acc)], dist.device)
+            mean_loss = total / (count or 1)
+            timing = progress.interval(step)
+            grad_norm = engine.get_global_grad_norm()
+            lr = engine.get_lr()[0]
+            tps = timing["tokens_per_s"]
+            record = {"step": step, "tokens": step * tokens_per_step, "loss": mean_loss, "lr": lr,
+                      "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                      "tokens_per_s": tps, "step_time": timing["step_time"],
+                      "mfu": flops_per_token * tps / (dist.world_size * peak * 1e12) if peak else None,
+                      "mem_mb": peak_memory_mb(dist.device)}
+            metrics.log(record)
+            log(f"[train] step {step}/{t.max_steps} ({100 * step / t.max_steps:.0f}%) | loss {mean_loss:.4f} | "
+                f"lr {lr:.2e} | grad {record['grad_norm'] or 0:.3f} | {tps:,.0f} tok/s | "
+                f"{timing['step_time']:.2f} s/step | ETA {format_duration(timing['eta_s'])}")
+            loss_acc, steps_acc = 0.0, 0
+        if (t.eval_every and step % t.eval_every == 0) or step == t.max_steps:
+            validate(step)
+        exiting = step == t.exit_at_step
+        if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == t.max_steps or exiting:
+            save(step)
+        if exiting:
+            log(f"[exit] train.exit_at_step={step} reached; continue with --resume auto")
+            break
+    metrics.close()
+    if step == t.max_steps:
+        log(f"[done] trained to step {t.max_steps}; run directory {run_dir}")
+
+
+def check_resumable(saved: dict, cfg: Config, dist: DistInfo, log) -> None:
+    current = cfg.to_dict()
+    for section, key in PER_INVOCATION:
+        saved["config"].get(section, {}).pop(key, None)
+        current[section].pop(key, None)
+    shape, other = compare_configs(saved["config"], current)
+    if shape:
+        raise CheckpointError("the checkpoint's model differs from the config: " + "; ".join(shape))
+    for line in other:
+        log(f"[checkpoint] setting changed since the checkpoint: {line}")
+    if saved["zero_stage"] > 0 and saved["world_size"] != dist.world_size:
+        raise CheckpointError(
+            f"the checkpoint was written by {saved['world_size']} data-parallel ranks under ZeRO-"
+            f"{saved['zero_stage']} and this run has {dist.world_size}: ZeRO partitions cannot be loaded on "
+            f"another world size yet (resharding is not implemented); resume with {saved['world_size']} ranks")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""Kernel tests run the Triton kernels for real on a GPU and under the Triton interpreter on CPU.
+
+Triton decides interpreted vs compiled when a kernel is *defined* (`@triton.jit` reads
+TRITON_INTERPRET at import time), so the variable is set here, before any test module imports
+kernels.triton_*. kernels/__init__ and kernels.backend never import them, so importing
+`kernels` elsewhere first is harmless.
+"""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+_ROOT = str(Path(__file__).resolve().parents[2])
+if _ROOT not in sys.path:  # `pytest` (not `python -m pytest`) from elsewhere
+    sys.path.insert(0, _ROOT)
+
+if not HAS_CUDA and "kernels.triton_norm" in sys.modules:
+    from kernels.triton_common import interpreter_active
+
+    if not interpreter_active():
+        raise RuntimeError(
+            "kernels.triton_norm was imported (compiled mode) before tests/kernels/conftest.py could "
+            "set TRITON_INTERPRET=1; run the kernel tests on their own or import them lazily"
+        )
+
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+@pytest.fixture
+def device():
+    return DEVICE
