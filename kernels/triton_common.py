@@ -24,6 +24,9 @@ MAX_HIDDEN = 32768
 # Programs per backward launch on CPU (interpreter): small, but > 1 so that tests exercise the
 # partial-sum reduction and uneven row splits.
 _INTERPRETER_BWD_PROGRAMS = 4
+# On GPU each backward program handles at least this many rows, so that the fp32 partial-sum
+# buffer ([programs, hidden]) stays a few percent of the bytes the backward must move anyway.
+_MIN_ROWS_PER_PROGRAM = 16
 
 
 def block_size(hidden: int, what: str) -> int:
@@ -59,6 +62,7 @@ def backward_programs(n_rows: int, device: torch.device, num_warps: int) -> int:
     if device.type == "cuda":
         per_sm = max(1, 32 // num_warps)
         progs = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) * per_sm
+        progs = min(progs, triton.cdiv(n_rows, _MIN_ROWS_PER_PROGRAM))
     else:
         progs = _INTERPRETER_BWD_PROGRAMS
     return max(1, min(n_rows, progs))

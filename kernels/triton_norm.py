@@ -48,7 +48,7 @@ def norm_fwd_kernel(
         xc = tl.where(mask, x - mean, 0.0)
         tl.store(Mean + row, mean)
     var = tl.sum(xc * xc, axis=0) / N
-    rstd = 1.0 / tl.sqrt(var + eps)
+    rstd = tl.math.rsqrt(var + eps)
     tl.store(Rstd + row, rstd)
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     y = xc * rstd * w

@@ -36,7 +36,7 @@ def peri_fwd_kernel(
         mean_o = tl.sum(f, axis=0) / N
         fc = tl.where(mask, f - mean_o, 0.0)
         tl.store(MeanO + row, mean_o)
-    rstd_o = 1.0 / tl.sqrt(tl.sum(fc * fc, axis=0) / N + eps)
+    rstd_o = tl.math.rsqrt(tl.sum(fc * fc, axis=0) / N + eps)
     tl.store(RstdO + row, rstd_o)
     a = fc * rstd_o * tl.load(WO + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_OUT_BIAS:
@@ -53,7 +53,7 @@ def peri_fwd_kernel(
         mean_i = tl.sum(x, axis=0) / N
         xc = tl.where(mask, x - mean_i, 0.0)
         tl.store(MeanI + row, mean_i)
-    rstd_i = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / N + eps)
+    rstd_i = tl.math.rsqrt(tl.sum(xc * xc, axis=0) / N + eps)
     tl.store(RstdI + row, rstd_i)
     y = xc * rstd_i * tl.load(WI + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_IN_BIAS:

@@ -191,6 +191,11 @@ def _check_value(path: str, value: Any, tp: Any, meta: dict) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{path}: expected an integer, got {value!r}")
     elif tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
         value = float(value)
@@ -395,7 +400,7 @@ def resolve(cfg: Config, vocab_size: int | None = None) -> Config:
     from model.placement import resolve_model_switches
 
     cfg = dataclasses.replace(cfg)
-    cfg.run = dataclasses.replace(cfg.run, dir=cfg.run.dir or os.path.join("runs", cfg.run.name))
+    cfg.run = dataclasses.replace(cfg.run, dir=run_directory(cfg))
     d = cfg.data
     cfg.data = dataclasses.replace(
         d,
@@ -436,3 +441,44 @@ def describe_keys() -> str:
         for sf in dataclasses.fields(section):
             lines.append(f"  {sf.name} = {getattr(section, sf.name)!r}  # {sf.metadata.get('help', '')}")
     return "\n".join(lines)
+
+
+def run_directory(cfg: Config) -> str:
+    return cfg.run.dir or os.path.join("runs", cfg.run.name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m pretrain.config --config FILE [--set KEY=VALUE ...] [--get SECTION.KEY]
+
+    Validates a config (as training would, before any process starts) and prints it, or one key."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m pretrain.config", description=main.__doc__)
+    p.add_argument("--config", required=True)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--get", help="print only this key, e.g. run.dir")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.set)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    cfg.run = dataclasses.replace(cfg.run, dir=run_directory(cfg))
+    if args.get:
+        section, _, key = args.get.partition(".")
+        try:
+            print(getattr(getattr(cfg, section), key))
+        except AttributeError:
+            print(f"error: --get {args.get}: no such key", file=sys.stderr)
+            return 2
+    else:
+        print(cfg.to_yaml(), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    # Run the copy imported as pretrain.config, so ConfigError is one class for every module.
+    from pretrain.config import main as _main
+
+    raise SystemExit(_main())

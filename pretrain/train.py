@@ -26,7 +26,7 @@ from pretrain.evaluate import evaluate_stream
 from pretrain.metrics import MetricsWriter, Progress, device_peak_tflops, format_duration, peak_memory_mb, say
 
 # Keys that describe one invocation rather than the run; not compared on resume.
-PER_INVOCATION = {("checkpoint", "resume")}
+PER_INVOCATION = {("checkpoint", "resume"), ("train", "exit_at_step")}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

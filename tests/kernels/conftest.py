@@ -16,9 +16,11 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
 
-_ROOT = str(Path(__file__).resolve().parents[2])
-if _ROOT not in sys.path:  # `pytest` (not `python -m pytest`) from elsewhere
-    sys.path.insert(0, _ROOT)
+# The repo root (for `kernels`) and this folder (for the norm_reference helper), whatever the
+# invocation (`pytest` from elsewhere, --import-mode=importlib).
+for _p in (str(Path(__file__).resolve().parents[2]), str(Path(__file__).resolve().parent)):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
 
 if not HAS_CUDA and "kernels.triton_norm" in sys.modules:
     from kernels.triton_common import interpreter_active

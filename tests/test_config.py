@@ -1,0 +1,101 @@
+"""Config loading, overrides and validation errors (no process group involved)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from pretrain.config import Config, ConfigError, apply_override, check_world, load_config, resolve
+from tests.conftest import ROOT, _env
+
+
+def test_repo_configs_load_and_resolve():
+    for name in ("tiny", "quickstart"):
+        cfg = resolve(load_config(ROOT / "configs" / f"{name}.yaml"), vocab_size=8000)
+        assert cfg.model.vocab_size == 8064  # padded up to a multiple of 128
+        assert cfg.model.placement == "peri" and cfg.model.embedding_norm is True
+        assert cfg.run.dir == f"runs/{name}"
+
+
+def test_override_types_and_sections():
+    cfg = load_config(ROOT / "configs" / "tiny.yaml",
+                      ["model.placement=pre", "train.lr=1e-4", "train.max_steps=7", "model.qk_norm=true"])
+    assert (cfg.model.placement, cfg.train.lr, cfg.train.max_steps, cfg.model.qk_norm) == ("pre", 1e-4, 7, True)
+    assert isinstance(cfg.train.lr, float)
+
+
+def test_misspelt_key_gets_did_you_mean():
+    with pytest.raises(ConfigError, match=r"model\.placment: unknown key; did you mean 'placement'\?"):
+        load_config(ROOT / "configs" / "tiny.yaml", ["model.placment=pre"])
+    with pytest.raises(ConfigError, match=r"modle: unknown section; did you mean 'model'\?"):
+        load_config(None, ["modle.placement=pre"])
+
+
+def test_misspelt_key_in_yaml_file(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("base: " + str(ROOT / "configs" / "tiny.yaml") + "\ntrain:\n  max_step: 5\n")
+    with pytest.raises(ConfigError, match=r"train\.max_step: unknown key; did you mean 'max_steps'\?"):
+        load_config(f)
+
+
+@pytest.mark.parametrize("assignment, message", [
+    ("model.placement=perri", r"model\.placement: 'perri' is not a placement; allowed: pre, post, peri, lns.*did you mean 'peri'"),
+    ("train.precision=fp8", r"train\.precision: 'fp8' is not allowed; allowed: fp32, bf16, fp16"),
+    ("train.lr=-1", r"train\.lr: -1\.0 must be greater than 0"),
+    ("zero.stage=4", r"zero\.stage: 4 is above the maximum 3"),
+    ("train.max_steps=ten", r"train\.max_steps: expected an integer, got 'ten'"),
+    ("model.qk_norm=maybe", r"model\.qk_norm: expected true or false"),
+    ("model.num_heads=5", r"model\.hidden_size: 64 is not divisible by model\.num_heads=5; head counts that divide it: 1, 2, 4, 8"),
+    ("model.depth_scale=inv_sqrt_layer", None),  # valid with peri
+    ("parallel.tp=2", r"parallel: tp=2.*not implemented"),
+    ("kernels.backend=cuda", r"kernels\.backend: 'cuda' is not allowed"),
+])
+def test_bad_values_name_field_value_and_allowed(assignment, message):
+    if message is None:
+        load_config(ROOT / "configs" / "tiny.yaml", [assignment])
+        return
+    with pytest.raises(ConfigError, match=message):
+        load_config(ROOT / "configs" / "tiny.yaml", [assignment])
+
+
+def test_placement_switch_combinations_rejected():
+    with pytest.raises(ConfigError, match="placement 'post' has none"):
+        load_config(None, ["model.placement=post", "model.depth_scale=inv_sqrt_layer"])
+    with pytest.raises(ConfigError, match="contradicts model.placement='lns'"):
+        load_config(None, ["model.placement=lns", "model.depth_scale=none"])
+    cfg = resolve(load_config(None, ["model.placement=lns"]), vocab_size=100)
+    assert cfg.model.depth_scale == "inv_sqrt_layer" and cfg.model.embedding_norm is False
+
+
+def test_malformed_set():
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        apply_override({}, "model.placement")
+    with pytest.raises(ConfigError, match="keys are SECTION.KEY"):
+        apply_override({}, "placement=pre")
+
+
+def test_batch_arithmetic_lists_valid_sizes():
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["train.global_batch_size=12"])
+    with pytest.raises(ConfigError, match=r"global_batch_size: 12 is not a multiple of .* 4 x 2 = 8; valid sizes include 8, 16"):
+        check_world(cfg, 2)
+    assert check_world(load_config(ROOT / "configs" / "tiny.yaml", ["train.global_batch_size=16"]), 2) == 2
+
+
+def test_resolved_config_round_trips_through_yaml(tmp_path):
+    cfg = resolve(load_config(ROOT / "configs" / "quickstart.yaml"), vocab_size=8192)
+    f = tmp_path / "config.yaml"
+    f.write_text(cfg.to_yaml())
+    again = load_config(f)
+    assert again == cfg
+    assert cfg.model.ffn_hidden_size == 704 and cfg.model.num_kv_heads == 4
+
+
+def test_train_rejects_bad_config_before_any_process_group():
+    """The CLI exits 2 with the message; nothing distributed has started (it would hang or warn)."""
+    proc = subprocess.run([sys.executable, "-m", "pretrain.train", "--config", str(ROOT / "configs" / "tiny.yaml"),
+                           "--set", "trian.max_steps=3"], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert "trian: unknown section; did you mean 'train'?" in proc.stderr
+    assert "DeepSpeed" not in proc.stdout + proc.stderr
