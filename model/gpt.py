@@ -43,6 +43,8 @@ class GPT(nn.Module):
             for layer, spec in enumerate(self.specs, start=1)
         )
         self.final_norm = norms.optional(PLACEMENTS[cfg.placement].final_norm, d)
+        for block, nxt in zip(self.blocks, list(self.blocks)[1:] + [None]):
+            block.connect(nxt.attn.in_norm if nxt is not None else self.final_norm)
         self.head = nn.Linear(d, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
@@ -77,13 +79,28 @@ class GPT(nn.Module):
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
                 loss_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, V) without labels; the mean token cross-entropy (fp32) with them."""
-        x = self.embed_norm(self.embed(tokens))
+        x, h = self.embed_norm(self.embed(tokens)), None
         for block in self.blocks:
-            x = block(x)
-        logits = self.head(self.final_norm(x))
+            x, h = block(x, h)
+        logits = self.head(h)  # h: the final norm of x (or x), computed by the last junction
         if labels is None:
             return logits
         return token_loss(logits, labels, loss_mask)
+
+    def register_zero3_external_parameters(self) -> None:
+        """ZeRO-3 gathers a module's parameters when that module's forward runs; the junctions read
+        norm gains inside the block's forward instead, so they are declared to DeepSpeed."""
+        import deepspeed
+
+        register_external_parameter = deepspeed.zero.register_external_parameter
+
+        for block in self.blocks:
+            for p in block.junction_norms():
+                register_external_parameter(block, p)
+
+    def junction_kinds(self) -> list[str]:
+        """Which op leaves each sublayer (for the run log)."""
+        return [j.kind for b in self.blocks for j in (b.attn_exit, b.mlp_exit)]
 
     def num_params(self, embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
@@ -114,7 +131,7 @@ def build_model(cfg, backend: str = "auto", device: str | torch.device = "cpu") 
     """Builds the model on `device` with the norm backend resolved for it; returns (model, reason)."""
     from kernels import resolve_backend
 
-    ops, reason = resolve_backend(backend, device)
+    ops, reason = resolve_backend(backend, device, hidden_size=cfg.hidden_size)
     with torch.device(device):
         model = GPT(cfg, ops)
     return model, reason

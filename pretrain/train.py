@@ -105,7 +105,11 @@ def train(cfg: Config, tokenizer: Tokenizer, dist: DistInfo) -> None:
     log(f"[model] placement={m.placement} norm={m.norm} d={m.hidden_size} L={m.num_layers} heads={m.num_heads}"
         f"/{m.num_kv_heads} ffn={m.ffn_hidden_size} vocab={m.vocab_size}: {model.num_params():,} parameters "
         f"({model.num_params(embedding=False):,} non-embedding)")
-    log(f"[kernels] norm backend {backend_reason}")
+    kinds = model.junction_kinds()
+    log(f"[kernels] norm backend {backend_reason}; sublayer junctions: "
+        + ", ".join(f"{k} x{kinds.count(k)}" for k in dict.fromkeys(kinds)))
+    if cfg.zero.stage == 3:
+        model.register_zero3_external_parameters()
     flops_per_token = model.flops_per_token()
     engine, _ = build_engine(model, cfg, grad_accum, dist.device)
     seed_everything(cfg.run.seed + 1 + dist.rank)  # per-rank streams (dropout), restored on resume
