@@ -11,8 +11,6 @@ if [ $# -lt 2 ] || ! [[ "$1" =~ ^[1-9][0-9]*$ ]]; then
 fi
 nproc="$1"; shift
 bash "$root/launch/setup.sh"
+venv="${PRETRAIN_VENV:-$root/.venv}"
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
-if [ "$1" = "-m" ]; then
-  exec "$root/.venv/bin/torchrun" --standalone --nproc_per_node "$nproc" "$@"
-fi
-exec "$root/.venv/bin/torchrun" --standalone --nproc_per_node "$nproc" "$@"
+exec "$venv/bin/torchrun" --standalone --nproc_per_node "$nproc" "$@"

@@ -12,7 +12,7 @@ start=$(date +%s)
 echo "[quickstart] 1/4 setting up the environment (.venv)"
 bash launch/setup.sh
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
-py="$root/.venv/bin/python"
+py="${PRETRAIN_VENV:-$root/.venv}/bin/python"
 echo "[quickstart] 2/4 fetching and preparing the bundled corpus (data/bundled)"
 "$py" -m pretrain.data prepare --out data/bundled
 echo "[quickstart] 3/4 training (configs/quickstart.yaml, ${NPROC:-2} processes)"
@@ -28,7 +28,7 @@ run_dir="$("$py" -m pretrain.config --config configs/quickstart.yaml "${sets[@]}
 echo "[quickstart] 4/4 evaluating on the held-out test set"
 "$py" -m pretrain.eval --run "$run_dir" > /dev/null
 result="$(ls -t "$run_dir"/eval/test_*.json | head -1)"
-"$py" - "$result" "$run_dir" "$start" <<'PY'
+"$py" - "$result" "$run_dir" "$start" "${PRETRAIN_VENV:-.venv}" <<'PY'
 import json, sys, time
 r = json.load(open(sys.argv[1])); run_dir = sys.argv[2]; took = time.time() - int(sys.argv[3])
 print(f"""
@@ -36,7 +36,7 @@ print(f"""
   test set      : {r['split']} ({r['tokens']:,} tokens, {r['bytes']:,} bytes) at step {r['step']}
   test loss     : {r['loss']:.4f} nats/token   perplexity {r['perplexity']:.1f}   bits/byte {r['bits_per_byte']:.4f}
   run directory : {run_dir}  (config.yaml, metrics.jsonl, train.log, checkpoints/)
-  TensorBoard   : .venv/bin/tensorboard --logdir {run_dir}/tb
+  TensorBoard   : {sys.argv[4]}/bin/tensorboard --logdir {run_dir}/tb
   evaluation    : {sys.argv[1]}
   resume        : bash launch/local.sh 2 -m pretrain.train --config configs/quickstart.yaml --resume auto --set train.max_steps=N
 """)

@@ -16,15 +16,18 @@ from model.rope import Rotary
 
 class Attention(nn.Module):
     def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, *, bias: bool, dropout: float,
-                 qk_norm: bool, norms: NormFactory, rotary: Rotary):
+                 qk_norm: bool, norms: NormFactory, rotary: Rotary, qk_norm_scope: str = "head"):
         super().__init__()
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.head_dim = hidden // num_heads
         self.q_per_kv = num_heads // num_kv_heads
         self.qkv = nn.Linear(hidden, (num_heads + 2 * num_kv_heads) * self.head_dim, bias=bias)
         self.proj = nn.Linear(num_heads * self.head_dim, hidden, bias=bias)
-        self.q_norm = norms.optional(qk_norm, self.head_dim)
-        self.k_norm = norms.optional(qk_norm, self.head_dim)
+        # "head": one gain of head_dim shared by the heads; "layer": one norm over all heads (OLMo 2).
+        per_layer = qk_norm_scope == "layer"
+        self.qk_norm_per_layer = per_layer
+        self.q_norm = norms.optional(qk_norm, num_heads * self.head_dim if per_layer else self.head_dim)
+        self.k_norm = norms.optional(qk_norm, num_kv_heads * self.head_dim if per_layer else self.head_dim)
         self.dropout = dropout
         self.rotary = rotary
 
@@ -34,7 +37,11 @@ class Attention(nn.Module):
         qkv = self.qkv(x).view(b, t, self.num_kv_heads, self.q_per_kv + 2, self.head_dim)
         q = qkv[:, :, :, : self.q_per_kv].reshape(b, t, self.num_heads, self.head_dim)
         k, v = qkv[:, :, :, self.q_per_kv], qkv[:, :, :, self.q_per_kv + 1]
-        q, k = self.q_norm(q), self.k_norm(k)
+        if self.qk_norm_per_layer:
+            q = self.q_norm(q.reshape(b, t, -1)).view_as(q)
+            k = self.k_norm(k.reshape(b, t, -1)).view_as(k)
+        else:
+            q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = self.rotary.tables(t, x.device, q.dtype)
         return self.rotary.apply(q, cos, sin), self.rotary.apply(k, cos, sin), v
 

@@ -36,7 +36,7 @@ class GPT(nn.Module):
             Block(
                 layer,
                 Attention(d, cfg.num_heads, cfg.num_kv_heads, bias=cfg.bias, dropout=cfg.dropout,
-                          qk_norm=cfg.qk_norm, norms=norms, rotary=rotary),
+                          qk_norm=cfg.qk_norm, norms=norms, rotary=rotary, qk_norm_scope=cfg.qk_norm_scope),
                 MLPS[cfg.mlp](d, cfg.ffn_hidden_size, cfg.bias),
                 spec, d, norms, cfg.dropout,
             )

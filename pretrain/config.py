@@ -57,7 +57,10 @@ class ModelConfig:
     placement: str = _f("peri", "norm placement (model/placement.py registry)")
     norm: Literal["rmsnorm", "layernorm"] = _f("rmsnorm", "normalization function")
     norm_eps: float = _f(1e-5, "epsilon of every norm", gt=0)
-    qk_norm: bool = _f(False, "normalize queries and keys per head before attention")
+    qk_norm: bool = _f(False, "normalize queries and keys before RoPE and attention")
+    qk_norm_scope: Literal["head", "layer"] = _f(
+        "head", "qk_norm over each head's dimensions (Gemma 3, Qwen 3) or over all heads at once (OLMo 2)"
+    )
     embedding_norm: Optional[bool] = _f(None, "norm after the token embedding; null = the placement's default")
     depth_scale: Optional[Literal["none", "inv_sqrt_layer"]] = _f(
         None, "scale on the input norms: inv_sqrt_layer = LayerNorm Scaling; null = the placement's default"
@@ -112,6 +115,8 @@ class CheckpointConfig:
     keep_last: int = _f(3, "complete checkpoints to keep; 0 = keep all", min=0)
     resume: str = _f("never", "never | auto (newest complete, else fresh) | must (fail if none) | PATH")
     verify: Literal["sha256", "size", "none"] = _f("sha256", "check checkpoint files against the manifest on load")
+    init_from: str = _f("", "start a fresh run from these weights: a checkpoint directory or a .pt state dict "
+                            "(e.g. written by python -m pretrain.hf import); ignored when resuming")
 
 
 @dataclass

@@ -111,13 +111,15 @@ def train(cfg: Config, tokenizer: Tokenizer, dist: DistInfo) -> None:
     if cfg.zero.stage == 3:
         model.register_zero3_external_parameters()
     flops_per_token = model.flops_per_token()
+    checkpointer = Checkpointer(run_dir / "checkpoints", dist.rank, cfg.checkpoint.keep_last,
+                                cfg.checkpoint.verify, log)
+    resume_from = checkpointer.resolve(cfg.checkpoint.resume)
+    if resume_from is None and cfg.checkpoint.init_from:
+        load_initial_weights(model, Path(cfg.checkpoint.init_from), log)
     engine, _ = build_engine(model, cfg, grad_accum, dist.device)
     seed_everything(cfg.run.seed + 1 + dist.rank)  # per-rank streams (dropout), restored on resume
 
-    checkpointer = Checkpointer(run_dir / "checkpoints", dist.rank, cfg.checkpoint.keep_last,
-                                cfg.checkpoint.verify, log)
     start_step, resumed = 0, False
-    resume_from = checkpointer.resolve(cfg.checkpoint.resume)
     if resume_from is not None:
         saved = json.loads((resume_from / "meta.json").read_text())
         check_resumable(saved, cfg, dist, log)
@@ -207,6 +209,30 @@ def train(cfg: Config, tokenizer: Tokenizer, dist: DistInfo) -> None:
     metrics.close()
     if step == t.max_steps:
         log(f"[done] trained to step {t.max_steps}; run directory {run_dir}")
+
+
+def load_initial_weights(model: torch.nn.Module, path: Path, log) -> None:
+    """checkpoint.init_from: weights only (a fine-tune or an imported model), before ZeRO partitions them."""
+    from pretrain.eval import consolidated_state_dict
+
+    if path.is_dir():
+        state = consolidated_state_dict(path)
+    elif path.is_file():
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        raise CheckpointError(f"checkpoint.init_from: '{path}' is neither a checkpoint directory nor a file")
+    own = model.state_dict()
+    mismatched = [f"{k}: {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items()
+                  if k in own and v.shape != own[k].shape]
+    missing = sorted(set(own) - set(state) - ({"head.weight"} if model.cfg.tie_embeddings else set()))
+    unexpected = sorted(set(state) - set(own))
+    if mismatched or missing or unexpected:
+        raise CheckpointError(f"checkpoint.init_from: {path} does not fit the model: mismatched {mismatched}, "
+                              f"missing {missing}, unexpected {unexpected}")
+    with torch.no_grad():
+        for k, v in state.items():
+            own[k].copy_(v)
+    log(f"[checkpoint] initialised the model from {path} (weights only; optimizer and step start fresh)")
 
 
 def check_resumable(saved: dict, cfg: Config, dist: DistInfo, log) -> None:

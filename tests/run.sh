@@ -10,7 +10,7 @@ export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 args=("$@")
 if [ ${#args[@]} -eq 0 ]; then args=(-m "not slow"); fi
 set +e
-"$root/.venv/bin/python" -m pytest "${args[@]}"
+"${PRETRAIN_VENV:-$root/.venv}/bin/python" -m pytest "${args[@]}"
 rc=$?
 set -e
 if [ $rc -eq 5 ]; then
