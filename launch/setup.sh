@@ -32,8 +32,10 @@ echo "[setup] preparing $venv (this happens once; a few minutes on a fresh machi
 if [ ! -x "$venv/bin/python" ]; then
   "$python" -m venv "$venv"
 fi
-pip=("$venv/bin/python" -m pip install --disable-pip-version-check --progress-bar off)
-"${pip[@]}" -q --upgrade "pip>=23" wheel setuptools
+pip_install() {  # quiet, minus pip's notes about index locations this machine does not have
+  "$venv/bin/python" -m pip install --disable-pip-version-check --progress-bar off -q "$@" 2> >(grep -v "is ignored: it is neither" >&2)
+}
+pip_install --upgrade "pip>=23" wheel setuptools
 torch_pin="$(grep -E '^torch==' "$root/requirements.txt")"
 if [ "${PRETRAIN_KEEP_TORCH:-0}" = 1 ] && "$venv/bin/python" -c "import torch" 2>/dev/null; then
   echo "[setup] keeping installed torch $("$venv/bin/python" -c 'import torch; print(torch.__version__)')"
@@ -41,14 +43,14 @@ if [ "${PRETRAIN_KEEP_TORCH:-0}" = 1 ] && "$venv/bin/python" -c "import torch" 2
 else
   # torch first: deepspeed is an sdist whose build imports torch.
   echo "[setup] installing $torch_pin"
-  "${pip[@]}" -q "$torch_pin"
+  pip_install "$torch_pin"
   reqs=("$root/requirements.txt")
 fi
 echo "[setup] installing requirements (deepspeed builds from source without isolation)"
-"${pip[@]}" -q --no-build-isolation -r "${reqs[0]}"
+pip_install --no-build-isolation -r "${reqs[0]}"
 if [ "$dev" = 1 ]; then
   echo "[setup] installing test requirements"
-  "${pip[@]}" -q -r "$root/requirements-dev.txt"
+  pip_install -r "$root/requirements-dev.txt"
 fi
 # A runtime-only stamp is also valid once the dev set is in.
 echo "$want" > "$stamp"

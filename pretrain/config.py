@@ -105,6 +105,8 @@ class TrainConfig:
     log_every: int = _f(10, "steps between progress lines and metrics.jsonl records", min=1)
     eval_every: int = _f(200, "steps between validation passes; 0 = only at the end", min=0)
     eval_batches: int = _f(8, "validation batches (of global_batch_size sequences) per pass", min=1)
+    diagnostics_every: int = _f(100, "steps between depth diagnostics (per-layer variance, max activation, "
+                                     "gradient norm, attention entropy); 0 = off", min=0)
     exit_at_step: int = _f(0, "stop after this step with a checkpoint, schedule unchanged (0 = run to max_steps)", min=0)
     peak_tflops: float = _f(0.0, "device dense peak for MFU; 0 = known GPUs auto, else MFU not reported", min=0)
 

@@ -24,7 +24,8 @@ class MetricsWriter:
         if not enabled:
             return
         if resume_step is not None and self.path.exists():
-            kept = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= resume_step]
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
             tmp = self.path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(l + "\n" for l in kept))
             os.replace(tmp, self.path)
@@ -43,8 +44,14 @@ class MetricsWriter:
         self.file.flush()
         step = record.get("step", 0)
         for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)) and value is not None:
+            if key == "step":
+                continue
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
                 self.tb.add_scalar(f"{prefix}/{key}", value, step)
+            elif isinstance(value, list):  # per-layer values: one curve per layer
+                for i, v in enumerate(value):
+                    if isinstance(v, (int, float)):
+                        self.tb.add_scalar(f"{prefix}/{key}/layer_{i:02d}", v, step)
 
     def text(self, tag: str, text: str) -> None:
         if self.enabled:
@@ -57,6 +64,8 @@ class MetricsWriter:
 
 
 def _clean(v):
+    if isinstance(v, list):
+        return [_clean(x) for x in v]
     if isinstance(v, torch.Tensor):
         v = v.item()
     if isinstance(v, float) and not math.isfinite(v):

@@ -22,6 +22,7 @@ from pretrain.config import Config, ConfigError, check_world, describe_keys, loa
 from pretrain.data import DataError, SampleStream, TokenStream, Tokenizer, build_train_dataset, micro_batch_start
 from pretrain.data.indexed import open_indexed
 from pretrain.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
+from pretrain.diagnostics import activation_stats, layer_grad_norms
 from pretrain.evaluate import evaluate_stream
 from pretrain.metrics import MetricsWriter, Progress, device_peak_tflops, format_duration, peak_memory_mb, say
 
@@ -166,21 +167,40 @@ def train(cfg: Config, tokenizer: Tokenizer, dist: DistInfo) -> None:
             "world_size": dist.world_size, "zero_stage": cfg.zero.stage, "config": cfg.to_dict(),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
+    probe = valid.batch(list(range(t.micro_batch_size)), tokenizer.pad).tokens.to(dist.device)
+
+    def diagnose(step: int, grad_norms: list[float]) -> None:
+        engine.eval()
+        stats = activation_stats(lambda tokens: engine(tokens), engine.module, probe)
+        engine.train()
+        metrics.log({"step": step, "layer_var": stats["var"], "layer_rms": stats["rms"],
+                     "layer_max_abs": stats["max_abs"], "layer_attn_entropy": stats["attn_entropy"],
+                     "layer_grad_norm": grad_norms}, prefix="diag")
+        fmt = lambda xs: " ".join(f"{x:.3g}" for x in xs)  # noqa: E731
+        log(f"[diag] step {step}: residual var by layer [{fmt(stats['var'])}] | max|x| [{fmt(stats['max_abs'])}] "
+            f"| grad norm [{fmt(grad_norms)}] | attn entropy [{fmt(stats['attn_entropy'])}]")
+
     engine.train()
     progress = Progress(start_step, t.max_steps, tokens_per_step)
     loss_acc, steps_acc = 0.0, 0
     step = start_step
     while step < t.max_steps:
+        diagnose_now = bool(t.diagnostics_every) and (step + 1) % t.diagnostics_every == 0
+        grad_norms = None
         for micro in range(grad_accum):
             start = micro_batch_start(step, micro, dist.rank, t.global_batch_size, t.micro_batch_size, dp)
             batch = stream.batch(start, t.micro_batch_size)
             loss = engine(batch.tokens.to(dist.device), batch.labels.to(dist.device),
                           batch.loss_mask.to(dist.device))
             engine.backward(loss)
+            if diagnose_now and micro == grad_accum - 1:
+                grad_norms = layer_grad_norms(engine.module)  # reduced, before clipping and the update
             engine.step()
             loss_acc += float(loss.detach()) / grad_accum
         steps_acc += 1
         step += 1
+        if grad_norms is not None:
+            diagnose(step, grad_norms)
         if step % t.log_every == 0 or step == t.max_steps:
             total, count = all_reduce_sum([loss_acc, float(steps_acc)], dist.device)
             mean_loss = total / (count or 1)

@@ -50,7 +50,9 @@ def test_local_sh_runs_python_args_as_n_processes(bundled_dir, tmp_path):
 def test_quickstart_end_to_end(tmp_path):
     """The README's first command in a copy of the repository (shortened to 60 steps)."""
     repo = tmp_path / "repo"
-    shutil.copytree(ROOT, repo, ignore=shutil.ignore_patterns(".venv", "runs", "data", "__pycache__", ".git"))
+    top_level = {".venv", "runs", "data", ".git"}
+    shutil.copytree(ROOT, repo, ignore=lambda d, names: [n for n in names if n == "__pycache__"
+                                                         or (Path(d) == ROOT and n in top_level)])
     proc = subprocess.run(["bash", "launch/quickstart.sh", "--set", "train.max_steps=60", "--set", "train.eval_every=30",
                            "--set", "checkpoint.every=30"],
                           cwd=repo, env=_venv_env(), capture_output=True, text=True, timeout=1800)
