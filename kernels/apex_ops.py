@@ -11,7 +11,8 @@ import importlib
 
 import torch
 
-from kernels.checks import check_kind, check_params, check_same_shape
+from kernels.checks import check_params
+from kernels.torch_ops import compose_fused
 
 APEX_MODULE = "apex.normalization.fused_layer_norm"
 # apex's Python functions import this compiled extension lazily, on first call; apex built
@@ -72,22 +73,5 @@ def layer_norm(
     return _scaled(y, x.dtype, scale)
 
 
-def _norm(is_rms, x, weight, bias, eps, scale=1.0):
-    return rms_norm(x, weight, eps, scale) if is_rms else layer_norm(x, weight, bias, eps, scale)
-
-
-def add_norm(x, residual, weight, bias, eps, scale=1.0, kind="rmsnorm"):
-    is_rms = check_kind(kind)
-    check_same_shape("add_norm", x, residual, ("x", "residual"))
-    check_params("add_norm", x.shape[-1], weight, bias, is_rms)
-    s = x + residual
-    return s, _norm(is_rms, s, weight, bias, eps, scale)
-
-
-def peri_junction(f, residual, out_weight, out_bias, in_weight, in_bias, eps, scale=1.0, kind="rmsnorm"):
-    is_rms = check_kind(kind)
-    check_same_shape("peri_junction", f, residual, ("f", "residual"))
-    check_params("peri_junction (out norm)", f.shape[-1], out_weight, out_bias, is_rms)
-    check_params("peri_junction (in norm)", f.shape[-1], in_weight, in_bias, is_rms)
-    s = residual + _norm(is_rms, f, out_weight, out_bias, eps)
-    return s, _norm(is_rms, s, in_weight, in_bias, eps, scale)
+# apex has no residual or Peri fusion: compose them from its norms, exactly as the torch backend does.
+add_norm, peri_junction = compose_fused(rms_norm, layer_norm)

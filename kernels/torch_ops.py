@@ -33,47 +33,35 @@ def layer_norm(
     return y.to(x.dtype)
 
 
-def _norm(kind_is_rms: bool, x, weight, bias, eps, scale=1.0):
-    if kind_is_rms:
-        return rms_norm(x, weight, eps, scale)
-    return layer_norm(x, weight, bias, eps, scale)
+def compose_fused(rms_norm_fn, layer_norm_fn):
+    """(add_norm, peri_junction) composed from a backend's two norm functions: the torch backend's
+    own fused ops, and apex's (which has norms but no residual or Peri fusion)."""
+
+    def norm(is_rms, x, weight, bias, eps, scale=1.0):
+        return rms_norm_fn(x, weight, eps, scale) if is_rms else layer_norm_fn(x, weight, bias, eps, scale)
+
+    def add_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 eps: float, scale: float = 1.0, kind: str = "rmsnorm") -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + residual, N(x + residual) * scale): the pre/lns junction, unfused."""
+        is_rms = check_kind(kind)
+        check_same_shape("add_norm", x, residual, ("x", "residual"))
+        check_params("add_norm", x.shape[-1], weight, bias, is_rms)
+        s = x + residual
+        return s, norm(is_rms, s, weight, bias, eps, scale)
+
+    def peri_junction(f: torch.Tensor, residual: torch.Tensor, out_weight: torch.Tensor,
+                      out_bias: torch.Tensor | None, in_weight: torch.Tensor, in_bias: torch.Tensor | None,
+                      eps: float, scale: float = 1.0, kind: str = "rmsnorm") -> tuple[torch.Tensor, torch.Tensor]:
+        """(s, N_in(s) * scale) with s = residual + N_out(f): the Peri-LN junction, unfused.
+        The scale belongs to the next block's input norm only (LNS never scales the output norm)."""
+        is_rms = check_kind(kind)
+        check_same_shape("peri_junction", f, residual, ("f", "residual"))
+        check_params("peri_junction (out norm)", f.shape[-1], out_weight, out_bias, is_rms)
+        check_params("peri_junction (in norm)", f.shape[-1], in_weight, in_bias, is_rms)
+        s = residual + norm(is_rms, f, out_weight, out_bias, eps)
+        return s, norm(is_rms, s, in_weight, in_bias, eps, scale)
+
+    return add_norm, peri_junction
 
 
-def add_norm(
-    x: torch.Tensor,
-    residual: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    eps: float,
-    scale: float = 1.0,
-    kind: str = "rmsnorm",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x + residual, N(x + residual) * scale): the pre/lns junction, unfused."""
-    is_rms = check_kind(kind)
-    check_same_shape("add_norm", x, residual, ("x", "residual"))
-    check_params("add_norm", x.shape[-1], weight, bias, is_rms)
-    s = x + residual
-    return s, _norm(is_rms, s, weight, bias, eps, scale)
-
-
-def peri_junction(
-    f: torch.Tensor,
-    residual: torch.Tensor,
-    out_weight: torch.Tensor,
-    out_bias: torch.Tensor | None,
-    in_weight: torch.Tensor,
-    in_bias: torch.Tensor | None,
-    eps: float,
-    scale: float = 1.0,
-    kind: str = "rmsnorm",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(s, N_in(s) * scale) with s = residual + N_out(f): the Peri-LN junction, unfused.
-
-    The scale belongs to the next block's input norm only (LNS never scales the output norm).
-    """
-    is_rms = check_kind(kind)
-    check_same_shape("peri_junction", f, residual, ("f", "residual"))
-    check_params("peri_junction (out norm)", f.shape[-1], out_weight, out_bias, is_rms)
-    check_params("peri_junction (in norm)", f.shape[-1], in_weight, in_bias, is_rms)
-    s = residual + _norm(is_rms, f, out_weight, out_bias, eps)
-    return s, _norm(is_rms, s, in_weight, in_bias, eps, scale)
+add_norm, peri_junction = compose_fused(rms_norm, layer_norm)

@@ -13,7 +13,6 @@ share (as DeepSpeed's own checkpoints assume).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 
 from pretrain.distributed import barrier, broadcast_object
+from pretrain.fsutil import atomic_write_text, sha256_file
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 MANIFEST = "manifest.json"
@@ -61,14 +61,6 @@ def set_rng_state(state: dict) -> None:
 # ----------------------------------------------------------------------------- manifest, verify
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -81,10 +73,9 @@ def write_manifest(ckpt: Path) -> None:
     files = {}
     for p in sorted(ckpt.rglob("*")):
         if p.is_file() and p.name != MANIFEST:
-            files[str(p.relative_to(ckpt))] = {"size": p.stat().st_size, "sha256": _sha256(p)}
-    tmp = ckpt / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps({"files": files, "written": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))
-    os.replace(tmp, ckpt / MANIFEST)
+            files[str(p.relative_to(ckpt))] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
+    atomic_write_text(ckpt / MANIFEST, json.dumps({"files": files, "written": time.strftime("%Y-%m-%dT%H:%M:%S")},
+                                                  indent=1))
 
 
 def verify(ckpt: Path, level: str = "sha256") -> None:
@@ -105,7 +96,7 @@ def verify(ckpt: Path, level: str = "sha256") -> None:
         size = p.stat().st_size
         if size != info["size"]:
             raise CheckpointError(f"{ckpt}: file {rel} has {size} bytes, the manifest says {info['size']} (truncated?)")
-        if level == "sha256" and _sha256(p) != info["sha256"]:
+        if level == "sha256" and sha256_file(p) != info["sha256"]:
             raise CheckpointError(f"{ckpt}: file {rel} does not match its sha256 in the manifest (corrupt)")
 
 
@@ -160,9 +151,7 @@ class Checkpointer:
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(tmp, final)
-            latest_tmp = self.root / "latest.tmp"
-            latest_tmp.write_text(name + "\n")
-            os.replace(latest_tmp, self.root / "latest")
+            atomic_write_text(self.root / "latest", name + "\n")
             _fsync_dir(self.root)
             self._retain(keep=final)
             self.log(f"[checkpoint] saved {final} in {time.perf_counter() - t0:.1f}s")

@@ -21,6 +21,7 @@ import torch
 from pretrain.checkpoint import META, CheckpointError, find_resumable, verify
 from pretrain.config import ConfigError, apply_override, config_from_dict, parse_blend
 from pretrain.data import DataError, TokenStream, Tokenizer
+from pretrain.fsutil import atomic_write_text
 
 
 def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -80,7 +81,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def evaluate_checkpoint(args) -> tuple[dict | None, Path | None]:
-    from pretrain.distributed import DistInfo
     from pretrain.evaluate import evaluate_stream
 
     if args.checkpoint:
@@ -117,9 +117,7 @@ def evaluate_checkpoint(args) -> tuple[dict | None, Path | None]:
         return None, None
     out = Path(args.out) if args.out else run_dir / "eval" / f"{split}_{ckpt.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, out)
+    atomic_write_text(out, json.dumps(result, indent=2))
     return result, out
 
 

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import resource
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from pretrain.fsutil import atomic_write_text
 
 
 class MetricsWriter:
@@ -26,9 +27,7 @@ class MetricsWriter:
         if resume_step is not None and self.path.exists():
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(l + "\n" for l in kept))
-            os.replace(tmp, self.path)
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()  # a fresh start in an existing run directory starts a fresh curve
         from torch.utils.tensorboard import SummaryWriter

