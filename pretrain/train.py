@@ -50,6 +50,9 @@ def prepare_config(args: argparse.Namespace) -> tuple[Config, Tokenizer]:
     """Everything that can be checked before a process group exists: config, data, batch sizes."""
     overrides = list(args.set) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
     cfg = load_config(args.config, overrides)
+    if cfg.train.precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("train.precision: 'fp16' needs a CUDA GPU (DeepSpeed's CPU accelerator has no fp16); "
+                          "allowed on CPU: fp32, bf16")
     tokenizer = Tokenizer(cfg.data.tokenizer or os.path.join(cfg.data.dir, "tokenizer.model"))
     cfg = resolve(cfg, tokenizer.vocab_size)
     check_world(cfg, int(os.environ.get("WORLD_SIZE", "1")))

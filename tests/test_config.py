@@ -99,3 +99,14 @@ def test_train_rejects_bad_config_before_any_process_group():
     assert proc.returncode == 2
     assert "trian: unknown section; did you mean 'train'?" in proc.stderr
     assert "DeepSpeed" not in proc.stdout + proc.stderr
+
+
+def test_fp16_on_cpu_is_refused_before_start():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: fp16 is allowed")
+    proc = subprocess.run([sys.executable, "-m", "pretrain.train", "--config", str(ROOT / "configs" / "tiny.yaml"),
+                           "--set", "train.precision=fp16"], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "train.precision: 'fp16' needs a CUDA GPU" in proc.stderr
