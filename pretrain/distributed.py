@@ -70,3 +70,14 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     torch.distributed.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def ensure_process_group() -> None:
+    """A single-rank gloo group when none exists (some megatron-core dataset code calls
+    torch.distributed.get_rank() unconditionally); training has its own group already."""
+    if torch.distributed.is_initialized():
+        return
+    import tempfile
+
+    store = torch.distributed.FileStore(os.path.join(tempfile.mkdtemp(prefix="pretrain-pg-"), "store"), 1)
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)

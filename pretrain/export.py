@@ -163,6 +163,12 @@ def token_ids(sp_model: Path | None) -> dict:
 
 def write_tokenizer(sp_model: Path, out: Path, model_max_length: int | None) -> None:
     build_hf_tokenizer(sp_model, model_max_length).save_pretrained(out)
+    # transformers 5 writes its own class name (TokenizersBackend); PreTrainedTokenizerFast loads the
+    # same tokenizer.json in 5.x and in 4.x.
+    config_path = out / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
     shutil.copy2(sp_model, out / "tokenizer.model")  # the original, for sentencepiece users
 
 
@@ -233,7 +239,8 @@ def verify_tokenizer(sp_model: Path, out: Path) -> None:
     from transformers import AutoTokenizer
 
     sp = spm.SentencePieceProcessor(model_file=str(sp_model))
-    hf = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    # trust_remote_code: AutoTokenizer reads config.json first, and a custom export's names our code.
+    hf = AutoTokenizer.from_pretrained(out, local_files_only=True, trust_remote_code=True)
     ours, theirs = sp.encode(SAMPLE_TEXT), hf.encode(SAMPLE_TEXT, add_special_tokens=False)
     if ours != theirs or hf.decode(theirs) != SAMPLE_TEXT:
         raise ExportError(f"verification failed: the exported tokenizer encodes a sample to {theirs[:16]}..., "
@@ -278,12 +285,15 @@ def readme(m, s: dict) -> str:
     ]
     if s["tokenizer"]:
         lines += [
-            "tok = AutoTokenizer.from_pretrained(PATH)",
+            f"tok = AutoTokenizer.from_pretrained(PATH{remote})",
             "ids = tok(\"First Citizen:\\n\", return_tensors=\"pt\").input_ids",
             "print(tok.decode(model.generate(ids, max_new_tokens=40, do_sample=False)[0]))",
         ]
     lines += ["```", ""]
     if fmt == "custom":
+        lines += ["`trust_remote_code=True` is needed for the tokenizer too, only because AutoTokenizer reads "
+                  "config.json first (the tokenizer itself is a plain `tokenizer.json`; "
+                  "`PreTrainedTokenizerFast.from_pretrained(PATH)` loads it without).", ""]
         lines += ["The model code is `modeling_pretrain_gpt.py` / `configuration_pretrain_gpt.py` in this directory "
                   "(plain torch + transformers); `config.json` lists the norm slots of every layer "
                   "(`layer_slots`: y = post_norm(alpha·x + out_norm(F(in_norm(x)·in_scale)))).", ""]

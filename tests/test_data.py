@@ -156,3 +156,17 @@ def test_user_corpus_errors_name_the_problem(tmp_path):
                 log=lambda *_: None)
     with pytest.raises(DataError, match=r"missing .*nope.bin"):
         open_indexed(str(tmp_path / "nope"))
+
+
+def test_weighted_blend_of_existing_prefixes(bundled_dir, tok, tmp_path):
+    """Two Megatron prefixes blended 3:1 (here: the train and valid splits as if they were two
+    user corpora): samples come from both in about that proportion, deterministically."""
+    blend = [(3.0, str(bundled_dir / "train")), (1.0, str(bundled_dir / "valid"))]
+    ds = build_train_dataset(blend, tok, 64, 5, str(tmp_path / "cache"))
+    again = build_train_dataset(blend, tok, 64, 5, str(tmp_path / "cache2"))
+    n = 400
+    sources = np.asarray(ds.dataset_index[:n])
+    assert np.array_equal(sources, np.asarray(again.dataset_index[:n]))
+    assert abs(float((sources == 1).mean()) - 0.25) < 0.05
+    stream = SampleStream(ds, seed=5)
+    assert stream.batch(0, 4).tokens.shape == (4, 64)

@@ -73,3 +73,8 @@ def open_indexed(prefix: str):
             "`python -m pretrain.data prepare` or point data.train/valid/test at existing .bin/.idx prefixes"
         )
     return IndexedDataset(prefix, mmap=True)
+
+
+def token_count(prefix: str) -> int:
+    ds = open_indexed(prefix)  # held in a name: its arrays are views into its mmap, closed when it dies
+    return int(ds.sequence_lengths.sum())

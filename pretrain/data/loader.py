@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from pretrain.data.corpus import DataError
-from pretrain.data.indexed import open_indexed
+from pretrain.data.indexed import open_indexed, token_count
 
 
 @dataclass
@@ -33,14 +33,17 @@ def build_train_dataset(blend: list[tuple[float, str]], tokenizer, seq_len: int,
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
+    from pretrain.distributed import ensure_process_group
+
     logging.getLogger("megatron.core.datasets").setLevel(logging.WARNING)
+    ensure_process_group()
     prefixes = [p for _, p in blend]
     for p in prefixes:
         open_indexed(p)  # clear error before megatron's asserts
     weights = None if len(blend) == 1 else [w for w, _ in blend]
     size = None
     if weights is not None:
-        tokens = sum(int(open_indexed(p).sequence_lengths.sum()) for p in prefixes)
+        tokens = sum(token_count(p) for p in prefixes)
         size = max(1, tokens // seq_len)
     config = GPTDatasetConfig(
         random_seed=seed,
