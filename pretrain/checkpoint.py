@@ -126,7 +126,8 @@ class Checkpointer:
     def __init__(self, root: Path, rank: int, keep_last: int, verify_level: str, log):
         self.root, self.rank, self.keep_last, self.verify_level, self.log = root, rank, keep_last, verify_level, log
 
-    def save(self, engine, step: int, meta: dict) -> Path:
+    def save(self, engine, step: int, meta: dict, extra_files: dict[str, Path] | None = None) -> Path:
+        """extra_files: small files copied into the checkpoint (the tokenizer), so it is self-contained."""
         name = step_name(step)
         tmp_tag = f".tmp-{name}"
         tmp = self.root / tmp_tag
@@ -141,6 +142,8 @@ class Checkpointer:
         barrier()
         final = self.root / name
         if self.rank == 0:
+            for name, src in (extra_files or {}).items():
+                shutil.copyfile(src, tmp / name)
             (tmp / META).write_text(json.dumps(meta, indent=1))
             write_manifest(tmp)
             _fsync_dir(tmp)

@@ -118,7 +118,7 @@ class CheckpointConfig:
     resume: str = _f("never", "never | auto (newest complete, else fresh) | must (fail if none) | PATH")
     verify: Literal["sha256", "size", "none"] = _f("sha256", "check checkpoint files against the manifest on load")
     init_from: str = _f("", "start a fresh run from these weights: a checkpoint directory or a .pt state dict "
-                            "(e.g. written by python -m pretrain.hf import); ignored when resuming")
+                            "(e.g. written by python -m pretrain.import_hf); ignored when resuming")
 
 
 @dataclass

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from model.hf_convert import ARCHITECTURES, ConversionError, choose_format, folded_settings, hf_config, to_hf_state_dict
+from model.hf_convert import (ARCHITECTURES, FORMATS, ConversionError, choose_format, folded_settings, hf_config,
+                              to_hf_state_dict)
 
 ROOT = Path(__file__).resolve().parent.parent
 CUSTOM_CODE = ROOT / "model" / "hf_custom"
@@ -45,13 +46,13 @@ class ExportError(RuntimeError):
 
 
 def build_hf_model(model, m, fmt: str, token_ids: dict, dtype: torch.dtype = torch.float32):
-    """A transformers model of format `fmt` holding our model's weights (shared storage where the
-    dtype allows; built on the meta device, so no second random init of a large model)."""
+    """A transformers model of format `fmt` holding our model's weights (sharing their storage where
+    the dtype allows: built without a random init, then the tensors are assigned)."""
     config = hf_config(m, fmt, token_ids)
     config.dtype = dtype
     cls = _model_class(fmt)
-    state = {k: v.detach().to(dtype) for k, v in to_hf_state_dict(model.state_dict(), m, fmt).items()}
-    with torch.device("meta"):
+    state = _unshared({k: v.detach().to(dtype) for k, v in to_hf_state_dict(model.state_dict(), m, fmt).items()})
+    with _no_init_weights():  # not the meta device: buffers such as Llama's inv_freq must be real
         hf = cls(config)
     result = hf.load_state_dict(state, strict=False, assign=True)
     missing = set(result.missing_keys) - ({"lm_head.weight"} if m.tie_embeddings else set())
@@ -64,6 +65,25 @@ def build_hf_model(model, m, fmt: str, token_ids: dict, dtype: torch.dtype = tor
 
     hf.generation_config = GenerationConfig(**{k: v for k, v in token_ids.items() if v is not None})
     return hf.eval()
+
+
+def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copies tensors that share storage with another one (q/k/v and gate/up are views of our fused
+    weights): safetensors would otherwise treat them as tied weights."""
+    seen, out = set(), {}
+    for k, v in state.items():
+        ptr = v.untyped_storage().data_ptr()
+        out[k] = v.clone() if ptr in seen else v
+        seen.add(ptr)
+    return out
+
+
+def _no_init_weights():
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
 
 
 def _model_class(fmt: str):
@@ -190,13 +210,16 @@ def export(model, m, out: Path, fmt: str = "auto", sp_model: Path | None = None,
     tmp = out.with_name(f".tmp-{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    ids = token_ids(sp_model)
-    write_model(model, m, tmp, fmt, ids, DTYPES[dtype])
-    if sp_model is not None:
-        write_tokenizer(sp_model, tmp, m.seq_len)
     summary = {"format": fmt, "architecture": ARCHITECTURES[fmt], "dtype": dtype,
                "folded": folded_settings(m, fmt), "tokenizer": sp_model is not None, **(info or {})}
-    if verify:
+    try:
+        write_model(model, m, tmp, fmt, token_ids(sp_model), DTYPES[dtype])
+        if sp_model is not None:
+            write_tokenizer(sp_model, tmp, m.seq_len)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if verify:  # a failed verification keeps the directory for inspection (the error says where)
         summary["max_abs_logit_diff"] = verify_export(model, m, tmp, fmt, DTYPES[dtype])
         if sp_model is not None:
             verify_tokenizer(sp_model, tmp)
@@ -325,12 +348,15 @@ def resolve_checkpoint(path: Path) -> Path:
 
 
 def find_tokenizer(cfg, ckpt: Path, explicit: str | None) -> Path:
-    """--tokenizer, else the config's data.tokenizer (relative paths: from here, then the project root)."""
+    """--tokenizer, else the copy saved in the checkpoint, else the config's data.tokenizer (relative
+    paths: from here, then the project root)."""
     if explicit:
         p = Path(explicit)
         if not p.is_file():
             raise ExportError(f"--tokenizer {p}: no such file")
         return p
+    if (ckpt / "tokenizer.model").is_file():
+        return ckpt / "tokenizer.model"
     name = cfg.data.tokenizer or os.path.join(cfg.data.dir, "tokenizer.model")
     for p in (Path(name), ROOT / name):
         if p.is_file():
@@ -344,10 +370,10 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint directory, run directory or checkpoints/ folder")
     p.add_argument("--out", required=True, help="directory to write (must be empty or absent unless --force)")
-    p.add_argument("--format", default="auto", help="auto | llama | olmo2 | custom (default auto)")
+    p.add_argument("--format", default="auto", choices=("auto",) + FORMATS, help="default auto")
     p.add_argument("--tokenizer", help="sentencepiece model (default: data.tokenizer of the checkpoint's config)")
     p.add_argument("--no-tokenizer", action="store_true", help="export the model without a tokenizer")
-    p.add_argument("--dtype", default="float32", help=f"weights dtype: {', '.join(DTYPES)} (default float32)")
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weights dtype (default float32)")
     p.add_argument("--no-verify", action="store_true", help="skip loading the export back to compare logits")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     args = p.parse_args(argv)

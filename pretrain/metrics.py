@@ -10,6 +10,7 @@ import math
 import resource
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -108,6 +109,17 @@ class Progress:
         self.start_step, self.max_steps, self.tokens_per_step = start_step, max_steps, tokens_per_step
         self.t_start = time.perf_counter()
         self.t_last, self.step_last = self.t_start, start_step
+
+    @contextmanager
+    def excluded(self):
+        """Time spent inside (validation, checkpoints, diagnostics) does not count as training time."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            spent = time.perf_counter() - t0
+            self.t_last += spent
+            self.t_start += spent
 
     def interval(self, step: int) -> dict:
         """Timing over the steps since the previous call (step = number of completed steps)."""

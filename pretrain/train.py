@@ -168,7 +168,8 @@ def train(cfg: Config, tokenizer: Tokenizer, dist: DistInfo) -> None:
         checkpointer.save(engine, step, {
             "step": step, "consumed_samples": step * t.global_batch_size, "tokens": step * tokens_per_step,
             "world_size": dist.world_size, "zero_stage": cfg.zero.stage, "config": cfg.to_dict(),
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+            "tokenizer_sha256": tokenizer.sha256, "time": time.strftime("%Y-%m-%dT%H:%M:%S")},
+            extra_files={"tokenizer.model": tokenizer.path})
 
     probe = valid.batch(list(range(t.micro_batch_size)), tokenizer.pad).tokens.to(dist.device)
 
@@ -199,13 +200,14 @@ def train(cfg: Config, tokenizer: Tokenizer, dist: DistInfo) -> None:
             if diagnose_now and micro == grad_accum - 1:
                 grad_norms = layer_grad_norms(engine.module)  # reduced, before clipping and the update
             engine.step()
-            loss_acc += float(loss.detach()) / grad_accum
+            loss_acc = loss_acc + loss.detach().float() / grad_accum  # a tensor: no device sync per micro-step
         steps_acc += 1
         step += 1
         if grad_norms is not None:
-            diagnose(step, grad_norms)
+            with progress.excluded():
+                diagnose(step, grad_norms)
         if step % t.log_every == 0 or step == t.max_steps:
-            total, count = all_reduce_sum([loss_acc, float(steps_acc)], dist.device)
+            total, count = all_reduce_sum([float(loss_acc), float(steps_acc)], dist.device)
             mean_loss = total / (count or 1)
             timing = progress.interval(step)
             grad_norm = engine.get_global_grad_norm()
@@ -222,10 +224,12 @@ def train(cfg: Config, tokenizer: Tokenizer, dist: DistInfo) -> None:
                 f"{timing['step_time']:.2f} s/step | ETA {format_duration(timing['eta_s'])}")
             loss_acc, steps_acc = 0.0, 0
         if (t.eval_every and step % t.eval_every == 0) or step == t.max_steps:
-            validate(step)
+            with progress.excluded():
+                validate(step)
         exiting = step == t.exit_at_step
         if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == t.max_steps or exiting:
-            save(step)
+            with progress.excluded():
+                save(step)
         if exiting:
             log(f"[exit] train.exit_at_step={step} reached; continue with --resume auto")
             break
