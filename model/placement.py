@@ -136,6 +136,12 @@ def validate_placement(m) -> None:
             "model.depth_scale: 'none' contradicts model.placement='lns' (= pre + inv_sqrt_layer); "
             "use placement 'pre' for plain Pre-LN"
         )
+    if m.placement != "mix" and m.mix_alpha != 0.25:
+        raise ConfigError(f"model.mix_alpha: {m.mix_alpha} is set but only applies to placement 'mix' "
+                          f"(placement is '{m.placement}'); remove it or use placement 'mix'")
+    if m.qk_norm_scope != "head" and not m.qk_norm:
+        raise ConfigError(f"model.qk_norm_scope: '{m.qk_norm_scope}' is set but model.qk_norm is false; "
+                          "set model.qk_norm: true or remove the scope")
     if m.placement == "mix" and mix_post_layers(m.num_layers, m.mix_alpha) in (0,):
         raise ConfigError(
             f"model.mix_alpha: {m.mix_alpha} x {m.num_layers} layers leaves no Post-LN block; "

@@ -64,6 +64,12 @@ def test_placement_switch_combinations_rejected():
         load_config(None, ["model.placement=post", "model.depth_scale=inv_sqrt_layer"])
     with pytest.raises(ConfigError, match="contradicts model.placement='lns'"):
         load_config(None, ["model.placement=lns", "model.depth_scale=none"])
+    with pytest.raises(ConfigError, match="model.mix_alpha: 0.5 is set but only applies to placement 'mix'"):
+        load_config(None, ["model.placement=pre", "model.mix_alpha=0.5"])
+    with pytest.raises(ConfigError, match="model.qk_norm_scope: 'layer' is set but model.qk_norm is false"):
+        load_config(None, ["model.qk_norm_scope=layer"])
+    with pytest.raises(ConfigError, match="leaves no Post-LN block"):
+        load_config(None, ["model.placement=mix", "model.mix_alpha=0.01"])
     cfg = resolve(load_config(None, ["model.placement=lns"]), vocab_size=100)
     assert cfg.model.depth_scale == "inv_sqrt_layer" and cfg.model.embedding_norm is False
 
