@@ -142,8 +142,8 @@ class Checkpointer:
         barrier()
         final = self.root / name
         if self.rank == 0:
-            for name, src in (extra_files or {}).items():
-                shutil.copyfile(src, tmp / name)
+            for file_name, src in (extra_files or {}).items():
+                shutil.copyfile(src, tmp / file_name)
             (tmp / META).write_text(json.dumps(meta, indent=1))
             write_manifest(tmp)
             _fsync_dir(tmp)

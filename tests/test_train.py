@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +20,12 @@ pytestmark = pytest.mark.distributed
 def losses(run_dir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
             if "lr" in r}
+
+
+def bundled_dir_of(run_dir):
+    import yaml
+
+    return Path(yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["dir"])
 
 
 def check(proc):
@@ -45,6 +52,9 @@ def test_two_process_training_lowers_the_loss(uninterrupted):
     ckpts = uninterrupted / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == "step_000020"
     assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_000010", "step_000020"]
+    saved = ckpts / "step_000020"
+    assert (saved / "tokenizer.model").read_bytes() == (bundled_dir_of(uninterrupted) / "tokenizer.model").read_bytes()
+    assert json.loads((saved / "meta.json").read_text())["consumed_samples"] == 20 * 8
 
 
 @pytest.mark.parametrize("stage", [1, 3])
