@@ -23,6 +23,19 @@ from kernels.triton_common import (
 
 
 @triton.jit
+def row_input_grad(xhat, wdy, rstd, N, IS_RMS: tl.constexpr):
+    """dL/dx of one row of y = N(x) given xhat = normalised x and wdy = gain * dL/dy (fp32):
+    RMSNorm (wdy - xhat*mean(xhat*wdy)) * rstd; LayerNorm also subtracts mean(wdy).
+    Shared by the norm and Peri-junction backward kernels (inlined by Triton)."""
+    c1 = tl.sum(xhat * wdy, axis=0) / N
+    if IS_RMS:
+        grad = (wdy - xhat * c1) * rstd
+    else:
+        grad = (wdy - xhat * c1 - tl.sum(wdy, axis=0) / N) * rstd
+    return grad
+
+
+@triton.jit
 def norm_fwd_kernel(
     X, R, S, Y, W, B, Mean, Rstd,
     stride_x, stride_r, stride_s, stride_y,
@@ -86,13 +99,7 @@ def norm_bwd_kernel(
         dw_acc += dy * xhat
         if HAS_BIAS:
             db_acc += dy
-        wdy = w * dy
-        c1 = tl.sum(xhat * wdy, axis=0) / N
-        if IS_RMS:
-            dx = (wdy - xhat * c1) * rstd
-        else:
-            c2 = tl.sum(wdy, axis=0) / N
-            dx = (wdy - xhat * c1 - c2) * rstd
+        dx = row_input_grad(xhat, w * dy, rstd, N, IS_RMS)
         if HAS_DS:
             dx += tl.load(DS + row * stride_ds + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from kernels.triton_common import LAST_COMPILED, backward_programs, block_size, num_warps_for
+from kernels.triton_norm import row_input_grad
 
 
 @triton.jit
@@ -94,12 +95,7 @@ def peri_bwd_kernel(
         dwi_acc += dy * xhat
         if HAS_IN_BIAS:
             dbi_acc += dy
-        wdy = wi * dy
-        c1 = tl.sum(xhat * wdy, axis=0) / N
-        if IS_RMS:
-            g = (wdy - xhat * c1) * rstd_i
-        else:
-            g = (wdy - xhat * c1 - tl.sum(wdy, axis=0) / N) * rstd_i
+        g = row_input_grad(xhat, wi * dy, rstd_i, N, IS_RMS)
         if HAS_DS:
             g += tl.load(DS + row * stride_ds + cols, mask=mask, other=0.0).to(tl.float32)
         # s = r + N_out(f): the residual's gradient is g itself.
@@ -114,12 +110,7 @@ def peri_bwd_kernel(
         dwo_acc += g * fhat
         if HAS_OUT_BIAS:
             dbo_acc += g
-        wg = wo * g
-        d1 = tl.sum(fhat * wg, axis=0) / N
-        if IS_RMS:
-            df = (wg - fhat * d1) * rstd_o
-        else:
-            df = (wg - fhat * d1 - tl.sum(wg, axis=0) / N) * rstd_o
+        df = row_input_grad(fhat, wo * g, rstd_o, N, IS_RMS)
         tl.store(DF + row * stride_df + cols, df.to(DF.dtype.element_ty), mask=mask)
     tl.store(DWI_part + pid * N + cols, dwi_acc * scale, mask=mask)
     tl.store(DWO_part + pid * N + cols, dwo_acc, mask=mask)
