@@ -36,6 +36,24 @@ def row_input_grad(xhat, wdy, rstd, N, IS_RMS: tl.constexpr):
 
 
 @triton.jit
+def row_norm(x, W, B, Mean, Rstd, row, cols, mask, N, eps, IS_RMS: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """N(x) * gain (+ bias) of one fp32 row, without the scale; stores the row's mean (LayerNorm)
+    and rstd for the backward. Shared by the norm and Peri-junction forward kernels."""
+    if IS_RMS:
+        xc = x
+    else:
+        mean = tl.sum(x, axis=0) / N
+        xc = tl.where(mask, x - mean, 0.0)
+        tl.store(Mean + row, mean)
+    rstd = tl.math.rsqrt(tl.sum(xc * xc, axis=0) / N + eps)
+    tl.store(Rstd + row, rstd)
+    y = xc * rstd * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        y += tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+    return y
+
+
+@triton.jit
 def norm_fwd_kernel(
     X, R, S, Y, W, B, Mean, Rstd,
     stride_x, stride_r, stride_s, stride_y,
@@ -54,20 +72,7 @@ def norm_fwd_kernel(
         # Normalise the stored (rounded) sum: backward reads it back, and the unfused
         # composition normalises the rounded sum too.
         x = s.to(tl.float32)
-    if IS_RMS:
-        xc = x
-    else:
-        mean = tl.sum(x, axis=0) / N
-        xc = tl.where(mask, x - mean, 0.0)
-        tl.store(Mean + row, mean)
-    var = tl.sum(xc * xc, axis=0) / N
-    rstd = tl.math.rsqrt(var + eps)
-    tl.store(Rstd + row, rstd)
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    y = xc * rstd * w
-    if HAS_BIAS:
-        y += tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
-    y = y * scale
+    y = row_norm(x, W, B, Mean, Rstd, row, cols, mask, N, eps, IS_RMS, HAS_BIAS) * scale
     tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
 
 

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from kernels.triton_common import LAST_COMPILED, backward_programs, block_size, num_warps_for
-from kernels.triton_norm import row_input_grad
+from kernels.triton_norm import row_input_grad, row_norm
 
 
 @triton.jit
@@ -31,35 +31,13 @@ def peri_fwd_kernel(
     mask = cols < N
     # --- output norm of the sublayer result f (never scaled) ---
     f = tl.load(F + row * stride_f + cols, mask=mask, other=0.0).to(tl.float32)
-    if IS_RMS:
-        fc = f
-    else:
-        mean_o = tl.sum(f, axis=0) / N
-        fc = tl.where(mask, f - mean_o, 0.0)
-        tl.store(MeanO + row, mean_o)
-    rstd_o = tl.math.rsqrt(tl.sum(fc * fc, axis=0) / N + eps)
-    tl.store(RstdO + row, rstd_o)
-    a = fc * rstd_o * tl.load(WO + cols, mask=mask, other=0.0).to(tl.float32)
-    if HAS_OUT_BIAS:
-        a += tl.load(BO + cols, mask=mask, other=0.0).to(tl.float32)
+    a = row_norm(f, WO, BO, MeanO, RstdO, row, cols, mask, N, eps, IS_RMS, HAS_OUT_BIAS)
     # --- residual add ---
     r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
     s = (r + a).to(S.dtype.element_ty)
     tl.store(S + row * stride_s + cols, s, mask=mask)
     # --- next block's input norm of s, times the LNS scale ---
-    x = s.to(tl.float32)
-    if IS_RMS:
-        xc = x
-    else:
-        mean_i = tl.sum(x, axis=0) / N
-        xc = tl.where(mask, x - mean_i, 0.0)
-        tl.store(MeanI + row, mean_i)
-    rstd_i = tl.math.rsqrt(tl.sum(xc * xc, axis=0) / N + eps)
-    tl.store(RstdI + row, rstd_i)
-    y = xc * rstd_i * tl.load(WI + cols, mask=mask, other=0.0).to(tl.float32)
-    if HAS_IN_BIAS:
-        y += tl.load(BI + cols, mask=mask, other=0.0).to(tl.float32)
-    y = y * scale
+    y = row_norm(s.to(tl.float32), WI, BI, MeanI, RstdI, row, cols, mask, N, eps, IS_RMS, HAS_IN_BIAS) * scale
     tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
 
 
