@@ -1,6 +1,7 @@
 """Causal self-attention with RoPE, grouped-query attention and optional QK-norm.
 
-The fused QKV projection uses Megatron's grouped layout: for each key/value head g, its
+Activations are sequence-first, (S, B, d), as in Megatron: sequence parallelism then splits and
+gathers along the first dimension, which is contiguous. The fused QKV projection uses Megatron's grouped layout: for each key/value head g, its
 q_per_kv query heads, then its key, then its value. A contiguous split of the output dimension
 is then a split by KV group, which is what tensor parallelism needs.
 """
@@ -10,7 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from contextlib import nullcontext
+
 from model.norms import NormFactory
+from model.parallel_rng import TP_RNG
 from model.rope import Rotary
 
 
@@ -32,24 +36,25 @@ class Attention(nn.Module):
         self.rotary = rotary
 
     def split_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(B, T, d) -> q (B, T, H, hd), k and v (B, T, Hkv, hd), normed and rotated."""
-        b, t, _ = x.shape
-        qkv = self.qkv(x).view(b, t, self.num_kv_heads, self.q_per_kv + 2, self.head_dim)
-        q = qkv[:, :, :, : self.q_per_kv].reshape(b, t, self.num_heads, self.head_dim)
+        """(S, B, d) -> q (S, B, H, hd), k and v (S, B, Hkv, hd), normed and rotated."""
+        qkv = self.qkv(x)  # under sequence parallelism x is a sequence shard and qkv the whole sequence
+        s, b = qkv.shape[:2]
+        qkv = qkv.view(s, b, self.num_kv_heads, self.q_per_kv + 2, self.head_dim)
+        q = qkv[:, :, :, : self.q_per_kv].reshape(s, b, self.num_heads, self.head_dim)
         k, v = qkv[:, :, :, self.q_per_kv], qkv[:, :, :, self.q_per_kv + 1]
         if self.qk_norm_per_layer:
-            q = self.q_norm(q.reshape(b, t, -1)).view_as(q)
-            k = self.k_norm(k.reshape(b, t, -1)).view_as(k)
+            q = self.q_norm(q.reshape(s, b, -1)).view_as(q)
+            k = self.k_norm(k.reshape(s, b, -1)).view_as(k)
         else:
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = self.rotary.tables(t, x.device, q.dtype)
+        cos, sin = self.rotary.tables(s, x.device, q.dtype)
         return self.rotary.apply(q, cos, sin), self.rotary.apply(k, cos, sin), v
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, _ = x.shape
-        q, k, v = (z.transpose(1, 2) for z in self.split_qkv(x))
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.num_kv_heads != self.num_heads,
-        )
-        return self.proj(y.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+        q, k, v = (z.permute(1, 2, 0, 3) for z in self.split_qkv(x))  # (B, heads, S, hd) for SDPA
+        b, _, s, _ = q.shape
+        p = self.dropout if self.training else 0.0
+        with TP_RNG.fork() if p > 0 else nullcontext():  # this rank's heads: its own dropout stream
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p,
+                                               enable_gqa=self.num_kv_heads != self.num_heads)
+        return self.proj(y.permute(2, 0, 1, 3).reshape(s, b, self.num_heads * self.head_dim))

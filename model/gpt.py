@@ -18,6 +18,7 @@ from model.mlp import MLPS
 from model.norms import NormFactory
 from model.placement import PLACEMENTS, layer_specs
 from model.rope import Rotary
+from model.tensor_parallel import gather_last_dim, vocab_parallel_token_losses
 
 
 class GPT(nn.Module):
@@ -48,6 +49,7 @@ class GPT(nn.Module):
         self.head = nn.Linear(d, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
+        self.vocab_parallel = False  # set by model.parallelize.apply_tensor_parallel
         self.reset_parameters()
 
     @torch.no_grad()
@@ -78,14 +80,16 @@ class GPT(nn.Module):
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
                 loss_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, T, V) without labels; the mean token cross-entropy (fp32) with them."""
-        x, h = self.embed_norm(self.embed(tokens)), None
+        """tokens (B, T). Logits (B, T, V) without labels; the mean token cross-entropy (fp32) with them.
+        Inside, activations are sequence-first (T, B, d), as in Megatron."""
+        x, h = self.embed_norm(self.embed(tokens.t())), None
         for block in self.blocks:
             x, h = block(x, h)
         logits = self.head(h)  # h: the final norm of x (or x), computed by the last junction
         if labels is None:
-            return logits
-        return token_loss(logits, labels, loss_mask)
+            return (gather_last_dim(logits) if self.vocab_parallel else logits).transpose(0, 1)
+        losses = (vocab_parallel_token_losses if self.vocab_parallel else token_losses)(logits, labels.t())
+        return masked_mean(losses, None if loss_mask is None else loss_mask.t())
 
     def register_zero3_external_parameters(self) -> None:
         """ZeRO-3 gathers a module's parameters when that module's forward runs; the junctions read
@@ -119,11 +123,16 @@ class GPT(nn.Module):
         return 6 * n + 12 * c.num_layers * c.num_heads * head_dim * c.seq_len
 
 
-def token_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.Tensor:
-    losses = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy in fp32, shaped like labels."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                           reduction="none").view_as(labels)
+
+
+def masked_mean(losses: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.Tensor:
     if loss_mask is None:
         return losses.mean()
-    mask = loss_mask.reshape(-1).to(losses.dtype)
+    mask = loss_mask.to(losses.dtype)
     return (losses * mask).sum() / mask.sum().clamp(min=1.0)
 
 

@@ -15,12 +15,14 @@ The fused op is chosen once, when the model is built, from which slots are fille
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Callable
 
 import torch
 from torch import nn
 
 from model.norms import Norm
+from model.parallel_rng import TP_RNG
 
 
 def _norm_or_none(module: nn.Module) -> Norm | None:
@@ -38,6 +40,7 @@ class Junction:
         self.next = _norm_or_none(next_norm) if next_norm is not None else None
         self.alpha = alpha
         self.dropout = dropout
+        self.sequence_parallel = False  # set by model.parallelize
         self.kind, self.fn = self._choose()
 
     def norms(self) -> list[Norm]:
@@ -76,7 +79,10 @@ class Junction:
         return y, (self.next(y) if self.next is not None else y)
 
     def _composed(self, x, f):
-        g = self.dropout(self.out(f) if self.out is not None else f)
+        g = self.out(f) if self.out is not None else f
+        # Under sequence parallelism the branch is this rank's sequence shard: its own dropout stream.
+        with TP_RNG.fork() if self.sequence_parallel and self.dropout.p > 0 else nullcontext():
+            g = self.dropout(g)
         # torch.add(g, x, alpha=a) = g + a * x in one op (a = 1 except DeepNorm).
         y = torch.add(g, x, alpha=self.alpha)
         if self.post is not None:

@@ -27,7 +27,7 @@ class Rotary:
         return self._cache[key]
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x: (batch, seq, heads, head_dim)."""
+        """x: (seq, batch, heads, head_dim); cos, sin: (seq, head_dim)."""
         half = x.shape[-1] // 2
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos[:, None, :] + rotated * sin[:, None, :]
+        return x * cos[:, None, None, :] + rotated * sin[:, None, None, :]

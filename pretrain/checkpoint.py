@@ -44,14 +44,20 @@ def step_name(step: int) -> str:
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    from model.parallel_rng import TP_RNG
+
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+             "tensor_parallel": TP_RNG.state_dict()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
+    from model.parallel_rng import TP_RNG
+
     torch.set_rng_state(state["torch"])
+    TP_RNG.load_state_dict(state.get("tensor_parallel"))
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():

@@ -107,6 +107,7 @@ class TrainConfig:
     eval_batches: int = _f(8, "validation batches (of global_batch_size sequences) per pass", min=1)
     diagnostics_every: int = _f(100, "steps between depth diagnostics (per-layer variance, max activation, "
                                      "gradient norm, attention entropy); 0 = off", min=0)
+    diagnostics_sequences: int = _f(4, "validation sequences in the fixed probe batch of the diagnostics", min=1)
     exit_at_step: int = _f(0, "stop after this step with a checkpoint, schedule unchanged (0 = run to max_steps)", min=0)
     peak_tflops: float = _f(0.0, "device dense peak for MFU; 0 = known GPUs auto, else MFU not reported", min=0)
 
@@ -123,8 +124,9 @@ class CheckpointConfig:
 
 @dataclass
 class ParallelConfig:
-    tp: int = _f(1, "tensor-parallel size", min=1)
+    tp: int = _f(1, "tensor-parallel size (data parallelism fills the rest of the world)", min=1)
     pp: int = _f(1, "pipeline-parallel size", min=1)
+    sequence_parallel: bool = _f(False, "with tp > 1: norms and dropout on sequence shards (Megatron SP)")
 
 
 @dataclass
@@ -339,11 +341,7 @@ def validate(cfg: Config) -> None:
             f"kernels.backend: '{cfg.kernels.backend}' is not allowed; allowed: "
             f"{', '.join(BACKEND_CHOICES)}{_did_you_mean(cfg.kernels.backend, list(BACKEND_CHOICES))}"
         )
-    if cfg.parallel.tp != 1 or cfg.parallel.pp != 1:
-        raise ConfigError(
-            f"parallel: tp={cfg.parallel.tp}, pp={cfg.parallel.pp} requested, but this version trains "
-            "data-parallel only (tp=1, pp=1); tensor and pipeline parallelism are not implemented yet"
-        )
+    _validate_parallel(cfg)
     if t.warmup_steps >= t.max_steps and t.schedule != "constant":
         raise ConfigError(
             f"train.warmup_steps: {t.warmup_steps} must be smaller than train.max_steps={t.max_steps}"
@@ -358,12 +356,46 @@ def validate(cfg: Config) -> None:
             _parse_blend_item(f"data.{name}", item)
 
 
+def _validate_parallel(cfg: Config) -> None:
+    """Sizes that tensor / pipeline parallelism must divide, and the combinations DeepSpeed refuses."""
+    m, p = cfg.model, cfg.parallel
+    tp, pp = p.tp, p.pp
+    kv = m.num_kv_heads or m.num_heads
+    ffn = m.ffn_hidden_size  # 0 = derived later; re-checked in resolve()
+    for name, value in (("model.num_heads", m.num_heads), ("model.num_kv_heads", kv),
+                        ("model.hidden_size", m.hidden_size), ("model.ffn_hidden_size", ffn)):
+        if value and value % tp:
+            raise ConfigError(f"parallel.tp: {tp} does not divide {name}={value}; tensor-parallel sizes that "
+                              f"would: {_divisors(value, limit=64)}")
+    if p.sequence_parallel and tp == 1:
+        raise ConfigError("parallel.sequence_parallel: true needs parallel.tp > 1 (it splits the sequence over "
+                          "the tensor-parallel ranks)")
+    if p.sequence_parallel and m.seq_len % tp:
+        raise ConfigError(f"parallel.sequence_parallel: model.seq_len={m.seq_len} is not divisible by parallel.tp="
+                          f"{tp}; sizes that would: {_divisors(m.seq_len, limit=64)}")
+    if tp > 1 and m.qk_norm and m.qk_norm_scope == "layer":
+        raise ConfigError("model.qk_norm_scope: 'layer' (one norm over all heads) is not supported with "
+                          "parallel.tp > 1, where heads are split across ranks; use qk_norm_scope: head")
+    if pp > m.num_layers:
+        raise ConfigError(f"parallel.pp: {pp} stages for model.num_layers={m.num_layers}; at most one stage per "
+                          f"layer: allowed 1..{m.num_layers}")
+    if pp > 1 and cfg.zero.stage > 1:
+        raise ConfigError(f"zero.stage: {cfg.zero.stage} cannot be combined with pipeline parallelism "
+                          f"(parallel.pp={pp}): DeepSpeed's pipeline engine supports ZeRO stages 0 and 1")
+
+
 def check_world(cfg: Config, world_size: int) -> int:
     """Checks the batch arithmetic for a world size; returns the gradient-accumulation steps."""
     t = cfg.train
-    dp = world_size // (cfg.parallel.tp * cfg.parallel.pp)
+    model_parallel = cfg.parallel.tp * cfg.parallel.pp
+    if world_size % model_parallel:
+        valid = [n for n in range(model_parallel, 8 * model_parallel + 1, model_parallel)]
+        raise ConfigError(
+            f"world size {world_size} is not a multiple of parallel.tp x parallel.pp = {cfg.parallel.tp} x "
+            f"{cfg.parallel.pp} = {model_parallel}; world sizes that work: {', '.join(map(str, valid))}, ...")
+    dp = world_size // model_parallel
     per_step = t.micro_batch_size * dp
-    if world_size % (cfg.parallel.tp * cfg.parallel.pp) or t.global_batch_size % per_step:
+    if t.global_batch_size % per_step:
         valid = sorted({t.micro_batch_size * dp * k for k in range(1, 9)})
         raise ConfigError(
             f"train.global_batch_size: {t.global_batch_size} is not a multiple of micro_batch_size x "
@@ -421,7 +453,7 @@ def resolve(cfg: Config, vocab_size: int | None = None) -> Config:
     if m.vocab_size == 0:
         if vocab_size is None:
             raise ConfigError("model.vocab_size: 0 (from the tokenizer) but no tokenizer was given")
-        mult = m.vocab_multiple
+        mult = math.lcm(m.vocab_multiple, cfg.parallel.tp)  # the vocabulary is split over tp ranks
         m = dataclasses.replace(m, vocab_size=((vocab_size + mult - 1) // mult) * mult)
     elif vocab_size is not None and m.vocab_size < vocab_size:
         raise ConfigError(
@@ -435,6 +467,12 @@ def resolve(cfg: Config, vocab_size: int | None = None) -> Config:
             m = dataclasses.replace(m, ffn_hidden_size=-(-raw // m.ffn_multiple) * m.ffn_multiple)
         else:
             m = dataclasses.replace(m, ffn_hidden_size=4 * m.hidden_size)
+    if m.vocab_size % cfg.parallel.tp:
+        raise ConfigError(f"model.vocab_size: {m.vocab_size} is not divisible by parallel.tp={cfg.parallel.tp}; "
+                          f"use 0 (the tokenizer's, padded) or a multiple of {cfg.parallel.tp}")
+    if m.ffn_hidden_size % cfg.parallel.tp:
+        raise ConfigError(f"model.ffn_hidden_size: {m.ffn_hidden_size} is not divisible by parallel.tp="
+                          f"{cfg.parallel.tp}; set it, or model.ffn_multiple, to a multiple of the tp size")
     cfg.model = resolve_model_switches(m)
     return cfg
 

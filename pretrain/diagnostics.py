@@ -21,9 +21,23 @@ from contextlib import contextmanager
 import torch
 
 
-def _residual_stats(x: torch.Tensor) -> dict[str, float]:
+def _sum_over(values: list[float], group, op=torch.distributed.ReduceOp.SUM) -> list[float]:
+    if group is None:
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    torch.distributed.all_reduce(t, op=op, group=group)
+    return t.tolist()
+
+
+def _residual_stats(x: torch.Tensor, shard_group=None) -> dict[str, float]:
+    """Statistics of all elements of x; with shard_group (sequence parallelism) x is this rank's
+    shard and the sums are combined over the group."""
     xf = x.detach().float()
-    return {"var": float(xf.var()), "rms": float(xf.pow(2).mean().sqrt()), "max_abs": float(xf.abs().max())}
+    n, total, sq = _sum_over([float(xf.numel()), float(xf.sum()), float(xf.pow(2).sum())], shard_group)
+    (peak,) = _sum_over([float(xf.abs().max())], shard_group, torch.distributed.ReduceOp.MAX)
+    mean = total / n
+    var = (sq - n * mean * mean) / max(1.0, n - 1)  # unbiased, like torch.var
+    return {"var": var, "rms": (sq / n) ** 0.5, "max_abs": peak}
 
 
 def attention_entropy(q: torch.Tensor, k: torch.Tensor) -> float:
@@ -40,23 +54,28 @@ def attention_entropy(q: torch.Tensor, k: torch.Tensor) -> float:
 
 
 @contextmanager
-def _recording(model):
+def _recording(model, tp_group=None, sequence_parallel: bool = False):
     """Hooks that record the residual stream after every block and each layer's attention entropy."""
     per_layer: dict[int, dict[str, float]] = {}
     handles = []
 
+    shard_group = tp_group if sequence_parallel else None
+
     def embed_hook(module, args, kwargs):
-        per_layer[0] = _residual_stats(args[0] if args else kwargs["x"])
+        per_layer[0] = _residual_stats(args[0] if args else kwargs["x"], shard_group)
 
     def block_hook(block):
         def hook(module, args, output):
-            per_layer.setdefault(block.layer, {}).update(_residual_stats(output[0]))
+            per_layer.setdefault(block.layer, {}).update(_residual_stats(output[0], shard_group))
         return hook
 
     def attn_hook(block):
         def hook(module, args):
             q, k, _ = module.split_qkv(args[0])  # module calls: ZeRO-3 gathers their parameters
-            per_layer.setdefault(block.layer, {})["attn_entropy"] = attention_entropy(q, k)
+            # Under tensor parallelism this rank holds a share of the heads: average over all of them.
+            heads = float(q.shape[2])
+            ent, count = _sum_over([attention_entropy(q.transpose(0, 1), k.transpose(0, 1)) * heads, heads], tp_group)
+            per_layer.setdefault(block.layer, {})["attn_entropy"] = ent / count
         return hook
 
     blocks = list(model.blocks)
@@ -72,10 +91,12 @@ def _recording(model):
 
 
 @torch.no_grad()
-def activation_stats(forward, model, tokens: torch.Tensor) -> dict[str, list[float]]:
+def activation_stats(forward, model, tokens: torch.Tensor, tp_group=None,
+                     sequence_parallel: bool = False) -> dict[str, list[float]]:
     """Runs forward(tokens) once with recording hooks on `model` (the plain module, also when
-    `forward` is a DeepSpeed engine) and returns per-layer lists."""
-    with _recording(model) as per_layer:
+    `forward` is a DeepSpeed engine) and returns per-layer lists. With tensor parallelism, pass the
+    tp group: statistics cover all heads (and all sequence shards)."""
+    with _recording(model, tp_group, sequence_parallel) as per_layer:
         forward(tokens)
     layers = sorted(per_layer)
     out = {key: [per_layer[l][key] for l in layers] for key in ("var", "rms", "max_abs")}
@@ -83,17 +104,31 @@ def activation_stats(forward, model, tokens: torch.Tensor) -> dict[str, list[flo
     return out
 
 
-def layer_grad_norms(model) -> list[float]:
+def _grad_sq(params, get_grad, tp_group) -> float:
+    """Sum of squared gradients; tensor-parallel shards are summed over the tp group, replicated
+    parameters counted once."""
+    sharded = replicated = 0.0
+    for p in params:
+        g = get_grad(p)
+        if g is None:
+            continue
+        sq = float(g.detach().float().pow(2).sum())
+        if getattr(p, "tensor_model_parallel", False):
+            sharded += sq
+        else:
+            replicated += sq
+    (sharded,) = _sum_over([sharded], tp_group)
+    return sharded + replicated
+
+
+def layer_grad_norms(model, tp_group=None) -> list[float]:
     """Per-block gradient norms of the current (all-reduced, unclipped) gradients. A collective
     under ZeRO: every rank must call it, between backward() and step() of a boundary micro-step."""
     from deepspeed.utils import safe_get_full_grad
 
-    norms = []
-    for block in model.blocks:
-        sq = 0.0
-        for p in block.parameters():
-            g = safe_get_full_grad(p)
-            if g is not None:
-                sq += float(g.detach().float().pow(2).sum())
-        norms.append(math.sqrt(sq))
-    return norms
+    return [math.sqrt(_grad_sq(block.parameters(), safe_get_full_grad, tp_group)) for block in model.blocks]
+
+
+def global_grad_norm(model, tp_group=None) -> float:
+    """The whole model's gradient norm (for ZeRO-0 in fp32, where DeepSpeed does not report one)."""
+    return math.sqrt(_grad_sq(model.parameters(), lambda p: p.grad, tp_group))

@@ -56,11 +56,12 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
-def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    """Sums a few floats across ranks in one collective (float64, so sums of many tokens stay exact)."""
+def all_reduce_sum(values: list[float], device: torch.device, group=None) -> list[float]:
+    """Sums a few floats across the ranks of `group` (default: all) in one collective (float64, so
+    sums of many tokens stay exact)."""
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.all_reduce(t)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size(group) > 1:
+        torch.distributed.all_reduce(t, group=group)
     return t.tolist()
 
 

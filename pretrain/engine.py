@@ -38,7 +38,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_engine(model: torch.nn.Module, cfg, grad_accum: int, device: torch.device):
+def build_engine(model: torch.nn.Module, cfg, grad_accum: int, device: torch.device, mpu=None):
     import deepspeed
 
     t = cfg.train
@@ -47,6 +47,6 @@ def build_engine(model: torch.nn.Module, cfg, grad_accum: int, device: torch.dev
     # A callable, so the schedule is built on the optimizer DeepSpeed actually steps (its ZeRO wrapper).
     scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, make_lr_lambda(t))  # noqa: E731
     engine, _, _, lr_scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, grad_accum)
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, grad_accum), mpu=mpu
     )
     return engine, lr_scheduler

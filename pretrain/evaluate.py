@@ -17,8 +17,9 @@ from pretrain.distributed import all_reduce_sum
 
 @torch.no_grad()
 def evaluate_stream(loss_fn, stream: TokenStream, token_bytes: np.ndarray, batch_size: int, rank: int,
-                    world: int, device: torch.device, pad_id: int = 0) -> dict:
-    """loss_fn(tokens, labels, loss_mask) -> mean NLL over the masked tokens.
+                    world: int, device: torch.device, pad_id: int = 0, group=None) -> dict:
+    """loss_fn(tokens, labels, loss_mask) -> mean NLL over the masked tokens. rank and world are the
+    data-parallel coordinates; `group` the data-parallel group (model-parallel ranks hold copies).
 
     Every rank runs the same number of forward passes (padding with empty rows), which ZeRO-3's
     parameter gathering requires."""
@@ -35,7 +36,7 @@ def evaluate_stream(loss_fn, stream: TokenStream, token_bytes: np.ndarray, batch
             tokens += count
             targets = batch.labels[batch.loss_mask.bool()].numpy()
             nbytes += float(token_bytes[targets].sum())
-    nll, tokens, nbytes = all_reduce_sum([nll, tokens, nbytes], device)
+    nll, tokens, nbytes = all_reduce_sum([nll, tokens, nbytes], device, group)
     loss = nll / tokens
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
             "bits_per_byte": nll / (math.log(2) * nbytes) if nbytes else float("nan"),

@@ -22,8 +22,10 @@ from pretrain.config import Config, ConfigError, check_world, describe_keys, loa
 from pretrain.data import DataError, SampleStream, TokenStream, Tokenizer, build_train_dataset, micro_batch_start
 from pretrain.data.indexed import open_indexed
 from pretrain.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
-from pretrain.diagnostics import activation_stats, layer_grad_norms
+from pretrain.diagnostics import activation_stats, global_grad_norm, layer_grad_norms
 from pretrain.evaluate import evaluate_stream
+from pretrain.parallel import (DeepSpeedMPU, data_parallel_group, initialize_groups, layout_for,
+                               tensor_parallel_group)
 from pretrain.metrics import MetricsWriter, Progress, device_peak_tflops, format_duration, peak_memory_mb, say
 
 # Keys that describe one invocation rather than the run; not compared on resume.
@@ -92,6 +94,8 @@ def seed_everything(seed: int) -> None:
 
 def train(cfg: Config, tokenizer: Tokenizer, dist: DistInfo) -> None:
     from model import build_model
+    from model.parallel_rng import TP_RNG
+    from model.parallelize import apply_tensor_parallel
     from pretrain.engine import build_engine
 
     run_dir = Path(cfg.run.dir)
@@ -102,9 +106,15 @@ def train(cfg: Config, tokenizer: Tokenizer, dist: DistInfo) -> None:
     log = lambda msg: say(msg, dist.is_main, log_file)  # noqa: E731
     t, m = cfg.train, cfg.model
     grad_accum = check_world(cfg, dist.world_size)
-    dp = dist.world_size
+    layout = layout_for(cfg, dist.world_size)
+    dp = layout.dp
+    pp_rank, dp_rank, tp_rank = layout.coords(dist.rank)
+    if layout.tp > 1 or layout.pp > 1:
+        initialize_groups(layout)
+    dp_group = data_parallel_group(layout)
+    tp_group = tensor_parallel_group(layout)
 
-    seed_everything(cfg.run.seed)  # identical initial weights on every rank
+    seed_everything(cfg.run.seed)  # identical initial weights on every rank, whatever the layout
     model, backend_reason = build_model(m, cfg.kernels.backend, dist.device)
     log(f"[model] placement={m.placement} norm={m.norm} d={m.hidden_size} L={m.num_layers} heads={m.num_heads}"
         f"/{m.num_kv_heads} ffn={m.ffn_hidden_size} vocab={m.vocab_size}: {model.num_params():,} parameters "
@@ -112,6 +122,9 @@ def train(cfg: Config, tokenizer: Tokenizer, dist: DistInfo) -> None:
     kinds = model.junction_kinds()
     log(f"[kernels] norm backend {backend_reason}; sublayer junctions: "
         + ", ".join(f"{k} x{kinds.count(k)}" for k in dict.fromkeys(kinds)))
+    log(f"[parallel] world {dist.world_size} = pp {layout.pp} x dp {layout.dp} x tp {layout.tp} (tp fastest)"
+        + (", sequence parallel" if layout.sequence_parallel else "") + "\n" + layout.rank_map())
+    apply_tensor_parallel(model, layout.tp, tp_rank, layout.sequence_parallel)
     if cfg.zero.stage == 3:
         model.register_zero3_external_parameters()
     flops_per_token = model.flops_per_token()
@@ -120,13 +133,17 @@ def train(cfg: Config, tokenizer: Tokenizer, dist: DistInfo) -> None:
     resume_from = checkpointer.resolve(cfg.checkpoint.resume)
     if resume_from is None and cfg.checkpoint.init_from:
         load_initial_weights(model, Path(cfg.checkpoint.init_from), log)
-    engine, _ = build_engine(model, cfg, grad_accum, dist.device)
-    seed_everything(cfg.run.seed + 1 + dist.rank)  # per-rank streams (dropout), restored on resume
+    engine, _ = build_engine(model, cfg, grad_accum, dist.device, mpu=DeepSpeedMPU() if layout.tp > 1 else None)
+    # Dropout streams: alike across tp (replicated activations), distinct across dp and pp; a second
+    # stream, distinct across tp, for split data (model/parallel_rng.py). Restored on resume.
+    seed_everything(cfg.run.seed + 1 + dp_rank + 1009 * pp_rank)
+    if layout.tp > 1:
+        TP_RNG.seed(cfg.run.seed + 2718 + tp_rank + 1009 * pp_rank + 100003 * dp_rank)
 
     start_step, resumed = 0, False
     if resume_from is not None:
         saved = json.loads((resume_from / "meta.json").read_text())
-        check_resumable(saved, cfg, dist, log)
+        check_resumable(saved, cfg, layout, log)
         meta = checkpointer.load(engine, resume_from)
         start_step, resumed = meta["step"], True
         log(f"[checkpoint] resumed from {resume_from} at step {start_step} "
@@ -156,8 +173,8 @@ def train(cfg: Config, tokenizer: Tokenizer, dist: DistInfo) -> None:
 
     def validate(step: int) -> None:
         engine.eval()
-        result = evaluate_stream(loss_fn, valid, token_bytes, t.micro_batch_size, dist.rank, dist.world_size,
-                                 dist.device, tokenizer.pad)
+        result = evaluate_stream(loss_fn, valid, token_bytes, t.micro_batch_size, dp_rank, dp, dist.device,
+                                 tokenizer.pad, group=dp_group)
         engine.train()
         metrics.log({"step": step, "loss": result["loss"], "perplexity": result["perplexity"],
                      "bits_per_byte": result["bits_per_byte"], "tokens": result["tokens"]}, prefix="valid")
@@ -167,15 +184,17 @@ def train(cfg: Config, tokenizer: Tokenizer, dist: DistInfo) -> None:
     def save(step: int) -> None:
         checkpointer.save(engine, step, {
             "step": step, "consumed_samples": step * t.global_batch_size, "tokens": step * tokens_per_step,
-            "world_size": dist.world_size, "zero_stage": cfg.zero.stage, "config": cfg.to_dict(),
+            "world_size": dist.world_size, "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp},
+            "zero_stage": cfg.zero.stage, "config": cfg.to_dict(),
             "tokenizer_sha256": tokenizer.sha256, "time": time.strftime("%Y-%m-%dT%H:%M:%S")},
             extra_files={"tokenizer.model": tokenizer.path})
 
-    probe = valid.batch(list(range(t.micro_batch_size)), tokenizer.pad).tokens.to(dist.device)
+    probe = valid.batch(list(range(t.diagnostics_sequences)), tokenizer.pad).tokens.to(dist.device)
 
     def diagnose(step: int, grad_norms: list[float]) -> None:
         engine.eval()
-        stats = activation_stats(lambda tokens: engine(tokens), engine.module, probe)
+        stats = activation_stats(lambda tokens: engine(tokens), engine.module, probe, tp_group,
+                                 layout.sequence_parallel)
         engine.train()
         metrics.log({"step": step, "layer_var": stats["var"], "layer_rms": stats["rms"],
                      "layer_max_abs": stats["max_abs"], "layer_attn_entropy": stats["attn_entropy"],
@@ -184,6 +203,8 @@ def train(cfg: Config, tokenizer: Tokenizer, dist: DistInfo) -> None:
         log(f"[diag] step {step}: residual var by layer [{fmt(stats['var'])}] | max|x| [{fmt(stats['max_abs'])}] "
             f"| grad norm [{fmt(grad_norms)}] | attn entropy [{fmt(stats['attn_entropy'])}]")
 
+    # DeepSpeed reports no gradient norm for ZeRO-0 in fp32 (plain torch optimizer): compute it.
+    own_grad_norm, last_grad_norm = cfg.zero.stage == 0 and t.precision == "fp32", None
     engine.train()
     progress = Progress(start_step, t.max_steps, tokens_per_step)
     loss_acc, steps_acc = 0.0, 0
@@ -192,13 +213,16 @@ def train(cfg: Config, tokenizer: Tokenizer, dist: DistInfo) -> None:
         diagnose_now = bool(t.diagnostics_every) and (step + 1) % t.diagnostics_every == 0
         grad_norms = None
         for micro in range(grad_accum):
-            start = micro_batch_start(step, micro, dist.rank, t.global_batch_size, t.micro_batch_size, dp)
+            start = micro_batch_start(step, micro, dp_rank, t.global_batch_size, t.micro_batch_size, dp)
             batch = stream.batch(start, t.micro_batch_size)
             loss = engine(batch.tokens.to(dist.device), batch.labels.to(dist.device),
                           batch.loss_mask.to(dist.device))
             engine.backward(loss)
-            if diagnose_now and micro == grad_accum - 1:
-                grad_norms = layer_grad_norms(engine.module)  # reduced, before clipping and the update
+            if micro == grad_accum - 1:  # gradients are reduced; clipping and the update come in step()
+                if diagnose_now:
+                    grad_norms = layer_grad_norms(engine.module, tp_group)
+                if own_grad_norm:
+                    last_grad_norm = global_grad_norm(engine.module, tp_group)
             engine.step()
             loss_acc = loss_acc + loss.detach().float() / grad_accum  # a tensor: no device sync per micro-step
         steps_acc += 1
@@ -210,7 +234,7 @@ def train(cfg: Config, tokenizer: Tokenizer, dist: DistInfo) -> None:
             total, count = all_reduce_sum([float(loss_acc), float(steps_acc)], dist.device)
             mean_loss = total / (count or 1)
             timing = progress.interval(step)
-            grad_norm = engine.get_global_grad_norm()
+            grad_norm = last_grad_norm if own_grad_norm else engine.get_global_grad_norm()
             lr = engine.get_lr()[0]
             tps = timing["tokens_per_s"]
             record = {"step": step, "tokens": step * tokens_per_step, "loss": mean_loss, "lr": lr,
@@ -262,7 +286,7 @@ def load_initial_weights(model: torch.nn.Module, path: Path, log) -> None:
     log(f"[checkpoint] initialised the model from {path} (weights only; optimizer and step start fresh)")
 
 
-def check_resumable(saved: dict, cfg: Config, dist: DistInfo, log) -> None:
+def check_resumable(saved: dict, cfg: Config, layout, log) -> None:
     current = cfg.to_dict()
     for section, key in PER_INVOCATION:
         saved["config"].get(section, {}).pop(key, None)
@@ -272,11 +296,13 @@ def check_resumable(saved: dict, cfg: Config, dist: DistInfo, log) -> None:
         raise CheckpointError("the checkpoint's model differs from the config: " + "; ".join(shape))
     for line in other:
         log(f"[checkpoint] setting changed since the checkpoint: {line}")
-    if saved["zero_stage"] > 0 and saved["world_size"] != dist.world_size:
+    was = saved.get("layout", {"tp": 1, "pp": 1, "dp": saved["world_size"]})
+    now = {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp}
+    if (was["tp"], was["pp"]) != (now["tp"], now["pp"]) or (saved["zero_stage"] > 0 and was["dp"] != now["dp"]):
         raise CheckpointError(
-            f"the checkpoint was written by {saved['world_size']} data-parallel ranks under ZeRO-"
-            f"{saved['zero_stage']} and this run has {dist.world_size}: ZeRO partitions cannot be loaded on "
-            f"another world size yet (resharding is not implemented); resume with {saved['world_size']} ranks")
+            f"the checkpoint was written with tp {was['tp']} x pp {was['pp']} x dp {was['dp']} under ZeRO-"
+            f"{saved['zero_stage']} and this run is tp {now['tp']} x pp {now['pp']} x dp {now['dp']}: resuming on "
+            "another layout (resharding) is not implemented yet; resume with the same layout")
 
 
 if __name__ == "__main__":

@@ -48,7 +48,9 @@ def test_misspelt_key_in_yaml_file(tmp_path):
     ("model.qk_norm=maybe", r"model\.qk_norm: expected true or false"),
     ("model.num_heads=5", r"model\.hidden_size: 64 is not divisible by model\.num_heads=5; head counts that divide it: 1, 2, 4, 8"),
     ("model.depth_scale=inv_sqrt_layer", None),  # valid with peri
-    ("parallel.tp=2", r"parallel: tp=2.*not implemented"),
+    ("parallel.tp=3", r"parallel\.tp: 3 does not divide model\.num_heads=4; tensor-parallel sizes that would: 1, 2, 4"),
+    ("parallel.pp=3", r"parallel\.pp: 3 stages for model\.num_layers=2; at most one stage per layer: allowed 1\.\.2"),
+    ("parallel.sequence_parallel=true", r"sequence_parallel: true needs parallel\.tp > 1"),
     ("kernels.backend=cuda", r"kernels\.backend: 'cuda' is not allowed"),
 ])
 def test_bad_values_name_field_value_and_allowed(assignment, message):

@@ -41,7 +41,7 @@ def test_activation_stats_equal_a_direct_computation(placement):
     tokens = torch.randint(0, 50, (2, 8))
     stats = activation_stats(model, model, tokens)
     with torch.no_grad():  # the residual stream, block by block, by hand
-        xs = [model.embed_norm(model.embed(tokens))]
+        xs = [model.embed_norm(model.embed(tokens.t()))]  # sequence-first, as inside the model
         x, h = xs[0], None
         for block in model.blocks:
             x, h = block(x, h)
@@ -49,8 +49,9 @@ def test_activation_stats_equal_a_direct_computation(placement):
         direct_entropy = []
         for block, x_in in zip(model.blocks, xs[:-1]):
             hin = block.attn.in_norm(x_in)
-            q, k, _ = block.attn.fn.split_qkv(hin)
-            att = torch.softmax((q.transpose(1, 2) @ k.transpose(1, 2).transpose(-1, -2)) / math.sqrt(q.shape[-1])
+            q, k, _ = block.attn.fn.split_qkv(hin)  # (T, B, H, hd)
+            q, k = q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3)  # (B, H, T, hd)
+            att = torch.softmax((q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
                                 + torch.full((8, 8), float("-inf")).triu(1), dim=-1)
             direct_entropy.append(float(-(att * att.clamp_min(1e-30).log()).sum(-1).mean()))
     assert stats["var"] == pytest.approx([float(x.var()) for x in xs], rel=1e-5)

@@ -46,7 +46,7 @@ def reference_forward(model, tokens, placement, cfg):
     """DESIGN.md §4, one line per placement; F = the model's attention / MLP modules."""
     N = lambda mod, x: ref_norm(mod, x, cfg.norm, cfg.norm_eps)  # noqa: E731
     L = cfg.num_layers
-    x = model.embed(tokens)
+    x = model.embed(tokens.t())  # the model's sublayers work sequence-first, (T, B, d)
     if cfg.embedding_norm:
         x = N(model.embed_norm, x)
     for l, block in enumerate(model.blocks, start=1):
@@ -73,7 +73,7 @@ def reference_forward(model, tokens, placement, cfg):
                 raise AssertionError(f"no reference for placement {placement}: add one")
     if placement in ("pre", "peri", "lns", "mix", "reordered"):
         x = N(model.final_norm, x)
-    return model.head(x)
+    return model.head(x).transpose(0, 1)
 
 
 @pytest.mark.parametrize("norm", ["rmsnorm", "layernorm"])
