@@ -42,10 +42,12 @@ class Block(nn.Module):
         last block, or None at a boundary (the next block then normalises its own input)."""
         from model.junction import Junction
 
+        sequence_parallel = getattr(self.mlp_exit, "sequence_parallel", False)  # keep it when re-wiring
         self.attn_exit = Junction(self.attn.out_norm, self.attn.post_norm, self.attn.alpha, self.mlp.in_norm,
                                   self.attn.dropout)
         self.mlp_exit = Junction(self.mlp.out_norm, self.mlp.post_norm, self.mlp.alpha, next_in_norm,
                                  self.mlp.dropout)
+        self.attn_exit.sequence_parallel = self.mlp_exit.sequence_parallel = sequence_parallel
 
     def forward(self, x: torch.Tensor, h: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x: residual stream entering the block; h: its normed attention input when the previous

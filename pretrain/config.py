@@ -127,6 +127,8 @@ class ParallelConfig:
     tp: int = _f(1, "tensor-parallel size (data parallelism fills the rest of the world)", min=1)
     pp: int = _f(1, "pipeline-parallel size", min=1)
     sequence_parallel: bool = _f(False, "with tp > 1: norms and dropout on sequence shards (Megatron SP)")
+    pp_partition: Literal["parameters", "layers"] = _f(
+        "parameters", "how layers are divided between pipeline stages: balance parameters or transformer blocks")
 
 
 @dataclass

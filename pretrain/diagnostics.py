@@ -54,7 +54,7 @@ def attention_entropy(q: torch.Tensor, k: torch.Tensor) -> float:
 
 
 @contextmanager
-def _recording(model, tp_group=None, sequence_parallel: bool = False):
+def _recording(blocks, tp_group=None, sequence_parallel: bool = False):
     """Hooks that record the residual stream after every block and each layer's attention entropy."""
     per_layer: dict[int, dict[str, float]] = {}
     handles = []
@@ -78,8 +78,9 @@ def _recording(model, tp_group=None, sequence_parallel: bool = False):
             per_layer.setdefault(block.layer, {})["attn_entropy"] = ent / count
         return hook
 
-    blocks = list(model.blocks)
-    handles.append(blocks[0].register_forward_pre_hook(embed_hook, with_kwargs=True))
+    blocks = list(blocks)
+    if blocks and blocks[0].layer == 1:  # this rank holds the first block: its input is the embedding
+        handles.append(blocks[0].register_forward_pre_hook(embed_hook, with_kwargs=True))
     for block in blocks:
         handles.append(block.register_forward_hook(block_hook(block)))
         handles.append(block.attn.fn.register_forward_pre_hook(attn_hook(block)))
@@ -90,14 +91,29 @@ def _recording(model, tp_group=None, sequence_parallel: bool = False):
             h.remove()
 
 
+def _merge_stages(per_layer: dict, pp_group) -> dict:
+    """Pipeline stages each hold some layers; every rank gets them all."""
+    if pp_group is None:
+        return per_layer
+    parts = [None] * torch.distributed.get_world_size(pp_group)
+    torch.distributed.all_gather_object(parts, per_layer, group=pp_group)
+    merged = {}
+    for part in parts:
+        for layer, stats in part.items():
+            merged.setdefault(layer, {}).update(stats)
+    return merged
+
+
 @torch.no_grad()
-def activation_stats(forward, model, tokens: torch.Tensor, tp_group=None,
-                     sequence_parallel: bool = False) -> dict[str, list[float]]:
-    """Runs forward(tokens) once with recording hooks on `model` (the plain module, also when
-    `forward` is a DeepSpeed engine) and returns per-layer lists. With tensor parallelism, pass the
-    tp group: statistics cover all heads (and all sequence shards)."""
-    with _recording(model, tp_group, sequence_parallel) as per_layer:
+def activation_stats(forward, blocks, tokens: torch.Tensor, tp_group=None, sequence_parallel: bool = False,
+                     pp_group=None) -> dict[str, list[float]]:
+    """Runs forward(tokens) once with recording hooks on `blocks` (this rank's transformer blocks,
+    also when `forward` is a DeepSpeed engine) and returns per-layer lists. With tensor parallelism,
+    pass the tp group (statistics cover all heads and sequence shards); with pipeline parallelism,
+    the pipeline group (every stage's layers are collected)."""
+    with _recording(blocks, tp_group, sequence_parallel) as per_layer:
         forward(tokens)
+    per_layer = _merge_stages(per_layer, pp_group)
     layers = sorted(per_layer)
     out = {key: [per_layer[l][key] for l in layers] for key in ("var", "rms", "max_abs")}
     out["attn_entropy"] = [per_layer[l]["attn_entropy"] for l in layers if l > 0]
@@ -121,14 +137,20 @@ def _grad_sq(params, get_grad, tp_group) -> float:
     return sharded + replicated
 
 
-def layer_grad_norms(model, tp_group=None) -> list[float]:
+def layer_grad_norms(blocks, tp_group=None, pp_group=None) -> list[float]:
     """Per-block gradient norms of the current (all-reduced, unclipped) gradients. A collective
     under ZeRO: every rank must call it, between backward() and step() of a boundary micro-step."""
     from deepspeed.utils import safe_get_full_grad
 
-    return [math.sqrt(_grad_sq(block.parameters(), safe_get_full_grad, tp_group)) for block in model.blocks]
+    local = {b.layer: {"g": math.sqrt(_grad_sq(b.parameters(), safe_get_full_grad, tp_group))} for b in blocks}
+    merged = _merge_stages(local, pp_group)
+    return [merged[layer]["g"] for layer in sorted(merged)]
 
 
-def global_grad_norm(model, tp_group=None) -> float:
-    """The whole model's gradient norm (for ZeRO-0 in fp32, where DeepSpeed does not report one)."""
-    return math.sqrt(_grad_sq(model.parameters(), lambda p: p.grad, tp_group))
+def global_grad_norm(model, tp_group=None, pp_group=None) -> float:
+    """The whole model's gradient norm (for ZeRO-0 in fp32, where DeepSpeed does not report one).
+    Parameters that a later pipeline stage holds a tied copy of are counted once."""
+    params = [p for p in model.parameters() if not getattr(p, "ds_pipe_replicated", False)]
+    sq = _grad_sq(params, lambda p: p.grad, tp_group)
+    (sq,) = _sum_over([sq], pp_group)
+    return math.sqrt(sq)

@@ -70,6 +70,15 @@ def tensor_parallel_group(layout: Layout):
     return parallel_state.get_tensor_model_parallel_group()
 
 
+def pipeline_parallel_group(layout: Layout):
+    """The group of this rank's pipeline stages (None without pipeline parallelism)."""
+    if layout.pp == 1:
+        return None
+    from megatron.core import parallel_state
+
+    return parallel_state.get_pipeline_model_parallel_group()
+
+
 def destroy_groups() -> None:
     from megatron.core import parallel_state
 

@@ -19,13 +19,13 @@ import torch
 
 from pretrain.checkpoint import Checkpointer, CheckpointError, compare_configs
 from pretrain.config import Config, ConfigError, check_world, describe_keys, load_config, parse_blend, resolve
-from pretrain.data import DataError, SampleStream, TokenStream, Tokenizer, build_train_dataset, micro_batch_start
+from pretrain.data import DataError, SampleStream, TokenStream, Tokenizer, build_train_dataset
 from pretrain.data.indexed import open_indexed
 from pretrain.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
-from pretrain.diagnostics import activation_stats, global_grad_norm, layer_grad_norms
 from pretrain.evaluate import evaluate_stream
 from pretrain.parallel import (DeepSpeedMPU, data_parallel_group, initialize_groups, layout_for,
-                               tensor_parallel_group)
+                               pipeline_parallel_group, tensor_parallel_group)
+from pretrain.runner import EngineRunner, PipelineRunner
 from pretrain.metrics import MetricsWriter, Progress, device_peak_tflops, format_duration, peak_memory_mb, say
 
 # Keys that describe one invocation rather than the run; not compared on resume.
@@ -107,14 +107,15 @@ def train(cfg: Config, tokenizer: Tokenizer, dist: DistInfo) -> None:
     t, m = cfg.train, cfg.model
     grad_accum = check_world(cfg, dist.world_size)
     layout = layout_for(cfg, dist.world_size)
-    dp = layout.dp
     pp_rank, dp_rank, tp_rank = layout.coords(dist.rank)
     if layout.tp > 1 or layout.pp > 1:
         initialize_groups(layout)
-    dp_group = data_parallel_group(layout)
-    tp_group = tensor_parallel_group(layout)
+    groups = {"dp": data_parallel_group(layout), "tp": tensor_parallel_group(layout),
+              "pp": pipeline_parallel_group(layout)}
 
-    seed_everything(cfg.run.seed)  # identical initial weights on every rank, whatever the layout
+    # Every rank builds the same plain model from the same seed, whatever the layout; parallelism is
+    # applied to it afterwards (model/parallelize.py, model/pipeline.py).
+    seed_everything(cfg.run.seed)
     model, backend_reason = build_model(m, cfg.kernels.backend, dist.device)
     log(f"[model] placement={m.placement} norm={m.norm} d={m.hidden_size} L={m.num_layers} heads={m.num_heads}"
         f"/{m.num_kv_heads} ffn={m.ffn_hidden_size} vocab={m.vocab_size}: {model.num_params():,} parameters "
@@ -124,16 +125,25 @@ def train(cfg: Config, tokenizer: Tokenizer, dist: DistInfo) -> None:
         + ", ".join(f"{k} x{kinds.count(k)}" for k in dict.fromkeys(kinds)))
     log(f"[parallel] world {dist.world_size} = pp {layout.pp} x dp {layout.dp} x tp {layout.tp} (tp fastest)"
         + (", sequence parallel" if layout.sequence_parallel else "") + "\n" + layout.rank_map())
-    apply_tensor_parallel(model, layout.tp, tp_rank, layout.sequence_parallel)
-    if cfg.zero.stage == 3:
-        model.register_zero3_external_parameters()
     flops_per_token = model.flops_per_token()
     checkpointer = Checkpointer(run_dir / "checkpoints", dist.rank, cfg.checkpoint.keep_last,
                                 cfg.checkpoint.verify, log)
     resume_from = checkpointer.resolve(cfg.checkpoint.resume)
     if resume_from is None and cfg.checkpoint.init_from:
         load_initial_weights(model, Path(cfg.checkpoint.init_from), log)
-    engine, _ = build_engine(model, cfg, grad_accum, dist.device, mpu=DeepSpeedMPU() if layout.tp > 1 else None)
+    apply_tensor_parallel(model, layout.tp, tp_rank, layout.sequence_parallel)
+    if layout.pp > 1:
+        from model.pipeline import build_pipeline
+
+        module = build_pipeline(model, layout, cfg.parallel.pp_partition)
+        log(f"[parallel] pipeline stages (first layer of each; embedding=0, blocks 1..{m.num_layers}, final norm, "
+            f"head): {[int(p) for p in module.parts]}")
+    else:
+        module = model
+        if cfg.zero.stage == 3:
+            model.register_zero3_external_parameters()
+    engine, _ = build_engine(module, cfg, grad_accum, dist.device,
+                             mpu=DeepSpeedMPU() if layout.tp > 1 and layout.pp == 1 else None)
     # Dropout streams: alike across tp (replicated activations), distinct across dp and pp; a second
     # stream, distinct across tp, for split data (model/parallel_rng.py). Restored on resume.
     seed_everything(cfg.run.seed + 1 + dp_rank + 1009 * pp_rank)
@@ -162,19 +172,17 @@ def train(cfg: Config, tokenizer: Tokenizer, dist: DistInfo) -> None:
     token_bytes = tokenizer.token_bytes()
     tokens_per_step = t.global_batch_size * m.seq_len
     peak = device_peak_tflops(dist.device, t.peak_tflops)
-    log(f"[run] {run_dir}: world {dist.world_size} ({dist.backend}) = dp {dp} x tp {cfg.parallel.tp} x pp "
-        f"{cfg.parallel.pp}; ZeRO-{cfg.zero.stage}, {t.precision}; batch {t.global_batch_size} = micro "
-        f"{t.micro_batch_size} x dp {dp} x accumulation {grad_accum}; {tokens_per_step:,} tokens/step; "
-        f"steps {start_step}->{t.max_steps} ({(t.max_steps - start_step) * tokens_per_step:,} tokens); "
-        f"train epoch = {stream.epoch_size:,} samples")
-
-    def loss_fn(tokens, labels, mask):
-        return engine(tokens, labels, mask)
+    runner = (PipelineRunner if layout.pp > 1 else EngineRunner)(engine, stream, cfg, layout, dp_rank, grad_accum,
+                                                                 dist.device, groups)
+    log(f"[run] {run_dir}: world {dist.world_size} ({dist.backend}); ZeRO-{cfg.zero.stage}, {t.precision}; "
+        f"batch {t.global_batch_size} = micro {t.micro_batch_size} x dp {layout.dp} x accumulation {grad_accum}; "
+        f"{tokens_per_step:,} tokens/step; steps {start_step}->{t.max_steps} "
+        f"({(t.max_steps - start_step) * tokens_per_step:,} tokens); train epoch = {stream.epoch_size:,} samples")
 
     def validate(step: int) -> None:
         engine.eval()
-        result = evaluate_stream(loss_fn, valid, token_bytes, t.micro_batch_size, dp_rank, dp, dist.device,
-                                 tokenizer.pad, group=dp_group)
+        result = evaluate_stream(runner.eval_loss, valid, token_bytes, t.micro_batch_size, dp_rank, layout.dp,
+                                 dist.device, tokenizer.pad, group=groups["dp"])
         engine.train()
         metrics.log({"step": step, "loss": result["loss"], "perplexity": result["perplexity"],
                      "bits_per_byte": result["bits_per_byte"], "tokens": result["tokens"]}, prefix="valid")
@@ -193,8 +201,7 @@ def train(cfg: Config, tokenizer: Tokenizer, dist: DistInfo) -> None:
 
     def diagnose(step: int, grad_norms: list[float]) -> None:
         engine.eval()
-        stats = activation_stats(lambda tokens: engine(tokens), engine.module, probe, tp_group,
-                                 layout.sequence_parallel)
+        stats = runner.probe(probe)
         engine.train()
         metrics.log({"step": step, "layer_var": stats["var"], "layer_rms": stats["rms"],
                      "layer_max_abs": stats["max_abs"], "layer_attn_entropy": stats["attn_entropy"],
@@ -203,40 +210,26 @@ def train(cfg: Config, tokenizer: Tokenizer, dist: DistInfo) -> None:
         log(f"[diag] step {step}: residual var by layer [{fmt(stats['var'])}] | max|x| [{fmt(stats['max_abs'])}] "
             f"| grad norm [{fmt(grad_norms)}] | attn entropy [{fmt(stats['attn_entropy'])}]")
 
-    # DeepSpeed reports no gradient norm for ZeRO-0 in fp32 (plain torch optimizer): compute it.
-    own_grad_norm, last_grad_norm = cfg.zero.stage == 0 and t.precision == "fp32", None
     engine.train()
     progress = Progress(start_step, t.max_steps, tokens_per_step)
     loss_acc, steps_acc = 0.0, 0
     step = start_step
     while step < t.max_steps:
         diagnose_now = bool(t.diagnostics_every) and (step + 1) % t.diagnostics_every == 0
-        grad_norms = None
-        for micro in range(grad_accum):
-            start = micro_batch_start(step, micro, dp_rank, t.global_batch_size, t.micro_batch_size, dp)
-            batch = stream.batch(start, t.micro_batch_size)
-            loss = engine(batch.tokens.to(dist.device), batch.labels.to(dist.device),
-                          batch.loss_mask.to(dist.device))
-            engine.backward(loss)
-            if micro == grad_accum - 1:  # gradients are reduced; clipping and the update come in step()
-                if diagnose_now:
-                    grad_norms = layer_grad_norms(engine.module, tp_group)
-                if own_grad_norm:
-                    last_grad_norm = global_grad_norm(engine.module, tp_group)
-            engine.step()
-            loss_acc = loss_acc + loss.detach().float() / grad_accum  # a tensor: no device sync per micro-step
+        result = runner.train_step(step, diagnose_now)
+        loss_acc = loss_acc + result.loss
         steps_acc += 1
         step += 1
-        if grad_norms is not None:
+        if result.layer_grad_norms is not None:
             with progress.excluded():
-                diagnose(step, grad_norms)
+                diagnose(step, result.layer_grad_norms)
         if step % t.log_every == 0 or step == t.max_steps:
-            total, count = all_reduce_sum([float(loss_acc), float(steps_acc)], dist.device)
+            total, count = all_reduce_sum([float(loss_acc), float(steps_acc)], dist.device, groups["dp"])
             mean_loss = total / (count or 1)
             timing = progress.interval(step)
-            grad_norm = last_grad_norm if own_grad_norm else engine.get_global_grad_norm()
             lr = engine.get_lr()[0]
             tps = timing["tokens_per_s"]
+            grad_norm = result.grad_norm
             record = {"step": step, "tokens": step * tokens_per_step, "loss": mean_loss, "lr": lr,
                       "grad_norm": float(grad_norm) if grad_norm is not None else None,
                       "tokens_per_s": tps, "step_time": timing["step_time"],
@@ -244,7 +237,7 @@ def train(cfg: Config, tokenizer: Tokenizer, dist: DistInfo) -> None:
                       "mem_mb": peak_memory_mb(dist.device)}
             metrics.log(record)
             log(f"[train] step {step}/{t.max_steps} ({100 * step / t.max_steps:.0f}%) | loss {mean_loss:.4f} | "
-                f"lr {lr:.2e} | grad {record['grad_norm'] or 0:.3f} | {tps:,.0f} tok/s | "
+                f"lr {lr:.2e} | grad {'n/a' if grad_norm is None else f'{float(grad_norm):.3f}'} | {tps:,.0f} tok/s | "
                 f"{timing['step_time']:.2f} s/step | ETA {format_duration(timing['eta_s'])}")
             loss_acc, steps_acc = 0.0, 0
         if (t.eval_every and step % t.eval_every == 0) or step == t.max_steps:

@@ -39,7 +39,7 @@ def tiny_model(placement="pre"):
 def test_activation_stats_equal_a_direct_computation(placement):
     model = tiny_model(placement).eval()
     tokens = torch.randint(0, 50, (2, 8))
-    stats = activation_stats(model, model, tokens)
+    stats = activation_stats(model, model.blocks, tokens)
     with torch.no_grad():  # the residual stream, block by block, by hand
         xs = [model.embed_norm(model.embed(tokens.t()))]  # sequence-first, as inside the model
         x, h = xs[0], None
@@ -65,7 +65,7 @@ def test_layer_grad_norms_equal_a_direct_computation():
     tokens = torch.randint(0, 50, (2, 8))
     model(tokens, tokens).backward()
     expected = [torch.cat([p.grad.flatten() for p in b.parameters()]).norm().item() for b in model.blocks]
-    assert layer_grad_norms(model) == pytest.approx(expected, rel=1e-6)
+    assert layer_grad_norms(model.blocks) == pytest.approx(expected, rel=1e-6)
 
 
 @pytest.mark.distributed

@@ -1,0 +1,112 @@
+"""Pipeline parallelism: the GPT as a DeepSpeed PipelineModule (1F1B schedule).
+
+The plain (and, with tp > 1, already tensor-parallel) GPT is cut into a flat list of stages'
+layers:
+
+    EmbeddingStage  (tied with the output layer when embeddings are tied: TiedLayerSpec, so the
+                     first and last pipeline stages share it and DeepSpeed sums its gradient)
+    BlockStage x L  (each keeps its GLOBAL 1-based layer index: LNS and Mix-LN depend on it)
+    FinalNormStage
+    the output layer (the tied embedding's head, or HeadStage)
+
+Inside a stage, blocks pass (x, h) = (residual stream, next normed input) so the fused junctions
+work as in the plain model; at a stage boundary only x is sent and the next stage's first block
+normalises its own input (`connect_stage_boundaries`).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class EmbeddingStage(nn.Module):
+    def __init__(self, gpt):
+        super().__init__()
+        self.embed, self.embed_norm, self.head = gpt.embed, gpt.embed_norm, gpt.head
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.embed_norm(self.embed(tokens.t()))  # sequence-first, as in the plain model
+
+
+class BlockStage(nn.Module):
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+        self.stage_end = False  # set for the last block of a stage that is not the last stage
+
+    def forward(self, inputs):
+        x, h = inputs if isinstance(inputs, tuple) else (inputs, None)
+        x, h = self.block(x, h)
+        return x if self.stage_end else (x, h)
+
+
+class FinalNormStage(nn.Module):
+    def __init__(self, gpt):
+        super().__init__()
+        self.final_norm = gpt.final_norm
+
+    def forward(self, inputs):
+        # From a block on this stage h is already the final norm of x (the junction computed it).
+        return inputs[1] if isinstance(inputs, tuple) else self.final_norm(inputs)
+
+
+class HeadStage(nn.Module):
+    def __init__(self, gpt):
+        super().__init__()
+        self.head = gpt.head
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.head(h)
+
+
+def tied_head_forward(stage: EmbeddingStage, h: torch.Tensor) -> torch.Tensor:
+    return stage.head(h)
+
+
+def pipeline_loss(vocab_parallel: bool):
+    from model.gpt import masked_mean, token_losses
+    from model.tensor_parallel import vocab_parallel_token_losses
+
+    losses = vocab_parallel_token_losses if vocab_parallel else token_losses
+
+    def loss_fn(logits: torch.Tensor, targets: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        labels, mask = targets
+        return masked_mean(losses(logits, labels.t()), mask.t())
+
+    return loss_fn
+
+
+def build_pipeline(gpt, layout, partition: str):
+    """The PipelineModule of this rank's stage; `gpt` is the full plain (or tensor-parallel) model."""
+    from deepspeed.pipe import PipelineModule, TiedLayerSpec
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    if gpt.cfg.tie_embeddings:
+        first = TiedLayerSpec("embed", EmbeddingStage, gpt, tied_weight_attr="embed.weight")
+        last = TiedLayerSpec("embed", EmbeddingStage, gpt, forward_fn=tied_head_forward,
+                             tied_weight_attr="embed.weight")
+    else:
+        first, last = EmbeddingStage(gpt), HeadStage(gpt)
+    layers = [first] + [BlockStage(b) for b in gpt.blocks] + [FinalNormStage(gpt), last]
+    topology = PipeModelDataParallelTopology(num_pp=layout.pp, num_mp=layout.tp, num_dp=layout.dp)
+    method = {"parameters": "parameters", "layers": "type:BlockStage"}[partition]
+    pipe = PipelineModule(layers=layers, topology=topology, loss_fn=pipeline_loss(gpt.vocab_parallel),
+                          partition_method=method)
+    connect_stage_boundaries(pipe)
+    return pipe
+
+
+def connect_stage_boundaries(pipe) -> None:
+    """A block whose successor lives on another stage hands over x alone: its junction stops at the
+    residual add (no norm from another rank's parameters)."""
+    local = pipe.forward_funcs
+    for i, layer in enumerate(local):
+        if isinstance(layer, BlockStage):
+            nxt = local[i + 1] if i + 1 < len(local) else None
+            if not isinstance(nxt, (BlockStage, FinalNormStage)):
+                layer.block.connect(None)
+                layer.stage_end = True
+
+
+def local_blocks(pipe) -> list:
+    return [layer.block for layer in pipe.forward_funcs if isinstance(layer, BlockStage)]

@@ -1,0 +1,110 @@
+"""How one optimizer step, one evaluation batch and one diagnostics probe run, for the two kinds of
+DeepSpeed engine: the plain engine (data and tensor parallelism, ZeRO 0-3: forward/backward/step
+per micro-batch) and the pipeline engine (train_batch / eval_batch over the 1F1B schedule). The
+training loop in pretrain/train.py talks to either through the same four methods.
+"""
+from __future__ import annotations
+
+import torch
+
+from pretrain.data import micro_batch_start
+from pretrain.diagnostics import activation_stats, global_grad_norm, layer_grad_norms
+
+
+class StepResult:
+    def __init__(self, loss: torch.Tensor, grad_norm: float | None, layer_grad_norms: list[float] | None):
+        self.loss, self.grad_norm, self.layer_grad_norms = loss, grad_norm, layer_grad_norms
+
+
+class _Runner:
+    def __init__(self, engine, stream, cfg, layout, dp_rank: int, grad_accum: int, device, groups: dict):
+        self.engine, self.stream, self.cfg, self.layout = engine, stream, cfg, layout
+        self.dp_rank, self.grad_accum, self.device = dp_rank, grad_accum, device
+        self.tp_group, self.pp_group = groups.get("tp"), groups.get("pp")
+        t = cfg.train
+        # DeepSpeed reports no gradient norm for ZeRO-0 in fp32 (a plain torch optimizer): ours.
+        self.own_grad_norm = cfg.zero.stage == 0 and t.precision == "fp32"
+
+    def micro_batch(self, step: int, micro: int):
+        t = self.cfg.train
+        start = micro_batch_start(step, micro, self.dp_rank, t.global_batch_size, t.micro_batch_size, self.layout.dp)
+        b = self.stream.batch(start, t.micro_batch_size)
+        return b.tokens.to(self.device), b.labels.to(self.device), b.loss_mask.to(self.device)
+
+    def grad_norm(self) -> float | None:
+        return None if self.own_grad_norm else self.engine.get_global_grad_norm()
+
+
+class EngineRunner(_Runner):
+    """Data and tensor parallelism: the engine wraps the whole model."""
+
+    def blocks(self):
+        return list(self.engine.module.blocks)
+
+    def train_step(self, step: int, diagnose: bool) -> StepResult:
+        loss_sum, norm, layer_norms = 0.0, None, None
+        for micro in range(self.grad_accum):
+            tokens, labels, mask = self.micro_batch(step, micro)
+            loss = self.engine(tokens, labels, mask)
+            self.engine.backward(loss)
+            if micro == self.grad_accum - 1:  # gradients are reduced; clipping and the update come in step()
+                if diagnose:
+                    layer_norms = layer_grad_norms(self.blocks(), self.tp_group)
+                if self.own_grad_norm:
+                    norm = global_grad_norm(self.engine.module, self.tp_group)
+            self.engine.step()
+            loss_sum = loss_sum + loss.detach().float() / self.grad_accum  # a tensor: no sync per micro-step
+        return StepResult(loss_sum, norm if self.own_grad_norm else self.grad_norm(), layer_norms)
+
+    def eval_loss(self, tokens, labels, mask) -> torch.Tensor:
+        return self.engine(tokens, labels, mask)
+
+    def probe(self, tokens) -> dict:
+        return activation_stats(lambda x: self.engine(x), self.blocks(), tokens, self.tp_group,
+                                self.layout.sequence_parallel)
+
+
+class PipelineRunner(_Runner):
+    """Pipeline parallelism: DeepSpeed's PipelineEngine runs the micro-batches of a step (1F1B)."""
+
+    def blocks(self):
+        from model.pipeline import local_blocks
+
+        return local_blocks(self.engine.module)
+
+    def train_step(self, step: int, diagnose: bool) -> StepResult:
+        batches = iter([(tokens, (labels, mask)) for tokens, labels, mask in
+                        (self.micro_batch(step, m) for m in range(self.grad_accum))])
+        layer_norms, norm = None, None
+        if diagnose or self.own_grad_norm:
+            # The pipeline engine steps inside train_batch: read the gradients just before.
+            original_step = self.engine._take_model_step
+
+            def take_step(*args, **kwargs):
+                nonlocal layer_norms, norm
+                if diagnose:
+                    layer_norms = layer_grad_norms(self.blocks(), self.tp_group, self.pp_group)
+                if self.own_grad_norm:
+                    norm = global_grad_norm(self.engine.module, self.tp_group, self.pp_group)
+                return original_step(*args, **kwargs)
+
+            self.engine._take_model_step = take_step
+        try:
+            loss = self.engine.train_batch(data_iter=batches)
+        finally:
+            self.engine.__dict__.pop("_take_model_step", None)
+        return StepResult(loss.detach().float(), norm if self.own_grad_norm else self.grad_norm(), layer_norms)
+
+    def eval_loss(self, tokens, labels, mask) -> torch.Tensor:
+        out = self.engine.eval_batch(iter([(tokens, (labels, mask))]), num_micro_batches=1, bcast_loss=True)
+        return out
+
+    def probe(self, tokens) -> dict:
+        def forward(x):
+            self.engine.reset_activation_shape()  # the probe batch need not have the training shape
+            no_labels = torch.zeros_like(x)  # a fully masked loss (DeepSpeed's eval needs one)
+            self.engine.eval_batch(iter([(x, (no_labels, no_labels.float()))]), num_micro_batches=1)
+            self.engine.reset_activation_shape()
+
+        return activation_stats(forward, self.blocks(), tokens, self.tp_group, self.layout.sequence_parallel,
+                                self.pp_group)
