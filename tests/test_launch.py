@@ -41,7 +41,7 @@ def test_local_sh_runs_python_args_as_n_processes(bundled_dir, tmp_path):
          "--set", "train.warmup_steps=2", "--set", "checkpoint.every=0"],
         cwd=tmp_path, env=_venv_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "world 2 (gloo) = dp 2" in proc.stdout
+    assert "world 2 = pp 1 x dp 2 x tp 1" in proc.stdout
     assert (run_dir / "checkpoints" / "step_000006" / "manifest.json").is_file()
 
 

@@ -47,7 +47,7 @@ def test_two_process_training_lowers_the_loss(uninterrupted):
     assert curve[1] == pytest.approx(math.log(2048), abs=0.15)  # uniform over the 2,048-token vocabulary
     assert np.mean([curve[s] for s in (18, 19, 20)]) < curve[1] - 1.0
     log = (uninterrupted / "train.log").read_text()
-    assert "world 2 (gloo) = dp 2" in log and "ZeRO-1" in log
+    assert "world 2 = pp 1 x dp 2 x tp 1" in log and "world 2 (gloo); ZeRO-1" in log
     assert (uninterrupted / "config.yaml").is_file() and list((uninterrupted / "tb").iterdir())
     ckpts = uninterrupted / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == "step_000020"
