@@ -15,6 +15,7 @@ from contextlib import nullcontext
 
 from model.norms import NormFactory
 from model.parallel_rng import TP_RNG
+from model.recompute import recomputed
 from model.rope import Rotary
 
 
@@ -34,6 +35,7 @@ class Attention(nn.Module):
         self.k_norm = norms.optional(qk_norm, num_kv_heads * self.head_dim if per_layer else self.head_dim)
         self.dropout = dropout
         self.rotary = rotary
+        self.recompute_core = False  # selective activation checkpointing (model/recompute.py)
 
     def split_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(S, B, d) -> q (S, B, H, hd), k and v (S, B, Hkv, hd), normed and rotated."""
@@ -50,11 +52,14 @@ class Attention(nn.Module):
         cos, sin = self.rotary.tables(s, x.device, q.dtype)
         return self.rotary.apply(q, cos, sin), self.rotary.apply(k, cos, sin), v
 
+    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        p = self.dropout if self.training else 0.0
+        with TP_RNG.fork() if p > 0 else nullcontext():  # this rank's heads: its own dropout stream
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p,
+                                                  enable_gqa=self.num_kv_heads != self.num_heads)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = (z.permute(1, 2, 0, 3) for z in self.split_qkv(x))  # (B, heads, S, hd) for SDPA
         b, _, s, _ = q.shape
-        p = self.dropout if self.training else 0.0
-        with TP_RNG.fork() if p > 0 else nullcontext():  # this rank's heads: its own dropout stream
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p,
-                                               enable_gqa=self.num_kv_heads != self.num_heads)
+        y = recomputed(self._core, q, k, v) if self.recompute_core and torch.is_grad_enabled() else self._core(q, k, v)
         return self.proj(y.permute(2, 0, 1, 3).reshape(s, b, self.num_heads * self.head_dim))

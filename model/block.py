@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from model.norms import NormFactory
+from model.recompute import recomputed
 from model.placement import SublayerSpec
 
 
@@ -36,6 +37,7 @@ class Block(nn.Module):
         self.mlp = Sublayer(mlp, spec.mlp, dim, norms, dropout)
         self.attn_exit = None  # Junctions, set by connect() once the next block is known
         self.mlp_exit = None
+        self.recompute = False  # activation checkpointing (model/recompute.py)
 
     def connect(self, next_in_norm: nn.Module | None) -> None:
         """Wires the junctions; next_in_norm is the next block's input norm, the final norm after the
@@ -52,6 +54,11 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, h: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x: residual stream entering the block; h: its normed attention input when the previous
         junction computed it. Returns (x, h) for the next block."""
+        if self.recompute and torch.is_grad_enabled():
+            return recomputed(self._forward, x, h)
+        return self._forward(x, h)
+
+    def _forward(self, x: torch.Tensor, h: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         if h is None:
             h = self.attn.in_norm(x)
         x, h = self.attn_exit(x, self.attn.fn(h))

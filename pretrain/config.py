@@ -105,6 +105,9 @@ class TrainConfig:
     log_every: int = _f(10, "steps between progress lines and metrics.jsonl records", min=1)
     eval_every: int = _f(200, "steps between validation passes; 0 = only at the end", min=0)
     eval_batches: int = _f(8, "validation batches (of global_batch_size sequences) per pass", min=1)
+    activation_checkpointing: Literal["none", "full", "selective"] = _f(
+        "none", "recompute activations in backward: whole blocks (full) or the attention core (selective)")
+    checkpoint_blocks: int = _f(0, "apply activation checkpointing to the first N blocks only; 0 = all", min=0)
     diagnostics_every: int = _f(100, "steps between depth diagnostics (per-layer variance, max activation, "
                                      "gradient norm, attention entropy); 0 = off", min=0)
     diagnostics_sequences: int = _f(4, "validation sequences in the fixed probe batch of the diagnostics", min=1)
@@ -134,6 +137,8 @@ class ParallelConfig:
 @dataclass
 class ZeroConfig:
     stage: int = _f(1, "DeepSpeed ZeRO stage", min=0, max=3)
+    ds_config: str = _f("", "a DeepSpeed JSON merged under ours (e.g. ZeRO bucket sizes, offload); a key we "
+                            "also set must agree with ours")
 
 
 @dataclass

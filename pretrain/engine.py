@@ -6,8 +6,58 @@ import torch
 from pretrain.schedule import make_lr_lambda
 
 
+# Keys of a user's DeepSpeed JSON that our own machinery replaces: refused, with where to go instead.
+_OWNED_ELSEWHERE = {
+    "optimizer": "the optimizer is torch AdamW built from train.lr / train.beta1 / train.beta2 / train.weight_decay",
+    "scheduler": "the LR schedule comes from train.schedule / train.warmup_steps / train.min_lr_ratio",
+}
+
+
+def _merge_user_config(ours: dict, theirs: dict, where: str, path: str = "") -> dict:
+    """theirs with ours on top; a key both set to different values is an error naming both."""
+    merged = dict(theirs)
+    for key, value in ours.items():
+        at = f"{path}.{key}" if path else key
+        if key in theirs:
+            if isinstance(value, dict) and isinstance(theirs[key], dict):
+                merged[key] = _merge_user_config(value, theirs[key], where, at)
+                continue
+            if theirs[key] != value:
+                from pretrain.config import ConfigError
+
+                raise ConfigError(f"zero.ds_config: {where} sets {at}={theirs[key]!r} but this run's config implies "
+                                  f"{value!r}; remove it from the JSON or change the config key that sets it")
+        merged[key] = value
+    return merged
+
+
+def load_user_ds_config(path: str) -> dict:
+    import json
+
+    from pretrain.config import ConfigError
+
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"zero.ds_config: '{path}' does not exist") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"zero.ds_config: '{path}' is not valid JSON ({e})") from None
+    for key, why in _OWNED_ELSEWHERE.items():
+        if key in data:
+            raise ConfigError(f"zero.ds_config: '{path}' sets '{key}', which this stack owns: {why}")
+    return data
+
+
 def deepspeed_config(cfg, grad_accum: int) -> dict:
-    """The DeepSpeed JSON for this run; every value comes from our config (one source of truth)."""
+    """The DeepSpeed JSON for this run: our config's values, over the user's zero.ds_config if any."""
+    ours = _our_deepspeed_config(cfg, grad_accum)
+    if not cfg.zero.ds_config:
+        return ours
+    return _merge_user_config(ours, load_user_ds_config(cfg.zero.ds_config), cfg.zero.ds_config)
+
+
+def _our_deepspeed_config(cfg, grad_accum: int) -> dict:
     t = cfg.train
     ds = {
         "train_batch_size": t.global_batch_size,

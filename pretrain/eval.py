@@ -24,11 +24,45 @@ from pretrain.data import DataError, TokenStream, Tokenizer
 from pretrain.fsutil import atomic_write_text
 
 
+def _pipeline_module_state(ckpt: Path, tp_rank: int, num_layers: int) -> dict[str, torch.Tensor]:
+    """One tensor-parallel rank's weights from DeepSpeed's per-layer pipeline files, renamed to the
+    plain model's keys (layer 0 embedding, 1..L blocks, L+1 final norm, L+2 untied head)."""
+    state = {}
+    for f in sorted(ckpt.glob(f"layer_*-model_{tp_rank:02d}-model_states.pt")):
+        idx = int(f.name.split("-")[0].split("_")[1])
+        part = torch.load(f, map_location="cpu", weights_only=False)
+        for key, value in part.items():
+            if 1 <= idx <= num_layers:
+                key = f"blocks.{idx - 1}." + key.removeprefix("block.")
+            state[key] = value
+    return state
+
+
 def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
-    """fp32 weights of a DeepSpeed checkpoint directory, whatever the ZeRO stage."""
+    """The plain model's fp32 weights from a DeepSpeed checkpoint directory, whatever the ZeRO stage
+    (tensor/pipeline-parallel checkpoints: ZeRO 0-2, from the module weights each rank saved)."""
+    from model.parallelize import unshard_state_dicts
     from pretrain.distributed import prefer_cpu_accelerator_if_no_gpu
 
     prefer_cpu_accelerator_if_no_gpu()
+    meta = json.loads((ckpt / META).read_text()) if (ckpt / META).is_file() else {}
+    layout = meta.get("layout", {"tp": 1, "pp": 1})
+    if layout["tp"] > 1 or layout["pp"] > 1:
+        if meta["zero_stage"] == 3:
+            raise CheckpointError(f"{ckpt}: consolidating a ZeRO-3 checkpoint written with tp={layout['tp']} is not "
+                                  "implemented; evaluate or export it from a ZeRO 0-2 run")
+        model_cfg = meta["config"]["model"]
+        shards = []
+        for r in range(layout["tp"]):
+            if layout["pp"] > 1:
+                shards.append(_pipeline_module_state(ckpt, r, model_cfg["num_layers"]))
+            else:
+                shards.append(torch.load(ckpt / f"mp_rank_{r:02d}_model_states.pt", map_location="cpu",
+                                         weights_only=False)["module"])
+        state = unshard_state_dicts(shards, model_cfg["mlp"] == "swiglu")
+        if model_cfg["tie_embeddings"]:
+            state.pop("head.weight", None)
+        return {k: v.float() for k, v in state.items()}
     zero_files = list(ckpt.glob("*zero_pp_rank_*_optim_states.pt"))
     if zero_files:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

@@ -21,6 +21,7 @@ from pretrain.checkpoint import Checkpointer, CheckpointError, compare_configs
 from pretrain.config import Config, ConfigError, check_world, describe_keys, load_config, parse_blend, resolve
 from pretrain.data import DataError, SampleStream, TokenStream, Tokenizer, build_train_dataset
 from pretrain.data.indexed import open_indexed
+from pretrain.engine import deepspeed_config
 from pretrain.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from pretrain.evaluate import evaluate_stream
 from pretrain.parallel import (DeepSpeedMPU, data_parallel_group, initialize_groups, layout_for,
@@ -57,7 +58,7 @@ def prepare_config(args: argparse.Namespace) -> tuple[Config, Tokenizer]:
                           "allowed on CPU: fp32, bf16")
     tokenizer = Tokenizer(cfg.data.tokenizer or os.path.join(cfg.data.dir, "tokenizer.model"))
     cfg = resolve(cfg, tokenizer.vocab_size)
-    check_world(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    deepspeed_config(cfg, check_world(cfg, int(os.environ.get("WORLD_SIZE", "1"))))  # a user JSON that disagrees fails here
     for split in ("train", "valid"):
         for _, prefix in parse_blend(f"data.{split}", getattr(cfg.data, split)):
             open_indexed(prefix)
@@ -96,6 +97,7 @@ def train(cfg: Config, tokenizer: Tokenizer, dist: DistInfo) -> None:
     from model import build_model
     from model.parallel_rng import TP_RNG
     from model.parallelize import apply_tensor_parallel
+    from model.recompute import apply_activation_checkpointing
     from pretrain.engine import build_engine
 
     run_dir = Path(cfg.run.dir)
@@ -132,6 +134,7 @@ def train(cfg: Config, tokenizer: Tokenizer, dist: DistInfo) -> None:
     if resume_from is None and cfg.checkpoint.init_from:
         load_initial_weights(model, Path(cfg.checkpoint.init_from), log)
     apply_tensor_parallel(model, layout.tp, tp_rank, layout.sequence_parallel)
+    apply_activation_checkpointing(model.blocks, t.activation_checkpointing, t.checkpoint_blocks)
     if layout.pp > 1:
         from model.pipeline import build_pipeline
 
@@ -142,6 +145,7 @@ def train(cfg: Config, tokenizer: Tokenizer, dist: DistInfo) -> None:
         module = model
         if cfg.zero.stage == 3:
             model.register_zero3_external_parameters()
+    local_params = sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
     engine, _ = build_engine(module, cfg, grad_accum, dist.device,
                              mpu=DeepSpeedMPU() if layout.tp > 1 and layout.pp == 1 else None)
     # Dropout streams: alike across tp (replicated activations), distinct across dp and pp; a second
@@ -220,6 +224,9 @@ def train(cfg: Config, tokenizer: Tokenizer, dist: DistInfo) -> None:
         loss_acc = loss_acc + result.loss
         steps_acc += 1
         step += 1
+        if step == start_step + 1:  # optimizer states exist once the first update has run
+            with progress.excluded():
+                report_memory(engine, local_params, cfg, layout, run_dir, log)
         if result.layer_grad_norms is not None:
             with progress.excluded():
                 diagnose(step, result.layer_grad_norms)
@@ -253,6 +260,28 @@ def train(cfg: Config, tokenizer: Tokenizer, dist: DistInfo) -> None:
     metrics.close()
     if step == t.max_steps:
         log(f"[done] trained to step {t.max_steps}; run directory {run_dir}")
+
+
+def report_memory(engine, local_params: int, cfg: Config, layout, run_dir: Path, log) -> None:
+    """Parameter and optimizer-state bytes on every rank, against the ZeRO formula (memory.json)."""
+    from pretrain.memory import expected_bytes, held_bytes
+
+    held = held_bytes(engine)
+    per_rank = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(per_rank, {"held": held, "local_params": local_params})
+    if torch.distributed.get_rank() != 0:
+        return
+    bytes_per_param = {"fp32": 4, "bf16": 2, "fp16": 2}[cfg.train.precision]
+    report = {"zero_stage": cfg.zero.stage, "precision": cfg.train.precision, "dp": layout.dp,
+              "ranks": [dict(r, expected=expected_bytes(r["local_params"], cfg.zero.stage, layout.dp))
+                        for r in per_rank]}
+    (run_dir / "memory.json").write_text(json.dumps(report, indent=1))
+    r0 = report["ranks"][0]
+    note = "" if bytes_per_param == 4 else " (formula for fp32; mixed precision adds fp32 masters)"
+    log(f"[memory] rank 0 holds {r0['held']['parameters'] / 2**20:.2f} MiB of parameters and "
+        f"{r0['held']['optimizer'] / 2**20:.2f} MiB of optimizer state; ZeRO-{cfg.zero.stage} over dp "
+        f"{layout.dp} predicts {r0['expected']['parameters'] / 2**20:.2f} and "
+        f"{r0['expected']['optimizer'] / 2**20:.2f}{note} (all ranks: memory.json)")
 
 
 def load_initial_weights(model: torch.nn.Module, path: Path, log) -> None:

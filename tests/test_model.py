@@ -198,3 +198,22 @@ def test_deepnorm_beta_init_and_alpha():
     assert w[:, 0].std().item() == pytest.approx(0.02, rel=0.1)  # queries: plain init
     assert w[:, 2].std().item() == pytest.approx(0.02 * beta, rel=0.1)  # values: beta-scaled
     assert b.mlp.fn.fc2.weight.std().item() == pytest.approx(0.02 * beta, rel=0.1)
+
+
+@pytest.mark.parametrize("mode, first_n", [("full", 0), ("selective", 0), ("full", 2)])
+def test_activation_checkpointing_gives_the_same_gradients(mode, first_n):
+    from model.recompute import apply_activation_checkpointing
+
+    cfg = make_cfg(placement="peri", dropout=0.1)
+    grads = []
+    for m in ("none", mode):
+        torch.manual_seed(0)
+        model, _ = build_model(cfg, "torch")
+        apply_activation_checkpointing(model.blocks, m, first_n)
+        tokens = torch.randint(0, cfg.vocab_size, (2, cfg.seq_len), generator=torch.Generator().manual_seed(1))
+        torch.manual_seed(5)  # the same dropout masks in both runs (recomputation must redraw them)
+        model(tokens, tokens).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert sum(b.recompute for b in model.blocks) == (0 if mode == "selective" else (first_n or 4))

@@ -57,19 +57,20 @@ def test_two_process_training_lowers_the_loss(uninterrupted):
     assert json.loads((saved / "meta.json").read_text())["consumed_samples"] == 20 * 8
 
 
-@pytest.mark.parametrize("stage", [1, 3])
-def test_stop_and_resume_reproduces_the_uninterrupted_losses(bundled_dir, uninterrupted, tmp_path, stage):
+@pytest.mark.parametrize("layout", [[], ["zero.stage=3"], ["parallel.tp=2", "parallel.sequence_parallel=true",
+                                                              "train.micro_batch_size=8"], ["parallel.pp=2"]],
+                         ids=["dp2-zero1", "dp2-zero3", "tp2-sp", "pp2"])
+def test_stop_and_resume_reproduces_the_uninterrupted_losses(bundled_dir, uninterrupted, tmp_path, layout):
     run_dir = tmp_path / "resumed"
-    sets = [f"zero.stage={stage}"]
-    if stage == 1:
+    if not layout:
         reference = losses(uninterrupted)
     else:
         reference_dir = tmp_path / "reference"
-        check(run_module(tiny_args(bundled_dir, reference_dir, *sets), nproc=2))
+        check(run_module(tiny_args(bundled_dir, reference_dir, *layout), nproc=2))
         reference = losses(reference_dir)
-    check(run_module(tiny_args(bundled_dir, run_dir, "train.exit_at_step=7", *sets), nproc=2))
+    check(run_module(tiny_args(bundled_dir, run_dir, "train.exit_at_step=7", *layout), nproc=2))
     assert sorted(losses(run_dir)) == list(range(1, 8))
-    proc = check(run_module(tiny_args(bundled_dir, run_dir, *sets) + ["--resume", "auto"], nproc=2))
+    proc = check(run_module(tiny_args(bundled_dir, run_dir, *layout) + ["--resume", "auto"], nproc=2))
     assert "resumed from" in proc.stdout and "step_000007" in proc.stdout
     resumed = losses(run_dir)
     assert sorted(resumed) == list(range(1, 21))
