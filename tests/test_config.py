@@ -118,3 +118,46 @@ def test_fp16_on_cpu_is_refused_before_start():
                            "--set", "train.precision=fp16"], cwd=ROOT, env=_env(), capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2 and "train.precision: 'fp16' needs a CUDA GPU" in proc.stderr
+
+
+def test_pipeline_refuses_zero_2_and_3_and_world_sizes_must_divide():
+    with pytest.raises(ConfigError, match=r"zero\.stage: 2 cannot be combined with pipeline parallelism"):
+        load_config(ROOT / "configs" / "tiny.yaml", ["parallel.pp=2", "zero.stage=2"])
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["parallel.tp=2", "parallel.pp=2"])
+    with pytest.raises(ConfigError, match=r"world size 6 is not a multiple of parallel\.tp x parallel\.pp = 2 x 2 = 4; "
+                                          r"world sizes that work: 4, 8, 12"):
+        check_world(cfg, 6)
+    assert check_world(cfg, 8) == 1  # dp 2: 8 sequences = micro 4 x dp 2
+
+
+def test_rank_layout_matches_deepspeed_topology():
+    """Ranks are (pp, dp, tp) with tp fastest, as DeepSpeed's pipeline topology numbers them."""
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    from pretrain.parallel import Layout
+
+    for tp, pp, dp in ((2, 2, 2), (4, 1, 2), (1, 3, 2), (2, 4, 1)):
+        layout, topo = Layout(tp=tp, pp=pp, dp=dp), PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
+        for rank in range(tp * pp * dp):
+            c = topo.get_coord(rank)
+            assert layout.coords(rank) == (c.pipe, c.data, c.model)
+    assert "rank   5: pp 1 dp 0 tp 1" in Layout(tp=2, pp=2, dp=2).rank_map()
+
+
+def test_user_deepspeed_json_must_agree_with_the_config(tmp_path):
+    from pretrain.engine import deepspeed_config
+
+    cfg = load_config(ROOT / "configs" / "tiny.yaml")
+    ok = tmp_path / "ok.json"
+    ok.write_text('{"zero_optimization": {"stage": 1, "reduce_bucket_size": 1000000}, "gradient_clipping": 1.0}')
+    merged = deepspeed_config(load_config(ROOT / "configs" / "tiny.yaml", [f"zero.ds_config={ok}"]), 1)
+    assert merged["zero_optimization"] == {"stage": 1, "reduce_bucket_size": 1000000}
+    assert merged["train_batch_size"] == cfg.train.global_batch_size
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"gradient_clipping": 0.5}')
+    with pytest.raises(ConfigError, match=r"sets gradient_clipping=0\.5 but this run's config implies 1\.0"):
+        deepspeed_config(load_config(ROOT / "configs" / "tiny.yaml", [f"zero.ds_config={bad}"]), 1)
+    owned = tmp_path / "owned.json"
+    owned.write_text('{"scheduler": {"type": "WarmupLR"}}')
+    with pytest.raises(ConfigError, match="sets 'scheduler', which this stack owns"):
+        deepspeed_config(load_config(ROOT / "configs" / "tiny.yaml", [f"zero.ds_config={owned}"]), 1)

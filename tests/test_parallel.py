@@ -83,6 +83,14 @@ def test_lns_under_pipeline_uses_global_layer_index(single, bundled_dir, tmp_pat
     assert_same_curve(curve, single("lns"))
 
 
+def test_untied_embeddings_under_pipeline(bundled_dir, tmp_path):
+    """Untied: the output layer is its own stage layer on the last stage (no tied copy)."""
+    untied = ["model.tie_embeddings=false", "model.placement=peri"]
+    reference = train(bundled_dir, tmp_path / "single", 1, untied + ["zero.stage=0"])
+    curve = train(bundled_dir, tmp_path / "pp2", 2, untied + ["parallel.pp=2"])
+    assert_same_curve(curve, reference)
+
+
 @pytest.mark.parametrize("layout, mode", [("pp2-zero1", "full"), ("dp2-zero3", "selective"), ("tp2-sp", "full")])
 def test_activation_checkpointing_under_parallelism(layout, mode, single, bundled_dir, tmp_path):
     nproc, sets = LAYOUTS[layout]
