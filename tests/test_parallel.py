@@ -22,19 +22,8 @@ COMMON = [f"train.max_steps={STEPS}", "train.warmup_steps=2", "checkpoint.every=
           "train.diagnostics_every=0"]
 TOLERANCE = 1e-5
 
-# name -> (processes, config overrides)
-LAYOUTS = {
-    "dp2-zero0": (2, ["zero.stage=0"]),
-    "dp2-zero1": (2, ["zero.stage=1"]),
-    "dp2-zero2": (2, ["zero.stage=2"]),
-    "dp2-zero3": (2, ["zero.stage=3"]),
-    "tp2": (2, ["parallel.tp=2", "train.micro_batch_size=8"]),
-    "tp2-sp": (2, ["parallel.tp=2", "parallel.sequence_parallel=true", "train.micro_batch_size=8"]),
-    "pp2-zero1": (2, ["parallel.pp=2", "zero.stage=1"]),
-    "dp2xtp2": (4, ["parallel.tp=2"]),
-    "dp2xpp2": (4, ["parallel.pp=2"]),
-    "tp2xpp2": (4, ["parallel.tp=2", "parallel.pp=2", "train.micro_batch_size=8"]),
-}
+# name -> (processes, config overrides): the matrix bench/layout_equality.py reports on
+from bench.layout_equality import LAYOUTS  # noqa: E402
 
 
 def losses(run_dir) -> dict[int, float]:
