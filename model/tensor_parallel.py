@@ -39,11 +39,6 @@ def _reduce_scatter_first_dim(x: torch.Tensor, group) -> torch.Tensor:
     return out
 
 
-def _split_first_dim(x: torch.Tensor, group) -> torch.Tensor:
-    world, rank = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
-    return x.chunk(world, dim=0)[rank].contiguous()
-
-
 def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
     torch.distributed.all_reduce(x, group=group)
     return x
@@ -87,10 +82,6 @@ def gather_from_sequence(x):  # column input with SP: (S/tp, B, d) -> (S, B, d)
 
 def reduce_scatter_to_sequence(x):  # row output with SP: partial sums -> summed sequence shard
     return _Region.apply(x, _reduce_scatter_first_dim, _all_gather_first_dim)
-
-
-def scatter_to_sequence(x):  # replicated (S, B, d) -> this rank's shard
-    return _Region.apply(x, _split_first_dim, _all_gather_first_dim)
 
 
 def gather_last_dim(x):  # vocab-parallel logits -> full logits (for inference-style calls)

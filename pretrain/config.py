@@ -450,7 +450,7 @@ def resolve(cfg: Config, vocab_size: int | None = None) -> Config:
     d = cfg.data
     cfg.data = dataclasses.replace(
         d,
-        tokenizer=d.tokenizer or os.path.join(d.dir, "tokenizer.model"),
+        tokenizer=tokenizer_path(d),
         train=d.train or [os.path.join(d.dir, "train")],
         valid=d.valid or [os.path.join(d.dir, "valid")],
         test=d.test or [os.path.join(d.dir, "test")],
@@ -493,6 +493,11 @@ def describe_keys() -> str:
         for sf in dataclasses.fields(section):
             lines.append(f"  {sf.name} = {getattr(section, sf.name)!r}  # {sf.metadata.get('help', '')}")
     return "\n".join(lines)
+
+
+def tokenizer_path(data: DataConfig) -> str:
+    """data.tokenizer, or the prepared directory's tokenizer.model."""
+    return data.tokenizer or os.path.join(data.dir, "tokenizer.model")
 
 
 def run_directory(cfg: Config) -> str:

@@ -357,7 +357,9 @@ def find_tokenizer(cfg, ckpt: Path, explicit: str | None) -> Path:
         return p
     if (ckpt / "tokenizer.model").is_file():
         return ckpt / "tokenizer.model"
-    name = cfg.data.tokenizer or os.path.join(cfg.data.dir, "tokenizer.model")
+    from pretrain.config import tokenizer_path
+
+    name = tokenizer_path(cfg.data)
     for p in (Path(name), ROOT / name):
         if p.is_file():
             return p

@@ -26,14 +26,10 @@ class Layout:
         dp_rank = (rank // self.tp) % self.dp
         return rank // (self.tp * self.dp), dp_rank, tp_rank
 
-    def rank_map(self, hosts: list[str] | None = None) -> str:
+    def rank_map(self) -> str:
         """One line per rank, for the run log."""
-        lines = []
-        for rank in range(self.world):
-            pp, dp, tp = self.coords(rank)
-            where = f" on {hosts[rank]}" if hosts else ""
-            lines.append(f"  rank {rank:3d}{where}: pp {pp} dp {dp} tp {tp}")
-        return "\n".join(lines)
+        return "\n".join("  rank {:3d}: pp {} dp {} tp {}".format(rank, *self.coords(rank))
+                         for rank in range(self.world))
 
 
 def layout_for(cfg, world: int) -> Layout:
@@ -78,11 +74,6 @@ def pipeline_parallel_group(layout: Layout):
 
     return parallel_state.get_pipeline_model_parallel_group()
 
-
-def destroy_groups() -> None:
-    from megatron.core import parallel_state
-
-    parallel_state.destroy_model_parallel()
 
 
 class DeepSpeedMPU:

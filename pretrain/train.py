@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from pretrain.checkpoint import Checkpointer, CheckpointError, compare_configs
-from pretrain.config import Config, ConfigError, check_world, describe_keys, load_config, parse_blend, resolve
+from pretrain.config import (Config, ConfigError, check_world, describe_keys, load_config, parse_blend, resolve,
+                             tokenizer_path)
 from pretrain.data import DataError, SampleStream, TokenStream, Tokenizer, build_train_dataset
 from pretrain.data.indexed import open_indexed
 from pretrain.engine import deepspeed_config
@@ -56,7 +57,7 @@ def prepare_config(args: argparse.Namespace) -> tuple[Config, Tokenizer]:
     if cfg.train.precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("train.precision: 'fp16' needs a CUDA GPU (DeepSpeed's CPU accelerator has no fp16); "
                           "allowed on CPU: fp32, bf16")
-    tokenizer = Tokenizer(cfg.data.tokenizer or os.path.join(cfg.data.dir, "tokenizer.model"))
+    tokenizer = Tokenizer(tokenizer_path(cfg.data))
     cfg = resolve(cfg, tokenizer.vocab_size)
     deepspeed_config(cfg, check_world(cfg, int(os.environ.get("WORLD_SIZE", "1"))))  # a user JSON that disagrees fails here
     for split in ("train", "valid"):
