@@ -1,0 +1,274 @@
+"""A sweep definition (configs/sweeps/*.yaml): a base run config, a grid of axes, and the
+resources the cells may use. Parsed and validated once; every cell's config is then built and
+validated by pretrain.config before anything runs, so a typo fails the whole sweep up front.
+
+    name: placement-scaling
+    base: ../quickstart.yaml          # run config every cell starts from (relative to this file)
+    out: runs/sweeps/placement-scaling
+    set:                              # overrides common to every cell
+      model.seq_len: 256
+      warmup_fraction: 0.1            # pseudo-key: train.warmup_steps as a fraction of the steps
+    axes:                             # the grid: the cartesian product, first axis outermost
+      size:                           # a named axis: value name -> overrides
+        xs: {model.hidden_size: 64, model.num_layers: 5, model.num_heads: 2}
+        s:  {model.hidden_size: 96, model.num_layers: 6, model.num_heads: 3}
+      model.placement: [pre, peri]    # a config key: a list of values
+      run.seed: [1234]
+      tokens: [1.2e6]                 # pseudo-key: token budget -> train.max_steps
+    resources: {cpus: 2, gpus: 0, nproc_per_cell: 1, threads_per_proc: 1}
+    checkpoints_per_cell: 4           # checkpoint.every = max_steps / this (what an interruption loses)
+    hold_out: {size: s}               # cells the fit leaves out and predicts (pretrain.scaling fit)
+
+Pseudo-keys (anywhere an override goes): `tokens` (training tokens; max_steps = tokens /
+(global_batch_size * seq_len), rounded up) and `warmup_fraction`.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pretrain.config import Config, ConfigError, _build, _did_you_mean, apply_override, load_config, read_yaml
+
+PSEUDO_KEYS = ("tokens", "warmup_fraction")
+TOP_LEVEL = ("name", "base", "out", "set", "axes", "resources", "checkpoints_per_cell", "hold_out", "order")
+RESOURCE_KEYS = ("cpus", "gpus", "nproc_per_cell", "threads_per_proc")
+ORDERS = ("grid", "largest-first")
+# Short names used in cell names for common axes.
+AXIS_LABELS = {"model.placement": "placement", "run.seed": "seed", "train.lr": "lr", "tokens": "tokens",
+               "model.norm": "norm"}
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpus: int = 2
+    gpus: int = 0
+    nproc_per_cell: int = 1
+    threads_per_proc: int = 1
+
+    def cell_cpus(self) -> int:
+        return self.nproc_per_cell * self.threads_per_proc
+
+    def cell_gpus(self) -> int:
+        return self.nproc_per_cell if self.gpus else 0
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the grid: its name, its labels (axis -> value name) and its config overrides."""
+
+    name: str
+    labels: dict
+    overrides: tuple  # ("section.key=value", ...), applied on top of the base config
+    config: Config = field(compare=False, repr=False)
+
+    @property
+    def max_steps(self) -> int:
+        return self.config.train.max_steps
+
+    @property
+    def tokens(self) -> int:
+        return self.max_steps * self.config.train.global_batch_size * self.config.model.seq_len
+
+
+@dataclass
+class Sweep:
+    name: str
+    path: Path
+    base: Path
+    out: Path
+    common: dict
+    axes: dict  # axis name -> {value name: overrides dict}
+    resources: Resources
+    checkpoints_per_cell: int
+    hold_out: dict
+    order: str
+    cells: list = field(default_factory=list)
+
+    def cell(self, name: str) -> Cell:
+        for c in self.cells:
+            if c.name == name:
+                return c
+        raise KeyError(name)
+
+    def is_held_out(self, cell: Cell) -> bool:
+        return bool(self.hold_out) and all(str(cell.labels.get(k)) == str(v) for k, v in self.hold_out.items())
+
+
+def _err(path: Path, where: str, msg: str) -> ConfigError:
+    return ConfigError(f"sweep '{path}': {where}: {msg}")
+
+
+def _axis_values(path: Path, axis: str, values: Any) -> dict[str, dict]:
+    """{value name: overrides} for one axis."""
+    if isinstance(values, dict):  # named values, e.g. sizes
+        if not values:
+            raise _err(path, f"axes.{axis}", "no values")
+        out = {}
+        for name, overrides in values.items():
+            if not isinstance(overrides, dict):
+                raise _err(path, f"axes.{axis}.{name}", f"expected a mapping of overrides, got {overrides!r}")
+            out[str(name)] = dict(overrides)
+        return out
+    if isinstance(values, list):
+        if not values:
+            raise _err(path, f"axes.{axis}", "no values")
+        if "." not in axis and axis not in PSEUDO_KEYS:
+            raise _err(path, f"axes.{axis}", "a list axis must be a config key (SECTION.KEY) or one of "
+                                             f"{', '.join(PSEUDO_KEYS)}; named axes take a mapping")
+        return {_value_name(v): {axis: v} for v in values}
+    raise _err(path, f"axes.{axis}", f"expected a list of values or a mapping of named values, got {values!r}")
+
+
+def _value_name(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def _safe(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.+-]", "_", s)
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"sweep file '{path}' does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"sweep file '{path}' is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"sweep file '{path}': expected a mapping at the top level")
+    for key in data:
+        if key not in TOP_LEVEL:
+            raise _err(path, str(key), f"unknown key{_did_you_mean(str(key), list(TOP_LEVEL))} "
+                                       f"(known: {', '.join(TOP_LEVEL)})")
+    for key in ("base", "axes"):
+        if key not in data:
+            raise _err(path, key, "missing")
+    base = (path.parent / data["base"]).resolve()
+    if not base.is_file():
+        raise _err(path, "base", f"'{data['base']}' (resolved to {base}) does not exist")
+    name = str(data.get("name") or path.stem)
+    res = data.get("resources") or {}
+    if not isinstance(res, dict):
+        raise _err(path, "resources", f"expected a mapping, got {res!r}")
+    for key, value in res.items():
+        if key not in RESOURCE_KEYS:
+            raise _err(path, f"resources.{key}", f"unknown key{_did_you_mean(str(key), list(RESOURCE_KEYS))} "
+                                                 f"(known: {', '.join(RESOURCE_KEYS)})")
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "gpus" else 1):
+            raise _err(path, f"resources.{key}", f"expected a {'non-negative' if key == 'gpus' else 'positive'} "
+                                                 f"integer, got {value!r}")
+    resources = Resources(**res)
+    if resources.gpus and resources.nproc_per_cell > resources.gpus:
+        raise _err(path, "resources.nproc_per_cell", f"{resources.nproc_per_cell} processes per cell but only "
+                                                     f"{resources.gpus} GPUs")
+    if not resources.gpus and resources.cell_cpus() > resources.cpus:
+        raise _err(path, "resources", f"a cell needs nproc_per_cell x threads_per_proc = {resources.cell_cpus()} "
+                                      f"CPUs but cpus is {resources.cpus}")
+    axes_raw = data["axes"]
+    if not isinstance(axes_raw, dict) or not axes_raw:
+        raise _err(path, "axes", "expected a non-empty mapping of axis -> values")
+    axes = {str(axis): _axis_values(path, str(axis), values) for axis, values in axes_raw.items()}
+    common = data.get("set") or {}
+    if not isinstance(common, dict):
+        raise _err(path, "set", f"expected a mapping of overrides, got {common!r}")
+    order = data.get("order", "grid")
+    if order not in ORDERS:
+        raise _err(path, "order", f"'{order}' is not allowed; allowed: {', '.join(ORDERS)}")
+    cpc = data.get("checkpoints_per_cell", 4)
+    if isinstance(cpc, bool) or not isinstance(cpc, int) or cpc < 1:
+        raise _err(path, "checkpoints_per_cell", f"expected a positive integer, got {cpc!r}")
+    hold_out = data.get("hold_out") or {}
+    if not isinstance(hold_out, dict):
+        raise _err(path, "hold_out", f"expected a mapping axis -> value name, got {hold_out!r}")
+    for axis, value in hold_out.items():
+        if axis not in axes:
+            raise _err(path, f"hold_out.{axis}", f"not an axis{_did_you_mean(str(axis), list(axes))} "
+                                                 f"(axes: {', '.join(axes)})")
+        if str(value) not in axes[axis]:
+            raise _err(path, f"hold_out.{axis}", f"'{value}' is not a value of the axis; values: "
+                                                 f"{', '.join(axes[axis])}")
+    out = Path(data.get("out") or Path("runs") / "sweeps" / name)
+    sweep = Sweep(name, path, base, out, dict(common), axes, resources, cpc, dict(hold_out), order)
+    sweep.cells = expand(sweep)
+    return sweep
+
+
+def _overrides_to_sets(path: Path, where: str, overrides: dict) -> tuple[list[str], dict]:
+    """Splits a mapping of overrides into `--set` strings and pseudo-keys."""
+    sets, pseudo = [], {}
+    for key, value in overrides.items():
+        key = str(key)
+        if key in PSEUDO_KEYS:
+            if isinstance(value, str):  # YAML 1.1 reads 1.2e6 (no sign in the exponent) as a string
+                try:
+                    value = float(value)
+                except ValueError:
+                    pass
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise _err(path, f"{where}.{key}", f"expected a positive number, got {value!r}")
+            if key == "warmup_fraction" and value >= 1:
+                raise _err(path, f"{where}.{key}", f"{value} must be below 1")
+            pseudo[key] = value
+        elif "." in key:
+            sets.append(f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}")
+        else:
+            raise _err(path, f"{where}.{key}", "overrides are SECTION.KEY (e.g. model.hidden_size) or one of "
+                                               f"{', '.join(PSEUDO_KEYS)}")
+    return sets, pseudo
+
+
+def expand(sweep: Sweep) -> list[Cell]:
+    """The cartesian product of the axes (first axis outermost), each cell's config validated."""
+    common_sets, common_pseudo = _overrides_to_sets(sweep.path, "set", sweep.common)
+    names = list(sweep.axes)
+    cells = []
+    for combo in itertools.product(*(sweep.axes[a].items() for a in names)):
+        labels = {axis: value_name for axis, (value_name, _) in zip(names, combo)}
+        cell_name = "_".join(f"{_safe(AXIS_LABELS.get(a, a.split('.')[-1]))}-{_safe(v)}" for a, v in labels.items())
+        sets, pseudo = list(common_sets), dict(common_pseudo)
+        for axis, (value_name, overrides) in zip(names, combo):
+            s, p = _overrides_to_sets(sweep.path, f"axes.{axis}.{value_name}", overrides)
+            sets += s
+            pseudo.update(p)
+        try:
+            cfg = _unvalidated(sweep.base, sets)  # the pseudo-keys need seq_len and the batch first
+            sets += _derived_sets(cfg, pseudo, sweep.checkpoints_per_cell, sets)
+            sets.append(f"run.dir={(sweep.out / cell_name).as_posix()}")
+            sets.append(f"run.name={sweep.name}-{cell_name}")
+            cfg = load_config(sweep.base, sets)
+        except ConfigError as e:
+            raise ConfigError(f"sweep '{sweep.path}', cell {cell_name}: {e}") from None
+        cells.append(Cell(cell_name, labels, tuple(sets), cfg))
+    if len({c.name for c in cells}) != len(cells):
+        raise _err(sweep.path, "axes", "two cells get the same name; give the axes distinct value names")
+    return cells
+
+
+def _unvalidated(base: Path, sets: list[str]) -> Config:
+    data = read_yaml(base)
+    for assignment in sets:
+        data = apply_override(data, assignment)
+    return _build(Config, data, "")
+
+
+def _derived_sets(cfg: Config, pseudo: dict, checkpoints_per_cell: int, explicit: list[str]) -> list[str]:
+    t = cfg.train
+    steps = t.max_steps
+    out = []
+    if "tokens" in pseudo:
+        steps = max(1, math.ceil(pseudo["tokens"] / (t.global_batch_size * cfg.model.seq_len)))
+        out.append(f"train.max_steps={steps}")
+    if "warmup_fraction" in pseudo:
+        out.append(f"train.warmup_steps={int(round(pseudo['warmup_fraction'] * steps))}")
+    if not any(s.startswith("checkpoint.every=") for s in explicit):
+        out.append(f"checkpoint.every={max(1, math.ceil(steps / checkpoints_per_cell))}")
+    return out
