@@ -113,6 +113,14 @@ class TrainConfig:
     diagnostics_sequences: int = _f(4, "validation sequences in the fixed probe batch of the diagnostics", min=1)
     exit_at_step: int = _f(0, "stop after this step with a checkpoint, schedule unchanged (0 = run to max_steps)", min=0)
     peak_tflops: float = _f(0.0, "device dense peak for MFU; 0 = known GPUs auto, else MFU not reported", min=0)
+    bad_step_policy: Literal["skip", "stop"] = _f(
+        "skip", "a step whose loss or gradient is not finite is never applied: skip it (see max_bad_steps) or stop")
+    max_bad_steps: int = _f(20, "with bad_step_policy=skip: stop once more steps than this were skipped", min=0)
+    spike_sigma: float = _f(6.0, "log a loss spike when a step's loss exceeds the mean of the last spike_window "
+                                 "steps by this many standard deviations; 0 = off", min=0)
+    spike_window: int = _f(128, "steps of loss history the spike detector compares against", min=2)
+    inject_nonfinite_at: list = _f([], "fault injection for testing the bad-step policy: make rank 0's loss NaN "
+                                       "at these (1-based) steps")
 
 
 @dataclass
@@ -123,6 +131,10 @@ class CheckpointConfig:
     verify: Literal["sha256", "size", "none"] = _f("sha256", "check checkpoint files against the manifest on load")
     init_from: str = _f("", "start a fresh run from these weights: a checkpoint directory or a .pt state dict "
                             "(e.g. written by python -m pretrain.import_hf); ignored when resuming")
+    preempt_signals: list = _f(["SIGTERM", "SIGUSR1"], "signals that make every rank save a checkpoint at the end "
+                                                       "of the current step and exit 0 (SLURM: --signal=B:USR1@120)")
+    grace_period_s: float = _f(120.0, "after a preemption signal, exit (without a new checkpoint) if saving has not "
+                                      "finished within this many seconds", gt=0)
 
 
 @dataclass
@@ -361,6 +373,24 @@ def validate(cfg: Config) -> None:
     for name in ("train", "valid", "test"):
         for item in getattr(cfg.data, name):
             _parse_blend_item(f"data.{name}", item)
+    _validate_faults_and_signals(cfg)
+
+
+def _validate_faults_and_signals(cfg: Config) -> None:
+    import signal
+
+    for name in cfg.checkpoint.preempt_signals:
+        if not isinstance(name, str) or not name.startswith("SIG") or not hasattr(signal, name) \
+                or name in ("SIGKILL", "SIGSTOP"):
+            catchable = ["SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP", "SIGQUIT"]
+            raise ConfigError(f"checkpoint.preempt_signals: {name!r} is not a signal that can be caught; use names "
+                              f"such as {', '.join(catchable)}{_did_you_mean(str(name), catchable)}")
+    for step in cfg.train.inject_nonfinite_at:
+        if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+            raise ConfigError(f"train.inject_nonfinite_at: {step!r} is not a step number (1-based integers)")
+    if cfg.train.inject_nonfinite_at and cfg.parallel.pp > 1:
+        raise ConfigError("train.inject_nonfinite_at: fault injection runs in the data/tensor-parallel step only; "
+                          "use parallel.pp=1")
 
 
 def _validate_parallel(cfg: Config) -> None:

@@ -88,7 +88,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_engine(model: torch.nn.Module, cfg, grad_accum: int, device: torch.device, mpu=None):
+def build_engine(model: torch.nn.Module, cfg, grad_accum: int, device: torch.device, mpu=None,
+                 load_universal: bool = False):
+    """load_universal: the engine will load a universal checkpoint (a resume on another layout)."""
     import deepspeed
 
     t = cfg.train
@@ -96,7 +98,37 @@ def build_engine(model: torch.nn.Module, cfg, grad_accum: int, device: torch.dev
                                   eps=t.adam_eps, fused=device.type == "cuda")
     # A callable, so the schedule is built on the optimizer DeepSpeed actually steps (its ZeRO wrapper).
     scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, make_lr_lambda(t))  # noqa: E731
+    ds_config = deepspeed_config(cfg, grad_accum)
+    if load_universal:
+        ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
     engine, _, _, lr_scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, grad_accum), mpu=mpu
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, mpu=mpu
     )
     return engine, lr_scheduler
+
+
+def apply_optimizer_settings(engine, t) -> None:
+    """Puts this run's optimizer settings back after a checkpoint load, which restores the saved
+    ones (torch's optimizer and LR scheduler state dicts carry lr, betas, eps, weight decay): a
+    resume with a changed train.lr / schedule / weight decay then uses the new values (the run log
+    lists them), and an unchanged resume gets bit-identical values back. Also undoes DeepSpeed's
+    ZeRO-3 universal load, which copies the first parameter group's hyperparameters to all groups."""
+    groups = engine.optimizer.param_groups
+    if len(groups) != 2:
+        raise RuntimeError(f"expected the 2 parameter groups of param_groups() (decay, no decay), found {len(groups)}")
+    engine.lr_scheduler.base_lrs = [t.lr for _ in groups]
+    for group, weight_decay in zip(groups, (t.weight_decay, 0.0)):
+        group.update(weight_decay=weight_decay, betas=(t.beta1, t.beta2), eps=t.adam_eps, initial_lr=t.lr)
+    sync_lr_schedule(engine, engine.lr_scheduler.last_epoch)
+
+
+def sync_lr_schedule(engine, steps_done: int) -> None:
+    """Sets the LR schedule to `steps_done` optimizer steps (the LR of the next update), as
+    LambdaLR.step() computes it; also after a skipped step, which DeepSpeed's overflow path does not
+    count."""
+    scheduler = engine.lr_scheduler
+    scheduler.last_epoch = steps_done
+    groups = engine.optimizer.param_groups
+    for group, base_lr, lr_lambda in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base_lr * lr_lambda(steps_done)
+    scheduler._last_lr = [group["lr"] for group in groups]

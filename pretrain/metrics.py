@@ -27,7 +27,7 @@ class MetricsWriter:
             return
         if resume_step is not None and self.path.exists():
             kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+                    if (record := _parse(line)) is not None and record.get("step", 0) <= resume_step]
             atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()  # a fresh start in an existing run directory starts a fresh curve
@@ -61,6 +61,14 @@ class MetricsWriter:
         if self.enabled:
             self.file.close()
             self.tb.close()
+
+
+def _parse(line: str) -> dict | None:
+    """One metrics line, or None for a blank line or the torn last line of a killed run."""
+    try:
+        return json.loads(line) if line.strip() else None
+    except json.JSONDecodeError:
+        return None
 
 
 def _clean(v):

@@ -17,8 +17,11 @@ class StepResult:
 
 
 class _Runner:
-    def __init__(self, engine, stream, cfg, layout, dp_rank: int, grad_accum: int, device, groups: dict):
-        self.engine, self.stream, self.cfg, self.layout = engine, stream, cfg, layout
+    def __init__(self, engine, stream, cfg, layout, dp_rank: int, grad_accum: int, device, groups: dict,
+                 guard=None):
+        """guard: a pretrain.guard.BadStepGuard, asked before every optimizer step."""
+        self.engine, self.stream, self.cfg, self.layout, self.guard = engine, stream, cfg, layout, guard
+        self.inject_at = set(cfg.train.inject_nonfinite_at)
         self.dp_rank, self.grad_accum, self.device = dp_rank, grad_accum, device
         self.tp_group, self.pp_group = groups.get("tp"), groups.get("pp")
         t = cfg.train
@@ -46,14 +49,18 @@ class EngineRunner(_Runner):
         for micro in range(self.grad_accum):
             tokens, labels, mask = self.micro_batch(step, micro)
             loss = self.engine(tokens, labels, mask)
+            if micro == 0 and step + 1 in self.inject_at and torch.distributed.get_rank() == 0:
+                loss = loss * float("nan")  # train.inject_nonfinite_at: fault injection on one rank
             self.engine.backward(loss)
+            loss_sum = loss_sum + loss.detach().float() / self.grad_accum  # a tensor: no sync per micro-step
             if micro == self.grad_accum - 1:  # gradients are reduced; clipping and the update come in step()
+                if self.guard is not None:
+                    self.guard.decide(loss_sum)
                 if diagnose:
                     layer_norms = layer_grad_norms(self.blocks(), self.tp_group)
                 if self.own_grad_norm:
                     norm = global_grad_norm(self.engine.module, self.tp_group)
             self.engine.step()
-            loss_sum = loss_sum + loss.detach().float() / self.grad_accum  # a tensor: no sync per micro-step
         return StepResult(loss_sum, norm if self.own_grad_norm else self.grad_norm(), layer_norms)
 
     def eval_loss(self, tokens, labels, mask) -> torch.Tensor:
@@ -76,12 +83,14 @@ class PipelineRunner(_Runner):
         batches = iter([(tokens, (labels, mask)) for tokens, labels, mask in
                         (self.micro_batch(step, m) for m in range(self.grad_accum))])
         layer_norms, norm = None, None
-        if diagnose or self.own_grad_norm:
-            # The pipeline engine steps inside train_batch: read the gradients just before.
+        if diagnose or self.own_grad_norm or self.guard is not None:
+            # The pipeline engine steps inside train_batch: check and read the gradients just before.
             original_step = self.engine._take_model_step
 
             def take_step(*args, **kwargs):
                 nonlocal layer_norms, norm
+                if self.guard is not None:  # the last stage holds the step's summed loss
+                    self.guard.decide(getattr(self.engine, "total_loss", None))
                 if diagnose:
                     layer_norms = layer_grad_norms(self.blocks(), self.tp_group, self.pp_group)
                 if self.own_grad_norm:

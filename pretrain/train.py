@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import sys
@@ -22,12 +23,15 @@ from pretrain.config import (Config, ConfigError, check_world, describe_keys, lo
                              tokenizer_path)
 from pretrain.data import DataError, SampleStream, TokenStream, Tokenizer, build_train_dataset
 from pretrain.data.indexed import open_indexed
-from pretrain.engine import deepspeed_config
+from pretrain.engine import apply_optimizer_settings, deepspeed_config, sync_lr_schedule
+from pretrain.guard import BadStepGuard, SpikeDetector, TrainingStopped
+from pretrain.preemption import Preemption
 from pretrain.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from pretrain.evaluate import evaluate_stream
 from pretrain.parallel import (DeepSpeedMPU, data_parallel_group, initialize_groups, layout_for,
                                pipeline_parallel_group, tensor_parallel_group)
 from pretrain.runner import EngineRunner, PipelineRunner
+from pretrain.reshard import link_module_names, prepare_universal, universal_checkpoint_info
 from pretrain.metrics import MetricsWriter, Progress, device_peak_tflops, format_duration, peak_memory_mb, say
 
 # Keys that describe one invocation rather than the run; not compared on resume.
@@ -82,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:
         print(f"[rank {dist.rank}] checkpoint error: {e}", file=sys.stderr)
         return 3
+    except TrainingStopped as e:
+        print(f"[rank {dist.rank}] training stopped: {e}", file=sys.stderr)
+        return 4
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -132,6 +139,12 @@ def train(cfg: Config, tokenizer: Tokenizer, dist: DistInfo) -> None:
     checkpointer = Checkpointer(run_dir / "checkpoints", dist.rank, cfg.checkpoint.keep_last,
                                 cfg.checkpoint.verify, log)
     resume_from = checkpointer.resolve(cfg.checkpoint.resume)
+    universal = None  # the converted checkpoint when resuming on another layout
+    if resume_from is not None:
+        reshard_reason = check_resumable(json.loads((resume_from / "meta.json").read_text()), cfg, layout, log)
+        if reshard_reason:
+            log(f"[checkpoint] {resume_from.name} was written on another layout ({reshard_reason}): resharding")
+            universal = prepare_universal(resume_from, dist.rank, log)
     if resume_from is None and cfg.checkpoint.init_from:
         load_initial_weights(model, Path(cfg.checkpoint.init_from), log)
     apply_tensor_parallel(model, layout.tp, tp_rank, layout.sequence_parallel)
@@ -147,8 +160,11 @@ def train(cfg: Config, tokenizer: Tokenizer, dist: DistInfo) -> None:
         if cfg.zero.stage == 3:
             model.register_zero3_external_parameters()
     local_params = sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
+    # Saved in every checkpoint, so any checkpoint can later be resharded (pretrain/reshard.py).
+    module.universal_checkpoint_info = universal_checkpoint_info(module, m.num_layers, m.mlp == "swiglu")
     engine, _ = build_engine(module, cfg, grad_accum, dist.device,
-                             mpu=DeepSpeedMPU() if layout.tp > 1 and layout.pp == 1 else None)
+                             mpu=DeepSpeedMPU() if layout.tp > 1 and layout.pp == 1 else None,
+                             load_universal=universal is not None)
     # Dropout streams: alike across tp (replicated activations), distinct across dp and pp; a second
     # stream, distinct across tp, for split data (model/parallel_rng.py). Restored on resume.
     seed_everything(cfg.run.seed + 1 + dp_rank + 1009 * pp_rank)
@@ -157,9 +173,12 @@ def train(cfg: Config, tokenizer: Tokenizer, dist: DistInfo) -> None:
 
     start_step, resumed = 0, False
     if resume_from is not None:
-        saved = json.loads((resume_from / "meta.json").read_text())
-        check_resumable(saved, cfg, layout, log)
-        meta = checkpointer.load(engine, resume_from)
+        if universal is not None:
+            link_module_names(universal, engine.module, m.num_layers)
+            meta = checkpointer.load_universal(engine, universal, resume_from)
+        else:
+            meta = checkpointer.load(engine, resume_from)
+        apply_optimizer_settings(engine, t)
         start_step, resumed = meta["step"], True
         log(f"[checkpoint] resumed from {resume_from} at step {start_step} "
             f"({meta['consumed_samples']:,} samples consumed)")
@@ -177,8 +196,13 @@ def train(cfg: Config, tokenizer: Tokenizer, dist: DistInfo) -> None:
     token_bytes = tokenizer.token_bytes()
     tokens_per_step = t.global_batch_size * m.seq_len
     peak = device_peak_tflops(dist.device, t.peak_tflops)
+    guard = BadStepGuard(engine, t.bad_step_policy, t.max_bad_steps, dist.device)
+    spikes = SpikeDetector(t.spike_sigma, t.spike_window)
+    if resumed:
+        guard.load_state_dict(meta.get("bad_step_guard"))
+        spikes.load_state_dict(meta.get("spike_detector"))
     runner = (PipelineRunner if layout.pp > 1 else EngineRunner)(engine, stream, cfg, layout, dp_rank, grad_accum,
-                                                                 dist.device, groups)
+                                                                 dist.device, groups, guard=guard)
     log(f"[run] {run_dir}: world {dist.world_size} ({dist.backend}); ZeRO-{cfg.zero.stage}, {t.precision}; "
         f"batch {t.global_batch_size} = micro {t.micro_batch_size} x dp {layout.dp} x accumulation {grad_accum}; "
         f"{tokens_per_step:,} tokens/step; steps {start_step}->{t.max_steps} "
@@ -199,6 +223,7 @@ def train(cfg: Config, tokenizer: Tokenizer, dist: DistInfo) -> None:
             "step": step, "consumed_samples": step * t.global_batch_size, "tokens": step * tokens_per_step,
             "world_size": dist.world_size, "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp},
             "zero_stage": cfg.zero.stage, "config": cfg.to_dict(),
+            "bad_step_guard": guard.state_dict(), "spike_detector": spikes.state_dict(),
             "tokenizer_sha256": tokenizer.sha256, "time": time.strftime("%Y-%m-%dT%H:%M:%S")},
             extra_files={"tokenizer.model": tokenizer.path})
 
@@ -219,45 +244,75 @@ def train(cfg: Config, tokenizer: Tokenizer, dist: DistInfo) -> None:
     progress = Progress(start_step, t.max_steps, tokens_per_step)
     loss_acc, steps_acc = 0.0, 0
     step = start_step
-    while step < t.max_steps:
-        diagnose_now = bool(t.diagnostics_every) and (step + 1) % t.diagnostics_every == 0
-        result = runner.train_step(step, diagnose_now)
-        loss_acc = loss_acc + result.loss
-        steps_acc += 1
-        step += 1
-        if step == start_step + 1:  # optimizer states exist once the first update has run
-            with progress.excluded():
-                report_memory(engine, local_params, cfg, layout, run_dir, log)
-        if result.layer_grad_norms is not None:
-            with progress.excluded():
-                diagnose(step, result.layer_grad_norms)
-        if step % t.log_every == 0 or step == t.max_steps:
-            total, count = all_reduce_sum([float(loss_acc), float(steps_acc)], dist.device, groups["dp"])
-            mean_loss = total / (count or 1)
-            timing = progress.interval(step)
-            lr = engine.get_lr()[0]
-            tps = timing["tokens_per_s"]
-            grad_norm = result.grad_norm
-            record = {"step": step, "tokens": step * tokens_per_step, "loss": mean_loss, "lr": lr,
-                      "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                      "tokens_per_s": tps, "step_time": timing["step_time"],
-                      "mfu": flops_per_token * tps / (dist.world_size * peak * 1e12) if peak else None,
-                      "mem_mb": peak_memory_mb(dist.device)}
-            metrics.log(record)
-            log(f"[train] step {step}/{t.max_steps} ({100 * step / t.max_steps:.0f}%) | loss {mean_loss:.4f} | "
-                f"lr {lr:.2e} | grad {'n/a' if grad_norm is None else f'{float(grad_norm):.3f}'} | {tps:,.0f} tok/s | "
-                f"{timing['step_time']:.2f} s/step | ETA {format_duration(timing['eta_s'])}")
-            loss_acc, steps_acc = 0.0, 0
-        if (t.eval_every and step % t.eval_every == 0) or step == t.max_steps:
-            with progress.excluded():
-                validate(step)
-        exiting = step == t.exit_at_step
-        if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == t.max_steps or exiting:
-            with progress.excluded():
-                save(step)
-        if exiting:
-            log(f"[exit] train.exit_at_step={step} reached; continue with --resume auto")
-            break
+    preempt = Preemption(cfg.checkpoint.preempt_signals, cfg.checkpoint.grace_period_s, log).install()
+    try:
+        while step < t.max_steps:
+            diagnose_now = bool(t.diagnostics_every) and (step + 1) % t.diagnostics_every == 0
+            result = runner.train_step(step, diagnose_now)
+            step += 1
+            skipped = guard.after_step(step)  # raises TrainingStopped when the policy says so
+            # One small collective per step: the global loss and whether any rank was asked to stop.
+            local = float(result.loss)
+            finite = math.isfinite(local)
+            loss_sum, finite_ranks, stop_votes = all_reduce_sum(
+                [local if finite else 0.0, float(finite), float(preempt.requested)], dist.device)
+            step_loss = loss_sum / finite_ranks if finite_ranks else float("nan")
+            if skipped:
+                sync_lr_schedule(engine, step)  # the schedule follows the step index, skipped or not
+                log(f"[bad step] step {step}: non-finite loss or gradient; the update was skipped "
+                    f"({guard.count} in this run, at most train.max_bad_steps={t.max_bad_steps}; "
+                    f"{dist.world_size - int(finite_ranks)} rank(s) had a non-finite loss)")
+                metrics.log({"step": step, "skipped": 1, "bad_steps": guard.count}, prefix="bad_step")
+            else:
+                loss_acc += step_loss
+                steps_acc += 1
+                sigmas = spikes.observe(step_loss)
+                if sigmas is not None:
+                    mean, std = spikes.mean_std()
+                    log(f"[spike] step {step}: loss {step_loss:.4f} is {sigmas:.1f} sigma above the mean of the last "
+                        f"{len(spikes.history)} steps ({mean:.4f} +- {std:.4f})")
+                    metrics.log({"step": step, "loss": step_loss, "sigma": sigmas}, prefix="spike")
+            preempting = stop_votes > 0
+            if preempting:
+                preempt.start_grace()
+            if step == start_step + 1:  # optimizer states exist once the first update has run
+                with progress.excluded():
+                    report_memory(engine, local_params, cfg, layout, run_dir, log)
+            if result.layer_grad_norms is not None:
+                with progress.excluded():
+                    diagnose(step, result.layer_grad_norms)
+            if step % t.log_every == 0 or step == t.max_steps:
+                mean_loss = loss_acc / steps_acc if steps_acc else float("nan")
+                timing = progress.interval(step)
+                lr = engine.get_lr()[0]
+                tps = timing["tokens_per_s"]
+                grad_norm = result.grad_norm
+                record = {"step": step, "tokens": step * tokens_per_step, "loss": mean_loss, "lr": lr,
+                          "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                          "tokens_per_s": tps, "step_time": timing["step_time"],
+                          "mfu": flops_per_token * tps / (dist.world_size * peak * 1e12) if peak else None,
+                          "mem_mb": peak_memory_mb(dist.device)}
+                metrics.log(record)
+                log(f"[train] step {step}/{t.max_steps} ({100 * step / t.max_steps:.0f}%) | loss {mean_loss:.4f} | "
+                    f"lr {lr:.2e} | grad {'n/a' if grad_norm is None else f'{float(grad_norm):.3f}'} | "
+                    f"{tps:,.0f} tok/s | {timing['step_time']:.2f} s/step | ETA {format_duration(timing['eta_s'])}")
+                loss_acc, steps_acc = 0.0, 0
+            if not preempting and ((t.eval_every and step % t.eval_every == 0) or step == t.max_steps):
+                with progress.excluded():
+                    validate(step)
+            exiting = step == t.exit_at_step or preempting
+            if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == t.max_steps or exiting:
+                with progress.excluded():
+                    save(step)
+            if preempting:
+                log(f"[preempt] {preempt.describe()}: saved step {step} and exiting 0; the same command with "
+                    "--resume auto continues the run")
+                break
+            if exiting:
+                log(f"[exit] train.exit_at_step={step} reached; continue with --resume auto")
+                break
+    finally:
+        preempt.uninstall()
     metrics.close()
     if step == t.max_steps:
         log(f"[done] trained to step {t.max_steps}; run directory {run_dir}")
@@ -309,7 +364,11 @@ def load_initial_weights(model: torch.nn.Module, path: Path, log) -> None:
     log(f"[checkpoint] initialised the model from {path} (weights only; optimizer and step start fresh)")
 
 
-def check_resumable(saved: dict, cfg: Config, layout, log) -> None:
+def check_resumable(saved: dict, cfg: Config, layout, log) -> str | None:
+    """Refuses a checkpoint of another model; logs changed settings. Returns why the resume needs a
+    conversion to DeepSpeed's universal checkpoint (another layout or ZeRO stage), or None."""
+    from pretrain.reshard import needs_conversion
+
     current = cfg.to_dict()
     for section, key in PER_INVOCATION:
         saved["config"].get(section, {}).pop(key, None)
@@ -319,13 +378,7 @@ def check_resumable(saved: dict, cfg: Config, layout, log) -> None:
         raise CheckpointError("the checkpoint's model differs from the config: " + "; ".join(shape))
     for line in other:
         log(f"[checkpoint] setting changed since the checkpoint: {line}")
-    was = saved.get("layout", {"tp": 1, "pp": 1, "dp": saved["world_size"]})
-    now = {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp}
-    if (was["tp"], was["pp"]) != (now["tp"], now["pp"]) or (saved["zero_stage"] > 0 and was["dp"] != now["dp"]):
-        raise CheckpointError(
-            f"the checkpoint was written with tp {was['tp']} x pp {was['pp']} x dp {was['dp']} under ZeRO-"
-            f"{saved['zero_stage']} and this run is tp {now['tp']} x pp {now['pp']} x dp {now['dp']}: resuming on "
-            "another layout (resharding) is not implemented yet; resume with the same layout")
+    return needs_conversion(saved, {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "zero_stage": cfg.zero.stage})
 
 
 if __name__ == "__main__":

@@ -80,3 +80,92 @@ def test_compare_configs_separates_shape_from_settings():
     shape, other = compare_configs(saved, now)
     assert shape == ["model.num_layers: checkpoint 2, now 3"]
     assert other == ["train.lr: checkpoint 0.001, now 0.0005"]
+
+
+def test_recover_interrupted_restores_a_half_swapped_resave_and_drops_leftovers(tmp_path):
+    old = fake_checkpoint(tmp_path, 10)
+    os.replace(old, tmp_path / ".old-step_000010")  # killed between the two renames of a re-save
+    fake_checkpoint(tmp_path, 20)
+    os.replace(tmp_path / "step_000020", tmp_path / ".del-step_000020")  # killed inside retention
+    fake_checkpoint(tmp_path, 30)
+    fake_checkpoint(tmp_path, 40)
+    os.replace(tmp_path / "step_000040", tmp_path / ".old-step_000030")  # re-save finished: stale .old
+    from pretrain.checkpoint import recover_interrupted
+
+    messages = []
+    recover_interrupted(tmp_path, messages.append)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000010", "step_000030"]
+    verify(tmp_path / "step_000010")
+    assert any("restored step_000010" in m for m in messages)
+
+
+class _Engine:
+    """What BadStepGuard needs of a DeepSpeed engine: the module and an optimizer wrapping torch's."""
+
+    def __init__(self, module, optimizer):
+        self.module, self.optimizer = module, type("Wrapper", (), {"optimizer": optimizer})()
+
+
+def test_bad_step_guard_leaves_weights_and_adam_state_untouched(tmp_path):
+    import copy
+
+    import torch
+
+    from pretrain.guard import BadStepGuard, TrainingStopped
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    reference_model = copy.deepcopy(model)
+    reference_opt = torch.optim.AdamW(reference_model.parameters(), lr=1e-2)
+    guard = BadStepGuard(_Engine(model, opt), "skip", max_bad_steps=1, device=torch.device("cpu"))
+    x = torch.randn(8, 4)
+    for step, poison in enumerate([False, True, False], start=1):
+        opt.zero_grad()
+        loss = model(x).pow(2).mean() * (float("nan") if poison else 1.0)
+        loss.backward()
+        assert guard.decide(loss) is poison
+        opt.step()
+        assert guard.after_step(step) is poison
+        if not poison:  # the reference sees only the good steps
+            reference_opt.zero_grad()
+            reference_model(x).pow(2).mean().backward()
+            reference_opt.step()
+        for p, q in zip(model.parameters(), reference_model.parameters()):
+            assert torch.equal(p, q)
+    for p, q in zip(model.parameters(), reference_model.parameters()):
+        s, r = opt.state[p], reference_opt.state[q]
+        assert torch.equal(s["exp_avg"], r["exp_avg"]) and torch.equal(s["exp_avg_sq"], r["exp_avg_sq"])
+        assert float(s["step"]) == float(r["step"]) == 2
+    opt.zero_grad()
+    (model(x).sum() * float("inf")).backward()
+    guard.decide(None)  # the gradients alone are enough to tell
+    with pytest.raises(TrainingStopped, match="exceed train.max_bad_steps=1"):
+        guard.after_step(4)
+
+
+def test_spike_detector_flags_what_a_direct_z_score_flags():
+    import numpy as np
+
+    from pretrain.guard import SpikeDetector
+
+    rng = np.random.default_rng(0)
+    series = list(3.0 + 0.01 * rng.standard_normal(60))
+    series[40] = 3.2  # ~20 sigma
+    series[50] = float("nan")  # not a spike, and not added to the history
+    det = SpikeDetector(sigma=6.0, window=32)
+    flagged, history = [], []
+    for i, loss in enumerate(series):
+        got = det.observe(loss)
+        expected = None
+        if len(history) >= 16 and np.isfinite(loss):
+            window = np.array(history[-32:])
+            z = (loss - window.mean()) / window.std(ddof=1)
+            expected = z if z > 6.0 else None
+        assert (got is None) == (expected is None), i
+        if got is not None:
+            assert got == pytest.approx(expected, rel=1e-9)
+            flagged.append(i)
+        if np.isfinite(loss):
+            history.append(loss)
+    assert flagged == [40]
