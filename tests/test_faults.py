@@ -79,6 +79,7 @@ def reference(bundled_dir, tmp_path_factory):
     return losses(run_dir)
 
 
+@pytest.mark.slow  # ~4.5 min: ten full restarts of a 2-process job
 def test_kill_9_during_saves_never_loses_the_run(bundled_dir, reference, tmp_path):
     """SIGKILL to the whole job at random moments inside checkpoint saves (while a .tmp-step_N
     directory exists), ten times; each restart with --resume auto must load a checkpoint and go

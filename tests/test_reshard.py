@@ -41,7 +41,7 @@ CASES = {
     "pp2-to-pp1": (2, ["parallel.pp=2"], 1, []),
     "zero3-dp2-to-dp1": (2, ["zero.stage=3"], 1, ["zero.stage=3"]),
 }
-SLOW = {"dp1-to-dp2", "zero3-dp2-to-dp1"}
+SLOW = {"dp1-to-dp2", "tp2-to-tp1", "zero3-dp2-to-dp1"}  # the default suite keeps dp2->dp1 and pp2->pp1
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW else c for c in CASES])
