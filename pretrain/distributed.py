@@ -47,8 +47,25 @@ def init_distributed() -> DistInfo:
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not torch.distributed.is_initialized():
+        _init_process_group_per_attempt(backend)
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
     return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device, backend)
+
+
+def _init_process_group_per_attempt(backend: str) -> None:
+    """Under torchrun --max-restarts, every attempt's workers share the agent's TCPStore, and
+    torch prefixes the keys by group name only: a restarted rank can read a dead peer's address
+    left by the previous attempt and fail with "Gloo connectFullMesh ... Connection refused".
+    Prefixing the store with the restart count gives each attempt its own keys."""
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is None:
+        return  # not under torchelastic: deepspeed.init_distributed does the usual env:// setup
+    from deepspeed.constants import default_pg_timeout
+
+    store, rank, world_size = next(torch.distributed.rendezvous("env://", timeout=default_pg_timeout))
+    store = torch.distributed.PrefixStore(f"attempt_{restart}", store)
+    torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                                         timeout=default_pg_timeout)
 
 
 def barrier() -> None:
