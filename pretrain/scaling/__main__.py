@@ -1,34 +1,46 @@
-"""python -m pretrain.scaling {sweep,evaluate} ...
+"""python -m pretrain.scaling {sweep,evaluate,fit,report} ...
 
-  sweep configs/sweeps/NAME.yaml [--only PATTERN ...] [--cpus N] [--gpus N] [--no-eval] [--dry-run]
+  sweep configs/sweeps/NAME.yaml [--only PATTERN ...] [--cpus N] [--gpus N] [--out DIR] [--no-eval] [--dry-run]
       train and evaluate every cell of the grid (finished cells skipped, interrupted ones resumed)
   evaluate --cell DIR
       evaluate one cell's final checkpoint (what the sweep runs after training a cell)
+  fit configs/sweeps/NAME.yaml [--out DIR] [--metric test_loss|test_bpb|valid_loss|valid_bpb] [--json FILE]
+      scaling-law fits per placement with bootstrap intervals and the held-out prediction (fit.json)
+  report configs/sweeps/NAME.yaml [--out DIR] [--out-dir DIR]
+      REPORT.md with plots (loss curves, loss vs parameters, depth diagnostics) and a summary table
+
+--out DIR: where the sweep's cells are, instead of the `out` of the sweep file (the same option for
+every command, so a sweep trained elsewhere can be fitted and reported from any checkout).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import sys
+from pathlib import Path
 
 from pretrain.checkpoint import CheckpointError
 from pretrain.config import ConfigError
 from pretrain.data import DataError
 
 
-def _sweep(args) -> int:
-    from pretrain.scaling.spec import load_sweep
-    from pretrain.scaling.sweep import SweepRunner
+def _load(args):
+    from pretrain.scaling.spec import expand, load_sweep
 
     sweep = load_sweep(args.file)
+    if getattr(args, "out", None):
+        sweep.out = Path(args.out)
+        sweep.cells = expand(sweep)
+    return sweep
+
+
+def _sweep(args) -> int:
+    from pretrain.scaling.sweep import SweepRunner
+
+    sweep = _load(args)
     if args.cpus is not None or args.gpus is not None:
         sweep.resources = dataclasses.replace(
             sweep.resources, **{k: v for k, v in (("cpus", args.cpus), ("gpus", args.gpus)) if v is not None})
-    if args.out:
-        from pretrain.scaling.spec import expand
-
-        sweep.out = __import__("pathlib").Path(args.out)
-        sweep.cells = expand(sweep)
     runner = SweepRunner(sweep, evaluate=not args.no_eval, progress_every=args.progress_every)
     if args.dry_run:
         print(f"{'cell':<48} {'steps':>6} {'tokens':>10} {'GFLOP/token':>12}  to do")
@@ -45,6 +57,36 @@ def _evaluate(args) -> int:
 
     evaluate_cell(args.cell)
     return 0
+
+
+def _fit(args) -> int:
+    from pretrain.scaling.fit import FIT_FILE, fit_sweep, summary_lines, write_fit
+
+    sweep = _load(args)
+    result = fit_sweep(sweep, args.metric, args.bootstrap, args.seed, args.huber_delta)
+    print("\n".join(summary_lines(result)))
+    path = write_fit(result, Path(args.json) if args.json else sweep.out / FIT_FILE)
+    print(f"[fit] wrote {path}")
+    return 0
+
+
+def _report(args) -> int:
+    from pretrain.scaling.report import write_report
+
+    sweep = _load(args)
+    path = write_report(sweep, Path(args.out_dir) if args.out_dir else sweep.out / "report", args.metric,
+                        args.bootstrap, args.seed, args.huber_delta)
+    print(f"[report] wrote {path}")
+    return 0
+
+
+def _fit_options(p: argparse.ArgumentParser) -> None:
+    from pretrain.scaling.results import METRICS
+
+    p.add_argument("--metric", default="test_loss", choices=list(METRICS), help="what the law is fitted to")
+    p.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="bootstrap resamples (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--huber-delta", type=float, default=1e-3, help="Huber threshold on log-loss residuals")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,6 +106,18 @@ def main(argv: list[str] | None = None) -> int:
     e = sub.add_parser("evaluate", help="evaluate one cell")
     e.add_argument("--cell", required=True, help="the cell's run directory")
     e.set_defaults(fn=_evaluate)
+    f = sub.add_parser("fit", help="fit scaling laws to the evaluated cells")
+    f.add_argument("file", help="sweep definition (configs/sweeps/*.yaml)")
+    f.add_argument("--out", help="where the cells are (default: the sweep's out)")
+    f.add_argument("--json", help="where to write the fits (default: <out>/fit.json)")
+    _fit_options(f)
+    f.set_defaults(fn=_fit)
+    r = sub.add_parser("report", help="write REPORT.md and its plots")
+    r.add_argument("file", help="sweep definition (configs/sweeps/*.yaml)")
+    r.add_argument("--out", help="where the cells are (default: the sweep's out)")
+    r.add_argument("--out-dir", help="where to write the report (default: <out>/report)")
+    _fit_options(r)
+    r.set_defaults(fn=_report)
     args = p.parse_args(argv)
     try:
         return args.fn(args)

@@ -1,5 +1,11 @@
 """Evaluation of one sweep cell at its final checkpoint, written to <cell>/eval/scaling_eval.json:
-held-out loss, perplexity and bits per byte on the test split (and the validation split).
+
+  test, valid  held-out loss, perplexity and bits per byte over the whole split (pretrain.evaluate)
+  last_word    LAMBADA-style last-word accuracy on passages of the test split (pretrain/scaling/lastword.py)
+  last_word_valid  the same on passages of the validation split
+  depth        per-layer variance, RMS, max |activation|, attention entropy, angular distance between
+               consecutive layers, and the loss increase when each block is removed, on a fixed probe
+               of validation sequences (pretrain/scaling/depth.py)
 
 EVAL_VERSION changes whenever what is measured changes; the sweep re-evaluates cells whose file
 carries another version.
@@ -14,20 +20,82 @@ import torch
 
 from pretrain.checkpoint import CheckpointError, find_resumable
 from pretrain.config import parse_blend
-from pretrain.data import TokenStream, Tokenizer
+from pretrain.data import DataError, TokenStream, Tokenizer
 from pretrain.fsutil import atomic_write_text
 
-EVAL_VERSION = 1
+EVAL_VERSION = 2
 EVAL_FILE = "scaling_eval.json"
+LAST_WORD_PASSAGES = 500
+LAST_WORD_SEED = 1234
+DEPTH_PROBE_SEQUENCES = 32  # the first full windows of the validation split
+
+
+def _prefixes(cfg, split: str) -> list[str]:
+    return [p for _, p in parse_blend(f"data.{split}", getattr(cfg.data, split))]
 
 
 def heldout(model, cfg, split: str, tokenizer: Tokenizer, device: torch.device, max_tokens: int = 0) -> dict:
     from pretrain.evaluate import evaluate_stream
 
-    prefixes = [p for _, p in parse_blend(f"data.{split}", getattr(cfg.data, split))]
-    stream = TokenStream(prefixes, cfg.model.seq_len, max_tokens=max_tokens)
+    stream = TokenStream(_prefixes(cfg, split), cfg.model.seq_len, max_tokens=max_tokens)
     return evaluate_stream(lambda x, y, m: model(x, y, m), stream, tokenizer.token_bytes(), cfg.eval.batch_size,
                            0, 1, device, tokenizer.pad)
+
+
+def last_word(model, cfg, tokenizer: Tokenizer, device: torch.device, split: str = "test",
+              count: int = LAST_WORD_PASSAGES, seed: int = LAST_WORD_SEED) -> dict:
+    from pretrain.data.indexed import open_indexed
+    from pretrain.scaling.depth import run_blocks
+    from pretrain.scaling.lastword import MAX_NEW_TOKENS, METHOD, PieceBytes, build_passages, score
+
+    t0 = time.perf_counter()
+    docs = []
+    for prefix in _prefixes(cfg, split):
+        ds = open_indexed(prefix)
+        docs += [ds[i] for i in range(len(ds))]
+    pieces = PieceBytes(tokenizer)
+    context_tokens = cfg.model.seq_len - MAX_NEW_TOKENS
+    passages, candidates = build_passages(docs, pieces, context_tokens, count, seed)
+    if not passages:
+        raise DataError(f"last-word evaluation: the {split} split {_prefixes(cfg, split)} has no sentence-final word "
+                        f"with {context_tokens} tokens of context before it")
+
+    def next_token_logits(tokens: torch.Tensor) -> torch.Tensor:
+        h, _ = run_blocks(model, tokens)
+        return model.head(h[-1])  # only the last position is decoded
+
+    result = score(next_token_logits, passages, pieces, cfg.eval.batch_size, MAX_NEW_TOKENS, device=device)
+    result.update({"context_tokens": context_tokens, "max_new_tokens": MAX_NEW_TOKENS, "seed": seed,
+                   "candidates": candidates, "split": split,
+                   "method": METHOD.format(context_tokens=context_tokens, max_new_tokens=MAX_NEW_TOKENS,
+                                           count=len(passages), seed=seed, candidates=candidates),
+                   "seconds": round(time.perf_counter() - t0, 1)})
+    return result
+
+
+def depth(model, cfg, tokenizer: Tokenizer, device: torch.device, sequences: int = DEPTH_PROBE_SEQUENCES) -> dict:
+    from pretrain.scaling.depth import depth_profile
+
+    t0 = time.perf_counter()
+    stream = TokenStream(_prefixes(cfg, "valid"), cfg.model.seq_len)
+    full = stream.predictions // cfg.model.seq_len  # windows without padding
+    n = min(sequences, full)
+    if n == 0:
+        raise DataError(f"depth diagnostics: the validation split holds fewer than {cfg.model.seq_len + 1} tokens")
+    batch = stream.batch(list(range(n)), tokenizer.pad)
+    result = depth_profile(model, batch.tokens, batch.labels, cfg.eval.batch_size)
+    result["probe"] = {"split": "valid", "sequences": n, "tokens": n * cfg.model.seq_len}
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    return result
+
+
+def _tokenizer(ckpt: Path, cfg, meta: dict) -> Tokenizer:
+    """The tokenizer the checkpoint was trained with (its own copy), checked against the data's."""
+    tok = Tokenizer(ckpt / "tokenizer.model" if (ckpt / "tokenizer.model").is_file() else cfg.data.tokenizer)
+    if meta.get("tokenizer_sha256") and meta["tokenizer_sha256"] != tok.sha256:
+        raise DataError(f"{ckpt}: trained with tokenizer sha256 {meta['tokenizer_sha256'][:12]} but {tok.path} is "
+                        f"{tok.sha256[:12]}")
+    return tok
 
 
 @torch.no_grad()
@@ -41,7 +109,7 @@ def evaluate_cell(cell_dir: Path, log=print) -> dict:
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     t0 = time.perf_counter()
     model, cfg, meta = load_checkpoint_model(ckpt, device=device)
-    tokenizer = Tokenizer(cfg.data.tokenizer)
+    tokenizer = _tokenizer(ckpt, cfg, meta)
     result = {"version": EVAL_VERSION, "cell": cell_dir.name, "checkpoint": str(ckpt), "step": meta["step"],
               "trained_tokens": meta["tokens"], "placement": cfg.model.placement,
               "hidden_size": cfg.model.hidden_size, "num_layers": cfg.model.num_layers,
@@ -51,8 +119,20 @@ def evaluate_cell(cell_dir: Path, log=print) -> dict:
         result[split] = heldout(model, cfg, split, tokenizer, device, cfg.eval.max_tokens)
         log(f"[evaluate] {cell_dir.name} {split}: loss {result[split]['loss']:.4f} "
             f"bpb {result[split]['bits_per_byte']:.4f}")
+    # Test (out of domain for the bundled corpus: modern speeches) and validation (held-out documents of
+    # the training sources): at small scale the in-domain score is the one that separates models.
+    for key, split in (("last_word", "test"), ("last_word_valid", "valid")):
+        result[key] = lw = last_word(model, cfg, tokenizer, device, split)
+        log(f"[evaluate] {cell_dir.name} last word ({split}): {lw['accuracy']:.3f} "
+            f"({lw['correct']}/{lw['passages']} passages)")
+    result["depth"] = depth(model, cfg, tokenizer, device)
+    d = result["depth"]
+    fmt = lambda xs: " ".join(f"{x:.3g}" for x in xs)  # noqa: E731
+    log(f"[evaluate] {cell_dir.name} depth: var [{fmt(d['var'])}] | angular [{fmt(d['angular_distance'])}] | "
+        f"loss increase without each block [{fmt(d['removal']['increase'])}]")
     result["seconds"] = round(time.perf_counter() - t0, 1)
     out = cell_dir / "eval" / EVAL_FILE
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(result, indent=1))
+    log(f"[evaluate] wrote {out} ({result['seconds']} s)")
     return result
