@@ -8,7 +8,7 @@ cd "$root"
 bash launch/setup.sh --dev
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 args=("$@")
-if [ ${#args[@]} -eq 0 ]; then args=(-m "not slow"); fi
+if [ ${#args[@]} -eq 0 ]; then args=(-m "not slow" --durations=30); fi
 set +e
 "${PRETRAIN_VENV:-$root/.venv}/bin/python" -m pytest "${args[@]}"
 rc=$?
