@@ -69,6 +69,7 @@ def test_layer_grad_norms_equal_a_direct_computation():
 
 
 @pytest.mark.distributed
+@pytest.mark.slow  # 95 s: four layouts; the default suite keeps the direct-computation checks
 def test_diagnostics_do_not_depend_on_the_layout(bundled_dir, tmp_path):
     """Per-layer gradient norms and activation stats of a 2-rank ZeRO-2 run equal the 1-rank run's
     (same global batch: the 1-rank run accumulates 2 micro-batches)."""

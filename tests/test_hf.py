@@ -300,6 +300,7 @@ def _checkpoint(run_dir: Path) -> Path:
     return run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
 
 
+@pytest.mark.slow  # 40 s; test_cli_import_train_export_round_trip covers the CLI by default
 def test_cli_export_of_a_trained_peri_checkpoint(bundled_dir, tmp_path):
     """configs/tiny.yaml (peri) trained 2 steps -> export (auto = custom) -> transformers, offline."""
     from pretrain.data import Tokenizer

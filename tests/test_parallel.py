@@ -60,7 +60,8 @@ def assert_same_curve(curve, reference):
 # Peri-LN's code differs from Pre-LN's where tensor and pipeline parallelism split the blocks; its
 # pure data-parallel cases run with -m slow to keep the default suite under 30 minutes.
 PERI_DEFAULT = {"tp2-sp", "pp2-zero1", "tp2xpp2"}
-CASES = [(layout, "pre") for layout in LAYOUTS] + [
+PRE_SLOW = {"dp2xtp2", "dp2xpp2"}  # 4-process runs; tp2xpp2 stays in the default suite
+CASES = [pytest.param(layout, "pre", marks=pytest.mark.slow if layout in PRE_SLOW else ()) for layout in LAYOUTS] + [
     pytest.param(layout, "peri", marks=() if layout in PERI_DEFAULT else pytest.mark.slow) for layout in LAYOUTS]
 
 

@@ -57,7 +57,7 @@ def test_two_process_training_lowers_the_loss(uninterrupted):
     assert json.loads((saved / "meta.json").read_text())["consumed_samples"] == 20 * 8
 
 
-@pytest.mark.parametrize("layout", [[], ["zero.stage=2"], ["zero.stage=3"],
+@pytest.mark.parametrize("layout", [[], pytest.param(["zero.stage=2"], marks=pytest.mark.slow), ["zero.stage=3"],
                                     ["parallel.tp=2", "parallel.sequence_parallel=true", "train.micro_batch_size=8"],
                                     ["parallel.pp=2"]],
                          ids=["dp2-zero1", "dp2-zero2", "dp2-zero3", "tp2-sp", "pp2"])
