@@ -7,6 +7,7 @@ Markdown table.
 
 Each placement is a normal run directory (runs/depth/<placement>), resumed if interrupted.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,10 +50,29 @@ def main() -> int:
         if args.summarize_only:
             break
         t0 = time.time()
-        cmd = ["bash", str(ROOT / "launch" / "local.sh"), str(args.nproc), "-m", "pretrain.train", "--config", args.config,
-               "--resume", "auto", "--set", f"model.placement={placement}", "--set", f"run.dir={out / placement}",
-               "--set", f"train.max_steps={args.steps}", "--set", f"train.diagnostics_every={max(1, args.steps // 3)}",
-               "--set", f"train.eval_every={args.steps}", "--set", f"checkpoint.every={args.steps}"]
+        cmd = [
+            "bash",
+            str(ROOT / "launch" / "local.sh"),
+            str(args.nproc),
+            "-m",
+            "pretrain.train",
+            "--config",
+            args.config,
+            "--resume",
+            "auto",
+            "--set",
+            f"model.placement={placement}",
+            "--set",
+            f"run.dir={out / placement}",
+            "--set",
+            f"train.max_steps={args.steps}",
+            "--set",
+            f"train.diagnostics_every={max(1, args.steps // 3)}",
+            "--set",
+            f"train.eval_every={args.steps}",
+            "--set",
+            f"checkpoint.every={args.steps}",
+        ]
         proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if proc.returncode != 0:
             print(proc.stderr[-3000:], file=sys.stderr)
@@ -63,11 +83,16 @@ def main() -> int:
         diag, val = last_diagnostics(out / placement), last_validation(out / placement)
         if diag is None:
             continue
-        result["runs"][placement] = {"step": diag["step"], "layer_var": diag["layer_var"],
-                                     "layer_max_abs": diag["layer_max_abs"], "layer_grad_norm": diag["layer_grad_norm"],
-                                     "layer_attn_entropy": diag["layer_attn_entropy"],
-                                     "valid_loss": val and val["loss"], "valid_bpb": val and val["bits_per_byte"],
-                                     "seconds": timings.get(placement)}
+        result["runs"][placement] = {
+            "step": diag["step"],
+            "layer_var": diag["layer_var"],
+            "layer_max_abs": diag["layer_max_abs"],
+            "layer_grad_norm": diag["layer_grad_norm"],
+            "layer_attn_entropy": diag["layer_attn_entropy"],
+            "valid_loss": val and val["loss"],
+            "valid_bpb": val and val["bits_per_byte"],
+            "seconds": timings.get(placement),
+        }
     print(json.dumps(result))
     runs = result["runs"]
     if runs:
@@ -75,8 +100,11 @@ def main() -> int:
         print("\n| placement | " + " | ".join(["emb"] + [f"L{i}" for i in range(1, layers)]) + " | valid loss |")
         print("|---" * (layers + 2) + "|")
         for name, r in runs.items():
-            print(f"| {name} (step {r['step']}) | " + " | ".join(f"{v:.3g}" for v in r["layer_var"])
-                  + f" | {r['valid_loss']:.4f} |")
+            print(
+                f"| {name} (step {r['step']}) | "
+                + " | ".join(f"{v:.3g}" for v in r["layer_var"])
+                + f" | {r['valid_loss']:.4f} |"
+            )
     return 0
 
 

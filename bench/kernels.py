@@ -16,6 +16,7 @@ one small shape (so this script is exercised on CPU), and exits 0.
     python bench/kernels.py --quick         # hidden 2048/8192, rows 16K only
     python bench/kernels.py --cpu-dry-run   # no GPU: run the GPU harness on CPU (checks the script)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,9 +36,9 @@ if not HAS_CUDA:
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import triton  # noqa: E402
+import triton
 
-from kernels import resolve_backend, torch_ops  # noqa: E402
+from kernels import resolve_backend, torch_ops
 
 EPS = 1e-5
 HIDDEN = (1024, 2048, 4096, 8192)
@@ -48,9 +49,9 @@ TARGETS = {"fwd_frac_copy": 0.85, "bwd_frac_copy": 0.70, "peri_speedup_vs_unfuse
 # Ideal bytes moved per element of one [rows, hidden] activation, in units of the element size:
 # reads + writes of full activations (gains, biases and per-row stats are negligible).
 IDEAL_PASSES = {
-    "rms_norm": (2, 3),      # fwd: x -> y;        bwd: x, dy -> dx
+    "rms_norm": (2, 3),  # fwd: x -> y;        bwd: x, dy -> dx
     "layer_norm": (2, 3),
-    "add_norm": (4, 4),      # fwd: x, r -> s, y;  bwd: s, dy, ds -> dx (= dr, one tensor)
+    "add_norm": (4, 4),  # fwd: x, r -> s, y;  bwd: s, dy, ds -> dx (= dr, one tensor)
     "peri_junction": (4, 6),  # fwd: f, r -> s, y;  bwd: s, f, dy, ds -> dr, df
 }
 
@@ -75,12 +76,12 @@ def optional_imports() -> tuple[dict, dict]:
         from liger_kernel.transformers.functional import liger_layer_norm, liger_rms_norm
 
         found["liger"] = (liger_rms_norm, liger_layer_norm)
-    except Exception as e:  # noqa: BLE001 - any import failure means "skip with a note"
+    except Exception as e:
         notes["liger"] = f"skipped: liger_kernel not importable ({type(e).__name__}: {e})"
     try:
         ops, _ = resolve_backend("apex", "cuda")
         found["apex"] = ops
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         notes["apex"] = f"skipped: {e}"
     return found, notes
 
@@ -110,7 +111,8 @@ def providers_for(op: str, triton_ops, extra: dict) -> dict:
         P["triton"] = lambda t: (triton_ops.layer_norm(t["x"], t["w"], t["b"], EPS),)
         P["torch_eager"] = lambda t: (torch_ops.layer_norm(t["x"], t["w"], t["b"], EPS),)
         P["torch_native"] = lambda t: (
-            torch.nn.functional.layer_norm(t["x"], (t["x"].shape[-1],), t["w"], t["b"], EPS),)
+            torch.nn.functional.layer_norm(t["x"], (t["x"].shape[-1],), t["w"], t["b"], EPS),
+        )
         P["torch_compile"] = lambda t: (compiled_fn(torch_ops.layer_norm)(t["x"], t["w"], t["b"], EPS),)
         if "liger" in extra:
             ln = extra["liger"][1]
@@ -137,7 +139,8 @@ def providers_for(op: str, triton_ops, extra: dict) -> dict:
         P["triton_unfused"] = unfused
         P["torch_eager"] = lambda t: torch_ops.peri_junction(t["x"], t["r"], t["w"], None, t["w2"], None, EPS)
         P["torch_compile"] = lambda t: compiled_fn(torch_ops.peri_junction)(
-            t["x"], t["r"], t["w"], None, t["w2"], None, EPS)
+            t["x"], t["r"], t["w"], None, t["w2"], None, EPS
+        )
     return P
 
 
@@ -224,23 +227,35 @@ def bench_gpu(args, dry_run: bool = False) -> dict:
                     rec = {"op": op, "hidden": hidden, "rows": rows, "dtype": args.dtype, "provider": name}
                     try:
                         fwd_ms, bwd_ms = time_fwd_bwd(bench, rep, fn, t, leaves)
-                    except Exception as e:  # noqa: BLE001 - report, keep benchmarking the rest
+                    except Exception as e:
                         rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
                         results.append(rec)
                         continue
                     pf, pb = IDEAL_PASSES[op]
                     fwd_gbps = pf * act_bytes / fwd_ms / 1e6
                     bwd_gbps = pb * act_bytes / bwd_ms / 1e6
-                    rec.update(fwd_ms=round(fwd_ms, 4), bwd_ms=round(bwd_ms, 4),
-                               fwd_gbps=round(fwd_gbps, 3), bwd_gbps=round(bwd_gbps, 3),
-                               fwd_frac_copy=round(fwd_gbps / copy_gbps, 4),
-                               bwd_frac_copy=round(bwd_gbps / copy_gbps, 4))
+                    rec.update(
+                        fwd_ms=round(fwd_ms, 4),
+                        bwd_ms=round(bwd_ms, 4),
+                        fwd_gbps=round(fwd_gbps, 3),
+                        bwd_gbps=round(bwd_gbps, 3),
+                        fwd_frac_copy=round(fwd_gbps / copy_gbps, 4),
+                        bwd_frac_copy=round(bwd_gbps / copy_gbps, 4),
+                    )
                     times[name] = fwd_ms + bwd_ms
                     results.append(rec)
                 if op == "peri_junction" and "triton" in times:
-                    peri.append({"hidden": hidden, "rows": rows, **{
-                        f"speedup_fwd_bwd_vs_{k}": round(v / times["triton"], 3)
-                        for k, v in times.items() if k != "triton"}})
+                    peri.append(
+                        {
+                            "hidden": hidden,
+                            "rows": rows,
+                            **{
+                                f"speedup_fwd_bwd_vs_{k}": round(v / times["triton"], 3)
+                                for k, v in times.items()
+                                if k != "triton"
+                            },
+                        }
+                    )
                 if not dry_run:
                     torch.cuda.empty_cache()
             del t, leaves
@@ -259,16 +274,26 @@ def bench_gpu(args, dry_run: bool = False) -> dict:
 
 
 def check_targets(results, peri) -> dict:
-    ours = [r for r in results if r["provider"] == "triton" and "error" not in r
-            and r["hidden"] >= 2048 and r["rows"] >= 16384 and r["op"] in ("rms_norm", "layer_norm")]
+    ours = [
+        r
+        for r in results
+        if r["provider"] == "triton"
+        and "error" not in r
+        and r["hidden"] >= 2048
+        and r["rows"] >= 16384
+        and r["op"] in ("rms_norm", "layer_norm")
+    ]
     out = dict(TARGETS)
     if ours:
         out["worst_fwd_frac_copy"] = min(r["fwd_frac_copy"] for r in ours)
         out["worst_bwd_frac_copy"] = min(r["bwd_frac_copy"] for r in ours)
         out["fwd_met"] = out["worst_fwd_frac_copy"] >= TARGETS["fwd_frac_copy"]
         out["bwd_met"] = out["worst_bwd_frac_copy"] >= TARGETS["bwd_frac_copy"]
-    sp = [p["speedup_fwd_bwd_vs_triton_unfused"] for p in peri
-          if "speedup_fwd_bwd_vs_triton_unfused" in p and p["hidden"] >= 2048 and p["rows"] >= 16384]
+    sp = [
+        p["speedup_fwd_bwd_vs_triton_unfused"]
+        for p in peri
+        if "speedup_fwd_bwd_vs_triton_unfused" in p and p["hidden"] >= 2048 and p["rows"] >= 16384
+    ]
     if sp:
         out["worst_peri_speedup_vs_unfused"] = min(sp)
         out["peri_met"] = min(sp) >= TARGETS["peri_speedup_vs_unfused"]
@@ -297,10 +322,13 @@ def smoke_cpu() -> dict:
         (o_ref, g_ref, f_ref, b_ref), (o_tri, g_tri, f_tri, b_tri) = res["torch_eager"], res["triton_interpreter"]
         out["ops"][op] = {
             "max_abs_diff_fwd": max((a - b).abs().max().item() for a, b in zip(o_tri, o_ref)),
-            "max_abs_diff_bwd": max((a - b).abs().max().item() for a, b in zip(g_tri, g_ref)
-                                    if a is not None and b is not None),
-            "torch_eager_fwd_ms": round(f_ref, 3), "torch_eager_bwd_ms": round(b_ref, 3),
-            "interpreter_fwd_ms": round(f_tri, 3), "interpreter_bwd_ms": round(b_tri, 3),
+            "max_abs_diff_bwd": max(
+                (a - b).abs().max().item() for a, b in zip(g_tri, g_ref) if a is not None and b is not None
+            ),
+            "torch_eager_fwd_ms": round(f_ref, 3),
+            "torch_eager_bwd_ms": round(b_ref, 3),
+            "interpreter_fwd_ms": round(f_tri, 3),
+            "interpreter_bwd_ms": round(b_tri, 3),
         }
     out["agree"] = all(v["max_abs_diff_fwd"] < 1e-4 and v["max_abs_diff_bwd"] < 1e-3 for v in out["ops"].values())
     return out
@@ -312,9 +340,12 @@ def main(argv=None) -> int:
     ap.add_argument("--ops", nargs="+", default=list(IDEAL_PASSES), choices=list(IDEAL_PASSES))
     ap.add_argument("--quick", action="store_true", help="hidden 2048/8192 and 16K rows only")
     ap.add_argument("--rep", type=int, default=100, help="do_bench measuring time per point, ms")
-    ap.add_argument("--cpu-dry-run", action="store_true",
-                    help="without a GPU: run the GPU harness on CPU at a tiny shape (interpreter) to "
-                         "check the script; its numbers mean nothing")
+    ap.add_argument(
+        "--cpu-dry-run",
+        action="store_true",
+        help="without a GPU: run the GPU harness on CPU at a tiny shape (interpreter) to "
+        "check the script; its numbers mean nothing",
+    )
     args = ap.parse_args(argv)
 
     report = {
@@ -329,13 +360,17 @@ def main(argv=None) -> int:
         report.update(bench_gpu(args, dry_run=True))
         report["note"] = "--cpu-dry-run: harness check on CPU; timings are meaningless"
     else:
-        report.update({
-            "gpu": False,
-            "note": ("no CUDA GPU present: no timings or bandwidth figures; ran a CPU smoke comparison "
-                     "of torch eager vs the Triton interpreter instead. Run `python bench/kernels.py` "
-                     "on a GPU for the figures."),
-            "cpu_smoke": smoke_cpu(),
-        })
+        report.update(
+            {
+                "gpu": False,
+                "note": (
+                    "no CUDA GPU present: no timings or bandwidth figures; ran a CPU smoke comparison "
+                    "of torch eager vs the Triton interpreter instead. Run `python bench/kernels.py` "
+                    "on a GPU for the figures."
+                ),
+                "cpu_smoke": smoke_cpu(),
+            }
+        )
     print(json.dumps(report, indent=1))
     return 0
 

@@ -6,6 +6,7 @@ largest per-step loss difference for each layout x placement (the figures behind
 
 Each run is a normal run directory under --out; the config is configs/tiny.yaml unless --config.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,17 +33,37 @@ LAYOUTS = {
 
 def run(out: Path, name: str, nproc: int, sets: list[str], args) -> dict[int, float]:
     run_dir = out / name
-    cmd = ["bash", str(ROOT / "launch" / "local.sh"), str(nproc), "-m", "pretrain.train", "--config", args.config,
-           "--set", f"run.dir={run_dir}", "--set", f"data.dir={args.data_dir}", "--set", f"train.max_steps={args.steps}",
-           "--set", "train.warmup_steps=2", "--set", "checkpoint.every=0", "--set", "train.eval_every=0",
-           "--set", "train.diagnostics_every=0"]
+    cmd = [
+        "bash",
+        str(ROOT / "launch" / "local.sh"),
+        str(nproc),
+        "-m",
+        "pretrain.train",
+        "--config",
+        args.config,
+        "--set",
+        f"run.dir={run_dir}",
+        "--set",
+        f"data.dir={args.data_dir}",
+        "--set",
+        f"train.max_steps={args.steps}",
+        "--set",
+        "train.warmup_steps=2",
+        "--set",
+        "checkpoint.every=0",
+        "--set",
+        "train.eval_every=0",
+        "--set",
+        "train.diagnostics_every=0",
+    ]
     for s in sets:
         cmd += ["--set", s]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
-    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-            if "lr" in r}
+    return {
+        r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "lr" in r
+    }
 
 
 def main() -> int:

@@ -18,6 +18,7 @@ the embedding lookup not), L layers, H heads, Q head size, T sequence length (Pa
 Peak: the device's dense bf16 figure (H100/H200 SXM 989 TFLOP/s, A100 312), or --peak-tflops; none
 is stated for a CPU, so MFU is null there unless one is given. Prints one JSON object.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,7 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pretrain.config import load_config, resolve  # noqa: E402
+from pretrain.config import load_config, resolve
 
 DENSE_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # TFLOP/s, dense (no sparsity)
 IDS = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
@@ -46,8 +47,11 @@ def device_info(device: torch.device) -> dict:
         name = torch.cuda.get_device_name(device)
         peak = next((v for k, v in DENSE_BF16_PEAK.items() if k in name), None)
         return {"device": name, "peak_flops": peak, "peak_source": "dense bf16 table in bench/train_step.py"}
-    return {"device": f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-            "peak_flops": None, "peak_source": "no stated peak for a CPU"}
+    return {
+        "device": f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "peak_flops": None,
+        "peak_source": "no stated peak for a CPU",
+    }
 
 
 def flops_per_token(m) -> float:
@@ -128,16 +132,36 @@ def mcore_contender(m, device, dtype, compile_, lr):
         parallel_state.initialize_model_parallel(1, 1)
     tensor_parallel.model_parallel_cuda_manual_seed(0) if device.type == "cuda" else None
     cfg = TransformerConfig(
-        num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_heads,
-        num_query_groups=m.num_kv_heads or m.num_heads, ffn_hidden_size=m.ffn_hidden_size,
-        normalization="RMSNorm", gated_linear_unit=True, activation_func=torch.nn.functional.silu,
-        add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0, layernorm_epsilon=m.norm_eps,
-        bf16=dtype == torch.bfloat16, params_dtype=dtype, use_cpu_initialization=device.type != "cuda",
-        gradient_accumulation_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False,
-        masked_softmax_fusion=False, persist_layer_norm=False)
-    model = GPTModel(cfg, get_gpt_layer_local_spec(normalization="RMSNorm"), vocab_size=m.vocab_size,
-                     max_sequence_length=m.seq_len, position_embedding_type="rope", rotary_base=int(m.rope_theta),
-                     share_embeddings_and_output_weights=m.tie_embeddings).to(device)
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_heads,
+        num_query_groups=m.num_kv_heads or m.num_heads,
+        ffn_hidden_size=m.ffn_hidden_size,
+        normalization="RMSNorm",
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        layernorm_epsilon=m.norm_eps,
+        bf16=dtype == torch.bfloat16,
+        params_dtype=dtype,
+        use_cpu_initialization=device.type != "cuda",
+        gradient_accumulation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+    )
+    model = GPTModel(
+        cfg,
+        get_gpt_layer_local_spec(normalization="RMSNorm"),
+        vocab_size=m.vocab_size,
+        max_sequence_length=m.seq_len,
+        position_embedding_type="rope",
+        rotary_base=int(m.rope_theta),
+        share_embeddings_and_output_weights=m.tie_embeddings,
+    ).to(device)
     pos = torch.arange(m.seq_len, device=device)
 
     def loss(mod, x, y):
@@ -156,13 +180,24 @@ def profile_top(contender: Contender, tokens, labels, rows: int) -> list[dict]:
     key = "self_cuda_time_total" if tokens.is_cuda else "self_cpu_time_total"
     events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
     total = sum(getattr(e, key) for e in events) or 1
-    return [{"op": e.key, "self_ms": round(getattr(e, key) / 1e3, 2), "share": round(getattr(e, key) / total, 3),
-             "calls": e.count} for e in events[:rows]]
+    return [
+        {
+            "op": e.key,
+            "self_ms": round(getattr(e, key) / 1e3, 2),
+            "share": round(getattr(e, key) / total, 3),
+            "calls": e.count,
+        }
+        for e in events[:rows]
+    ]
 
 
 def measure(cfg_path: str, sets: list[str], placement: str, args, device: torch.device) -> dict:
-    cfg = load_config(cfg_path, list(sets) + [f"model.placement={placement}"] +
-                      ([f"model.vocab_size={args.vocab_size}"] if args.vocab_size else []))
+    cfg = load_config(
+        cfg_path,
+        list(sets)
+        + [f"model.placement={placement}"]
+        + ([f"model.vocab_size={args.vocab_size}"] if args.vocab_size else []),
+    )
     m = resolve(cfg).model
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     batch = args.micro_batch or cfg.train.micro_batch_size
@@ -171,8 +206,11 @@ def measure(cfg_path: str, sets: list[str], placement: str, args, device: torch.
     skipped = {}
     for other in args.compare:
         try:
-            contenders.append(hf_contender(our_model, m, dtype, args.compile, cfg.train.lr) if other == "hf"
-                              else mcore_contender(m, device, dtype, args.compile, cfg.train.lr))
+            contenders.append(
+                hf_contender(our_model, m, dtype, args.compile, cfg.train.lr)
+                if other == "hf"
+                else mcore_contender(m, device, dtype, args.compile, cfg.train.lr)
+            )
         except Exception as err:  # recorded in the JSON: why a reference could not run here
             skipped[other] = f"{type(err).__name__}: {err}"[:400]
     sync = (lambda: torch.cuda.synchronize()) if device.type == "cuda" else (lambda: None)
@@ -203,19 +241,36 @@ def measure(cfg_path: str, sets: list[str], placement: str, args, device: torch.
     info = device_info(device)
     peak = args.peak_tflops * 1e12 if args.peak_tflops else info["peak_flops"]
     tokens_per_step = batch * m.seq_len
-    out = {"placement": placement, "dims": {"hidden": m.hidden_size, "layers": m.num_layers, "heads": m.num_heads,
-                                            "ffn": m.ffn_hidden_size, "vocab": m.vocab_size, "seq": m.seq_len,
-                                            "micro_batch": batch},
-           "norm_backend": reason, "flops_per_token": fpt, "model_flops_per_token": our_model.flops_per_token(),
-           "contenders": {}, "skipped": skipped}
+    out = {
+        "placement": placement,
+        "dims": {
+            "hidden": m.hidden_size,
+            "layers": m.num_layers,
+            "heads": m.num_heads,
+            "ffn": m.ffn_hidden_size,
+            "vocab": m.vocab_size,
+            "seq": m.seq_len,
+            "micro_batch": batch,
+        },
+        "norm_backend": reason,
+        "flops_per_token": fpt,
+        "model_flops_per_token": our_model.flops_per_token(),
+        "contenders": {},
+        "skipped": skipped,
+    }
     for c in contenders:
         step = statistics.median(c.times)
         tps = tokens_per_step / step
-        row = {"step_s": round(step, 5), "tokens_per_s": round(tps, 1), "achieved_tflops": round(tps * fpt / 1e12, 4),
-               "mfu": round(tps * fpt / peak, 4) if peak else None,
-               "peak_memory_bytes": peak_mem.get(c.name), "first_step_s": round(c.first_step_s, 3),
-               "params": sum(p.numel() for p in c.model.parameters()),
-               "loss_first_last": [round(c.losses[0], 4), round(c.losses[-1], 4)]}
+        row = {
+            "step_s": round(step, 5),
+            "tokens_per_s": round(tps, 1),
+            "achieved_tflops": round(tps * fpt / 1e12, 4),
+            "mfu": round(tps * fpt / peak, 4) if peak else None,
+            "peak_memory_bytes": peak_mem.get(c.name),
+            "first_step_s": round(c.first_step_s, 3),
+            "params": sum(p.numel() for p in c.model.parameters()),
+            "loss_first_last": [round(c.losses[0], 4), round(c.losses[-1], 4)],
+        }
         if args.compile:
             row["compile_s_approx"] = round(c.first_step_s - step, 3)
         out["contenders"][c.name] = row
@@ -223,8 +278,10 @@ def measure(cfg_path: str, sets: list[str], placement: str, args, device: torch.
         out[f"ours_over_{c.name}"] = round(out["contenders"][c.name]["step_s"] / out["contenders"]["ours"]["step_s"], 3)
     if args.profile:
         data = batches[0].to(device)
-        out["profile"] = {c.name: profile_top(c, data[:, :-1].contiguous(), data[:, 1:].contiguous(), args.profile_rows)
-                          for c in contenders}
+        out["profile"] = {
+            c.name: profile_top(c, data[:, :-1].contiguous(), data[:, 1:].contiguous(), args.profile_rows)
+            for c in contenders
+        }
     return out
 
 
@@ -233,8 +290,13 @@ def main(argv=None) -> int:
     p.add_argument("--config", default=str(ROOT / "configs" / "quickstart.yaml"))
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--placements", nargs="+", default=["pre"])
-    p.add_argument("--compare", nargs="*", default=["hf"], choices=["hf", "mcore"],
-                   help="references run side by side (only for placements they can express: hf needs pre)")
+    p.add_argument(
+        "--compare",
+        nargs="*",
+        default=["hf"],
+        choices=["hf", "mcore"],
+        help="references run side by side (only for placements they can express: hf needs pre)",
+    )
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="default: bf16 on a GPU, fp32 on CPU")
     p.add_argument("--backend", default="auto", help="norm kernels: auto, triton, apex, torch")
     p.add_argument("--micro-batch", type=int, default=0)
@@ -250,12 +312,22 @@ def main(argv=None) -> int:
     args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    result = {"bench": "train_step", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "command": " ".join(sys.argv),
-              **device_info(device), "torch": torch.__version__, "dtype": args.dtype, "compile": args.compile,
-              "optimizer": "torch.optim.AdamW(foreach) fp32 states", "runs": []}
+    result = {
+        "bench": "train_step",
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "command": " ".join(sys.argv),
+        **device_info(device),
+        "torch": torch.__version__,
+        "dtype": args.dtype,
+        "compile": args.compile,
+        "optimizer": "torch.optim.AdamW(foreach) fp32 states",
+        "runs": [],
+    }
     for placement in args.placements:
         compare = [c for c in args.compare if c != "hf" or placement == "pre"]
-        result["runs"].append(measure(args.config, args.set, placement, argparse.Namespace(**{**vars(args), "compare": compare}), device))
+        result["runs"].append(
+            measure(args.config, args.set, placement, argparse.Namespace(**{**vars(args), "compare": compare}), device)
+        )
     print(json.dumps(result, indent=1))
     return 0
 

@@ -5,6 +5,7 @@ functional forms are used (no modules), so parameters stay ours and checkpoints 
 apex has no LNS scale, no residual fusion and no Peri junction: those are compositions here
 (the scale is one extra elementwise multiply, in the output dtype).
 """
+
 from __future__ import annotations
 
 import importlib

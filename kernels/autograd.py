@@ -6,6 +6,7 @@ Any leading shape is flattened to [rows, hidden]; outputs are allocated in the c
 recomputed except xhat. Gain/bias gradients come back in the parameter's dtype.
 Double backward is not supported (once_differentiable).
 """
+
 from __future__ import annotations
 
 import torch
@@ -46,12 +47,16 @@ class NormFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x2, weight, mean, rstd = ctx.saved_tensors
         shape, scale, is_rms, bias_dtype = ctx.meta
-        dx, dw, db = norm_bwd(
-            as_rows(dy, x2.shape[1]), x2, weight, bias_dtype is not None, mean, rstd, scale, is_rms
-        )
+        dx, dw, db = norm_bwd(as_rows(dy, x2.shape[1]), x2, weight, bias_dtype is not None, mean, rstd, scale, is_rms)
         need = ctx.needs_input_grad
-        return (dx.view(shape) if need[0] else None, _grad_or_none(need[1], dw, weight.dtype),
-                _grad_or_none(need[2], db, bias_dtype), None, None, None)
+        return (
+            dx.view(shape) if need[0] else None,
+            _grad_or_none(need[1], dw, weight.dtype),
+            _grad_or_none(need[2], db, bias_dtype),
+            None,
+            None,
+            None,
+        )
 
 
 class AddNormFunction(torch.autograd.Function):
@@ -63,8 +68,7 @@ class AddNormFunction(torch.autograd.Function):
         weight = weight.contiguous()
         bias = bias.contiguous() if bias is not None else None
         y, s, mean, rstd = norm_fwd(
-            as_rows(x, hidden), weight, bias, eps, scale, is_rms,
-            residual=as_rows(residual, hidden), out_shape=x.shape,
+            as_rows(x, hidden), weight, bias, eps, scale, is_rms, residual=as_rows(residual, hidden), out_shape=x.shape
         )
         ctx.save_for_backward(s, weight, mean, rstd)
         ctx.meta = (x.dtype, residual.dtype, scale, is_rms, _dtype(bias))
@@ -82,30 +86,50 @@ class AddNormFunction(torch.autograd.Function):
         if dy is None:
             dy = torch.zeros_like(s)
         dx, dw, db = norm_bwd(
-            as_rows(dy, hidden), s2, weight, bias_dtype is not None, mean, rstd, scale, is_rms,
+            as_rows(dy, hidden),
+            s2,
+            weight,
+            bias_dtype is not None,
+            mean,
+            rstd,
+            scale,
+            is_rms,
             ds=None if ds is None else as_rows(ds, hidden),
         )
         dx = dx.view(s.shape)
         need = ctx.needs_input_grad
         # d(x + r)/dx = d(x + r)/dr = 1: both get the same gradient (as torch's add does).
-        return (dx.to(x_dtype) if need[0] else None, dx.to(r_dtype) if need[1] else None,
-                _grad_or_none(need[2], dw, weight.dtype), _grad_or_none(need[3], db, bias_dtype),
-                None, None, None)
+        return (
+            dx.to(x_dtype) if need[0] else None,
+            dx.to(r_dtype) if need[1] else None,
+            _grad_or_none(need[2], dw, weight.dtype),
+            _grad_or_none(need[3], db, bias_dtype),
+            None,
+            None,
+            None,
+        )
 
 
 class PeriJunctionFunction(torch.autograd.Function):
     """(s, N_in(s) * scale) with s = residual + N_out(f), in one pass."""
 
     @staticmethod
-    def forward(ctx, f, residual, out_weight, out_bias, in_weight, in_bias, eps: float, scale: float,
-                is_rms: bool):
+    def forward(ctx, f, residual, out_weight, out_bias, in_weight, in_bias, eps: float, scale: float, is_rms: bool):
         hidden = f.shape[-1]
         out_weight, in_weight = out_weight.contiguous(), in_weight.contiguous()
         out_bias = out_bias.contiguous() if out_bias is not None else None
         in_bias = in_bias.contiguous() if in_bias is not None else None
         f2 = as_rows(f, hidden)
         s, y, stats = peri_fwd(
-            f2, as_rows(residual, hidden), out_weight, out_bias, in_weight, in_bias, eps, scale, is_rms,
+            f2,
+            as_rows(residual, hidden),
+            out_weight,
+            out_bias,
+            in_weight,
+            in_bias,
+            eps,
+            scale,
+            is_rms,
             out_shape=f.shape,
         )
         ctx.save_for_backward(s, f2, out_weight, in_weight, *stats)
@@ -122,13 +146,28 @@ class PeriJunctionFunction(torch.autograd.Function):
         if dy is None:
             dy = torch.zeros_like(s)
         dr, df, dwo, dbo, dwi, dbi = peri_bwd(
-            as_rows(dy, hidden), None if ds is None else as_rows(ds, hidden), s.view(-1, hidden), f2,
-            out_weight, in_weight, out_bias_dtype is not None, in_bias_dtype is not None, tuple(stats),
-            scale, is_rms,
+            as_rows(dy, hidden),
+            None if ds is None else as_rows(ds, hidden),
+            s.view(-1, hidden),
+            f2,
+            out_weight,
+            in_weight,
+            out_bias_dtype is not None,
+            in_bias_dtype is not None,
+            tuple(stats),
+            scale,
+            is_rms,
             r_dtype,
         )
         need = ctx.needs_input_grad
-        return (df.view(shape) if need[0] else None, dr.view(shape) if need[1] else None,
-                _grad_or_none(need[2], dwo, out_weight.dtype), _grad_or_none(need[3], dbo, out_bias_dtype),
-                _grad_or_none(need[4], dwi, in_weight.dtype), _grad_or_none(need[5], dbi, in_bias_dtype),
-                None, None, None)
+        return (
+            df.view(shape) if need[0] else None,
+            dr.view(shape) if need[1] else None,
+            _grad_or_none(need[2], dwo, out_weight.dtype),
+            _grad_or_none(need[3], dbo, out_bias_dtype),
+            _grad_or_none(need[4], dwi, in_weight.dtype),
+            _grad_or_none(need[5], dbi, in_bias_dtype),
+            None,
+            None,
+            None,
+        )

@@ -8,6 +8,7 @@ Fused backends are imported lazily: importing this module must not import the Tr
 because whether they run compiled or interpreted is fixed when they are first imported
 (TRITON_INTERPRET), and the tests set that up first.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -17,6 +18,7 @@ from typing import Callable
 import torch
 
 from kernels import torch_ops
+from kernels.errors import ConfigError, EnvironmentCheckError
 
 BACKEND_CHOICES = ("auto", "triton", "apex", "torch")
 
@@ -24,7 +26,7 @@ BACKEND_CHOICES = ("auto", "triton", "apex", "torch")
 TRITON_MAX_HIDDEN = 32768
 
 
-class BackendUnavailableError(RuntimeError):
+class BackendUnavailableError(EnvironmentCheckError):
     """An explicitly requested norm backend cannot run on this device / install."""
 
 
@@ -56,8 +58,13 @@ TORCH_OPS = NormOps(
 
 
 def _ops_from(name: str, module) -> NormOps:
-    return NormOps(name=name, rms_norm=module.rms_norm, layer_norm=module.layer_norm,
-                   add_norm=module.add_norm, peri_junction=module.peri_junction)
+    return NormOps(
+        name=name,
+        rms_norm=module.rms_norm,
+        layer_norm=module.layer_norm,
+        add_norm=module.add_norm,
+        peri_junction=module.peri_junction,
+    )
 
 
 def triton_missing(device: torch.device, hidden_size: int | None = None) -> str | None:
@@ -67,20 +74,26 @@ def triton_missing(device: torch.device, hidden_size: int | None = None) -> str 
     except ImportError as e:
         return f"the 'triton' package is not importable ({e})"
     if hidden_size is not None and hidden_size > TRITON_MAX_HIDDEN:
-        return (f"hidden size {hidden_size} exceeds the Triton norm kernels' maximum of "
-                f"{TRITON_MAX_HIDDEN} (a row must fit in registers)")
+        return (
+            f"hidden size {hidden_size} exceeds the Triton norm kernels' maximum of "
+            f"{TRITON_MAX_HIDDEN} (a row must fit in registers)"
+        )
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            return ("torch.cuda.is_available() is False (a CPU-only torch build, or no GPU visible: "
-                    "check CUDA_VISIBLE_DEVICES and the driver)")
+            return (
+                "torch.cuda.is_available() is False (a CPU-only torch build, or no GPU visible: "
+                "check CUDA_VISIBLE_DEVICES and the driver)"
+            )
         return None
     if device.type == "cpu":
-        from kernels.triton_common import interpreter_active
+        from kernels.triton_norm import interpreter_active
 
         if interpreter_active():
             return None
-        return ("the Triton kernels need a CUDA GPU; on CPU they run only under the Triton "
-                "interpreter (TRITON_INTERPRET=1 set before the kernels are first imported; for tests)")
+        return (
+            "the Triton kernels need a CUDA GPU; on CPU they run only under the Triton "
+            "interpreter (TRITON_INTERPRET=1 set before the kernels are first imported; for tests)"
+        )
     return f"the Triton kernels run on cuda (or cpu under the interpreter), not on '{device.type}'"
 
 
@@ -95,14 +108,14 @@ def apex_missing(device: torch.device) -> str | None:
         problems.append("torch.cuda.is_available() is False")
     missing = apex_ops.apex_missing()
     if missing is not None:
-        problems.append(missing + "; apex is optional: build NVIDIA apex from source with its CUDA "
-                        "extensions, or choose kernels.backend: triton or torch")
+        problems.append(
+            missing + "; apex is optional: build NVIDIA apex from source with its CUDA "
+            "extensions, or choose kernels.backend: triton or torch"
+        )
     return "; ".join(problems) if problems else None
 
 
-def resolve_backend(
-    requested: str, device: torch.device | str, hidden_size: int | None = None
-) -> tuple[NormOps, str]:
+def resolve_backend(requested: str, device: torch.device | str, hidden_size: int | None = None) -> tuple[NormOps, str]:
     """Returns the ops for `requested` on `device` and a sentence saying why they were picked.
 
     hidden_size (optional) lets `auto` avoid the Triton kernels above their maximum hidden size
@@ -110,9 +123,7 @@ def resolve_backend(
     """
     device = torch.device(device)
     if requested not in BACKEND_CHOICES:
-        raise ValueError(
-            f"kernels.backend: '{requested}' is not a backend; allowed: {', '.join(BACKEND_CHOICES)}"
-        )
+        raise ConfigError(f"kernels.backend: '{requested}' is not a backend; allowed: {', '.join(BACKEND_CHOICES)}")
     if requested == "torch":
         return TORCH_OPS, f"torch: requested in the config (device {device.type})"
     if requested == "triton":
@@ -144,8 +155,7 @@ def resolve_backend(
                 f"apex: auto on cuda because triton cannot run ({why_not_triton}) and apex is importable"
             )
         return TORCH_OPS, (
-            f"torch: auto on cuda because triton cannot run ({why_not_triton}) and apex cannot either "
-            f"({why_not_apex})"
+            f"torch: auto on cuda because triton cannot run ({why_not_triton}) and apex cannot either ({why_not_apex})"
         )
     if device.type == "cpu":
         return TORCH_OPS, (

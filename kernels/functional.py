@@ -2,12 +2,14 @@
 
 These validate arguments (same messages as the torch path), then call the autograd Functions.
 """
+
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from kernels.autograd import AddNormFunction, NormFunction, PeriJunctionFunction
-from kernels.checks import check_kind, check_params, check_same_shape
+from kernels.checks import check_add_norm, check_params, check_peri_junction
 from kernels.triton_common import block_size
 
 
@@ -36,41 +38,20 @@ def layer_norm(
     return NormFunction.apply(x, weight, bias, float(eps), float(scale), False)
 
 
-def add_norm(
-    x: torch.Tensor,
-    residual: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    eps: float,
-    scale: float = 1.0,
-    kind: str = "rmsnorm",
-) -> tuple[torch.Tensor, torch.Tensor]:
+def add_norm(x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor | None, eps: float, scale: float = 1.0,
+             kind: str = "rmsnorm") -> tuple[Tensor, Tensor]:  # fmt: skip
     """(x + residual, N(x + residual) * scale) in one kernel."""
-    is_rms = check_kind(kind)
-    check_same_shape("add_norm", x, residual, ("x", "residual"))
-    check_params("add_norm", x.shape[-1], weight, bias, is_rms)
+    is_rms = check_add_norm(x, residual, weight, bias, kind)
     _check_input("add_norm", x, residual, weight, *([bias] if bias is not None else []))
     return AddNormFunction.apply(x, residual, weight, bias, float(eps), float(scale), is_rms)
 
 
-def peri_junction(
-    f: torch.Tensor,
-    residual: torch.Tensor,
-    out_weight: torch.Tensor,
-    out_bias: torch.Tensor | None,
-    in_weight: torch.Tensor,
-    in_bias: torch.Tensor | None,
-    eps: float,
-    scale: float = 1.0,
-    kind: str = "rmsnorm",
-) -> tuple[torch.Tensor, torch.Tensor]:
+def peri_junction(f: Tensor, residual: Tensor, out_weight: Tensor, out_bias: Tensor | None, in_weight: Tensor,
+                  in_bias: Tensor | None, eps: float, scale: float = 1.0,
+                  kind: str = "rmsnorm") -> tuple[Tensor, Tensor]:  # fmt: skip
     """(s, N_in(s) * scale) with s = residual + N_out(f), in one kernel."""
-    is_rms = check_kind(kind)
-    check_same_shape("peri_junction", f, residual, ("f", "residual"))
-    check_params("peri_junction (out norm)", f.shape[-1], out_weight, out_bias, is_rms)
-    check_params("peri_junction (in norm)", f.shape[-1], in_weight, in_bias, is_rms)
-    _check_input("peri_junction", f, residual, out_weight, in_weight,
-                 *[b for b in (out_bias, in_bias) if b is not None])
-    return PeriJunctionFunction.apply(
-        f, residual, out_weight, out_bias, in_weight, in_bias, float(eps), float(scale), is_rms
-    )
+    is_rms = check_peri_junction(f, residual, out_weight, out_bias, in_weight, in_bias, kind)
+    biases = [b for b in (out_bias, in_bias) if b is not None]
+    _check_input("peri_junction", f, residual, out_weight, in_weight, *biases)
+    args = (f, residual, out_weight, out_bias, in_weight, in_bias, float(eps), float(scale), is_rms)
+    return PeriJunctionFunction.apply(*args)

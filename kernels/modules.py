@@ -5,6 +5,7 @@ for everything else (benchmarks, tests, quick experiments) and show the intended
 layout: gain (and bias) per norm, a plain-float LNS scale, eps. With ops=None the backend is
 resolved as `auto` for the input's device on first use.
 """
+
 from __future__ import annotations
 
 import torch
@@ -41,8 +42,9 @@ class RMSNorm(_UsesOps):
 
 
 class LayerNorm(_UsesOps):
-    def __init__(self, hidden_size: int, eps: float = 1e-5, bias: bool = True, scale: float = 1.0,
-                 ops: NormOps | None = None):
+    def __init__(
+        self, hidden_size: int, eps: float = 1e-5, bias: bool = True, scale: float = 1.0, ops: NormOps | None = None
+    ):
         super().__init__(ops)
         self.eps, self.scale = eps, float(scale)
         _gain_and_bias(self, hidden_size, bias)
@@ -51,37 +53,37 @@ class LayerNorm(_UsesOps):
         return self.ops_for(x.device).layer_norm(x, self.weight, self.bias, self.eps, self.scale)
 
 
-class AddNorm(_UsesOps):
-    """forward(x, residual) -> (x + residual, N(x + residual) * scale)."""
+class _Junction(_UsesOps):
+    """A fused residual junction: `norms` sets of parameters named <prefix>weight / <prefix>bias."""
+
+    prefixes: tuple[str, ...] = ("",)
 
     def __init__(self, hidden_size: int, kind: str = "rmsnorm", eps: float = 1e-5, bias: bool = False,
-                 scale: float = 1.0, ops: NormOps | None = None):
+                 scale: float = 1.0, ops: NormOps | None = None):  # fmt: skip
         super().__init__(ops)
         self.is_rms = check_kind(kind)
         self.kind, self.eps, self.scale = kind, eps, float(scale)
-        _gain_and_bias(self, hidden_size, bias and not self.is_rms)
+        for prefix in self.prefixes:
+            _gain_and_bias(self, hidden_size, bias and not self.is_rms, prefix=prefix)
+
+
+class AddNorm(_Junction):
+    """forward(x, residual) -> (x + residual, N(x + residual) * scale)."""
 
     def forward(self, x, residual):
-        return self.ops_for(x.device).add_norm(x, residual, self.weight, self.bias, self.eps, self.scale,
-                                               kind=self.kind)
+        ops = self.ops_for(x.device)
+        return ops.add_norm(x, residual, self.weight, self.bias, self.eps, self.scale, kind=self.kind)
 
 
-class PeriJunction(_UsesOps):
+class PeriJunction(_Junction):
     """forward(f, residual) -> (s, N_in(s) * scale), s = residual + N_out(f).
 
     Holds both norms' parameters (out_weight/out_bias of this block's output norm, in_weight/
     in_bias of the next block's input norm)."""
 
-    def __init__(self, hidden_size: int, kind: str = "rmsnorm", eps: float = 1e-5, bias: bool = False,
-                 scale: float = 1.0, ops: NormOps | None = None):
-        super().__init__(ops)
-        self.is_rms = check_kind(kind)
-        self.kind, self.eps, self.scale = kind, eps, float(scale)
-        _gain_and_bias(self, hidden_size, bias and not self.is_rms, prefix="out_")
-        _gain_and_bias(self, hidden_size, bias and not self.is_rms, prefix="in_")
+    prefixes = ("out_", "in_")
 
     def forward(self, f, residual):
-        return self.ops_for(f.device).peri_junction(
-            f, residual, self.out_weight, self.out_bias, self.in_weight, self.in_bias, self.eps, self.scale,
-            kind=self.kind,
-        )
+        ops = self.ops_for(f.device)
+        out, nxt = (self.out_weight, self.out_bias), (self.in_weight, self.in_bias)
+        return ops.peri_junction(f, residual, *out, *nxt, self.eps, self.scale, kind=self.kind)

@@ -5,12 +5,14 @@ Statistics are computed in fp32 whatever the input dtype; the output has the inp
 The fused ops (add_norm, peri_junction) are the plain compositions here; the Triton backend
 computes the same values in one pass.
 """
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-from kernels.checks import check_kind, check_params, check_same_shape
+from kernels.checks import check_add_norm, check_params, check_peri_junction
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, scale: float = 1.0) -> torch.Tensor:
@@ -40,24 +42,19 @@ def compose_fused(rms_norm_fn, layer_norm_fn):
     def norm(is_rms, x, weight, bias, eps, scale=1.0):
         return rms_norm_fn(x, weight, eps, scale) if is_rms else layer_norm_fn(x, weight, bias, eps, scale)
 
-    def add_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                 eps: float, scale: float = 1.0, kind: str = "rmsnorm") -> tuple[torch.Tensor, torch.Tensor]:
+    def add_norm(x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor | None, eps: float, scale: float = 1.0,
+                 kind: str = "rmsnorm") -> tuple[Tensor, Tensor]:  # fmt: skip
         """(x + residual, N(x + residual) * scale): the pre/lns junction, unfused."""
-        is_rms = check_kind(kind)
-        check_same_shape("add_norm", x, residual, ("x", "residual"))
-        check_params("add_norm", x.shape[-1], weight, bias, is_rms)
+        is_rms = check_add_norm(x, residual, weight, bias, kind)
         s = x + residual
         return s, norm(is_rms, s, weight, bias, eps, scale)
 
-    def peri_junction(f: torch.Tensor, residual: torch.Tensor, out_weight: torch.Tensor,
-                      out_bias: torch.Tensor | None, in_weight: torch.Tensor, in_bias: torch.Tensor | None,
-                      eps: float, scale: float = 1.0, kind: str = "rmsnorm") -> tuple[torch.Tensor, torch.Tensor]:
+    def peri_junction(f: Tensor, residual: Tensor, out_weight: Tensor, out_bias: Tensor | None, in_weight: Tensor,
+                      in_bias: Tensor | None, eps: float, scale: float = 1.0,
+                      kind: str = "rmsnorm") -> tuple[Tensor, Tensor]:  # fmt: skip
         """(s, N_in(s) * scale) with s = residual + N_out(f): the Peri-LN junction, unfused.
         The scale belongs to the next block's input norm only (LNS never scales the output norm)."""
-        is_rms = check_kind(kind)
-        check_same_shape("peri_junction", f, residual, ("f", "residual"))
-        check_params("peri_junction (out norm)", f.shape[-1], out_weight, out_bias, is_rms)
-        check_params("peri_junction (in norm)", f.shape[-1], in_weight, in_bias, is_rms)
+        is_rms = check_peri_junction(f, residual, out_weight, out_bias, in_weight, in_bias, kind)
         s = residual + norm(is_rms, f, out_weight, out_bias, eps)
         return s, norm(is_rms, s, in_weight, in_bias, eps, scale)
 

@@ -7,6 +7,7 @@ of programs (a few per SM) that loop over contiguous row ranges, accumulate gain
 in fp32 registers and write one partial row each into a [num_programs, hidden] buffer that is
 summed afterwards: no atomics, and bitwise-deterministic gradients.
 """
+
 from __future__ import annotations
 
 import functools
@@ -77,16 +78,6 @@ def as_rows(t: torch.Tensor, hidden: int) -> torch.Tensor:
         # e.g. an expanded (stride-0) upstream gradient: rows would alias.
         t2 = t2.contiguous()
     return t2
-
-
-def interpreter_active() -> bool:
-    """True when our kernels were built by the Triton interpreter (TRITON_INTERPRET=1 was set
-    before kernels.triton_norm was first imported), i.e. they can run on CPU tensors."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    from kernels import triton_norm
-
-    return isinstance(triton_norm.norm_fwd_kernel, InterpretedFunction)
 
 
 # The compiled kernel of the latest launch of each kernel, by name: lets GPU tests inspect the

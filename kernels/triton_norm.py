@@ -8,18 +8,14 @@ One kernel pair serves four ops, selected by constexpr flags (compiled away, no 
 y = (xhat * w + b) * scale, with scale a runtime float (LNS 1/sqrt(l) differs per layer and must
 not trigger a recompile).
 """
+
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_common import (
-    LAST_COMPILED,
-    backward_programs,
-    block_size,
-    num_warps_for,
-)
+from kernels.triton_common import LAST_COMPILED, backward_programs, block_size, num_warps_for
 
 
 @triton.jit
@@ -55,10 +51,25 @@ def row_norm(x, W, B, Mean, Rstd, row, cols, mask, N, eps, IS_RMS: tl.constexpr,
 
 @triton.jit
 def norm_fwd_kernel(
-    X, R, S, Y, W, B, Mean, Rstd,
-    stride_x, stride_r, stride_s, stride_y,
-    N, eps, scale,
-    BLOCK: tl.constexpr, IS_RMS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    X,
+    R,
+    S,
+    Y,
+    W,
+    B,
+    Mean,
+    Rstd,
+    stride_x,
+    stride_r,
+    stride_s,
+    stride_y,
+    N,
+    eps,
+    scale,
+    BLOCK: tl.constexpr,
+    IS_RMS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
 ):
     # int64 row offsets: rows * stride can exceed 2**31 for big activations.
     row = tl.program_id(0).to(tl.int64)
@@ -78,10 +89,27 @@ def norm_fwd_kernel(
 
 @triton.jit
 def norm_bwd_kernel(
-    DY, DS, X, W, Mean, Rstd, DX, DW_part, DB_part,
-    stride_dy, stride_ds, stride_x, stride_dx,
-    n_rows, N, rows_per_program, scale,
-    BLOCK: tl.constexpr, IS_RMS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DS: tl.constexpr,
+    DY,
+    DS,
+    X,
+    W,
+    Mean,
+    Rstd,
+    DX,
+    DW_part,
+    DB_part,
+    stride_dy,
+    stride_ds,
+    stride_x,
+    stride_dx,
+    n_rows,
+    N,
+    rows_per_program,
+    scale,
+    BLOCK: tl.constexpr,
+    IS_RMS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_DS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
@@ -146,11 +174,25 @@ def norm_fwd(
     r_arg = residual if residual is not None else x
     s_arg = s if s is not None else y
     handle = norm_fwd_kernel[(n_rows,)](
-        x, r_arg, s_arg, y, weight, bias if bias is not None else weight,
-        mean if mean is not None else rstd, rstd,
-        x.stride(0), r_arg.stride(0), s_arg.stride(0), y.stride(0),
-        hidden, eps, scale,
-        BLOCK=block, IS_RMS=is_rms, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
+        x,
+        r_arg,
+        s_arg,
+        y,
+        weight,
+        bias if bias is not None else weight,
+        mean if mean is not None else rstd,
+        rstd,
+        x.stride(0),
+        r_arg.stride(0),
+        s_arg.stride(0),
+        y.stride(0),
+        hidden,
+        eps,
+        scale,
+        BLOCK=block,
+        IS_RMS=is_rms,
+        HAS_BIAS=bias is not None,
+        HAS_RESIDUAL=residual is not None,
         num_warps=num_warps_for(block),
     )
     LAST_COMPILED["norm_fwd"] = handle
@@ -186,10 +228,27 @@ def norm_bwd(
     db_part = torch.empty((progs, hidden), dtype=torch.float32, device=x.device) if has_bias else dw_part
     ds_arg = ds if ds is not None else dy
     handle = norm_bwd_kernel[(progs,)](
-        dy, ds_arg, x, weight, mean if mean is not None else rstd, rstd, dx, dw_part, db_part,
-        dy.stride(0), ds_arg.stride(0), x.stride(0), dx.stride(0),
-        n_rows, hidden, rows_per_program, scale,
-        BLOCK=block, IS_RMS=is_rms, HAS_BIAS=has_bias, HAS_DS=ds is not None,
+        dy,
+        ds_arg,
+        x,
+        weight,
+        mean if mean is not None else rstd,
+        rstd,
+        dx,
+        dw_part,
+        db_part,
+        dy.stride(0),
+        ds_arg.stride(0),
+        x.stride(0),
+        dx.stride(0),
+        n_rows,
+        hidden,
+        rows_per_program,
+        scale,
+        BLOCK=block,
+        IS_RMS=is_rms,
+        HAS_BIAS=has_bias,
+        HAS_DS=ds is not None,
         num_warps=num_warps,
     )
     LAST_COMPILED["norm_bwd"] = handle
@@ -197,3 +256,11 @@ def norm_bwd(
     dw = dw_part.sum(0)
     db = db_part.sum(0) if has_bias else None
     return dx, dw, db
+
+
+def interpreter_active() -> bool:
+    """True when our kernels were built by the Triton interpreter (TRITON_INTERPRET=1 was set
+    before kernels.triton_norm was first imported), i.e. they can run on CPU tensors."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(norm_fwd_kernel, InterpretedFunction)

@@ -9,6 +9,7 @@ Backward, one pass per row: reads dy, ds (optional), s, f; writes dr = ds + dN_i
 df = dN_out/df applied to dr (the gradient flowing into N_out is exactly dr): 6 row-passes
 against ~9 unfused. Four gain/bias gradients are reduced as per-program partial sums.
 """
+
 from __future__ import annotations
 
 import torch
@@ -21,10 +22,29 @@ from kernels.triton_norm import row_input_grad, row_norm
 
 @triton.jit
 def peri_fwd_kernel(
-    F, R, S, Y, WO, BO, WI, BI, MeanO, RstdO, MeanI, RstdI,
-    stride_f, stride_r, stride_s, stride_y,
-    N, eps, scale,
-    BLOCK: tl.constexpr, IS_RMS: tl.constexpr, HAS_OUT_BIAS: tl.constexpr, HAS_IN_BIAS: tl.constexpr,
+    F,
+    R,
+    S,
+    Y,
+    WO,
+    BO,
+    WI,
+    BI,
+    MeanO,
+    RstdO,
+    MeanI,
+    RstdI,
+    stride_f,
+    stride_r,
+    stride_s,
+    stride_y,
+    N,
+    eps,
+    scale,
+    BLOCK: tl.constexpr,
+    IS_RMS: tl.constexpr,
+    HAS_OUT_BIAS: tl.constexpr,
+    HAS_IN_BIAS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -43,12 +63,37 @@ def peri_fwd_kernel(
 
 @triton.jit
 def peri_bwd_kernel(
-    DY, DS, S, F, WO, WI, MeanO, RstdO, MeanI, RstdI, DR, DF,
-    DWO_part, DBO_part, DWI_part, DBI_part,
-    stride_dy, stride_ds, stride_s, stride_f, stride_dr, stride_df,
-    n_rows, N, rows_per_program, scale,
-    BLOCK: tl.constexpr, IS_RMS: tl.constexpr, HAS_OUT_BIAS: tl.constexpr,
-    HAS_IN_BIAS: tl.constexpr, HAS_DS: tl.constexpr,
+    DY,
+    DS,
+    S,
+    F,
+    WO,
+    WI,
+    MeanO,
+    RstdO,
+    MeanI,
+    RstdI,
+    DR,
+    DF,
+    DWO_part,
+    DBO_part,
+    DWI_part,
+    DBI_part,
+    stride_dy,
+    stride_ds,
+    stride_s,
+    stride_f,
+    stride_dr,
+    stride_df,
+    n_rows,
+    N,
+    rows_per_program,
+    scale,
+    BLOCK: tl.constexpr,
+    IS_RMS: tl.constexpr,
+    HAS_OUT_BIAS: tl.constexpr,
+    HAS_IN_BIAS: tl.constexpr,
+    HAS_DS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
@@ -119,22 +164,36 @@ def peri_fwd(f, r, out_weight, out_bias, in_weight, in_bias, eps, scale, is_rms,
     if n_rows == 0:
         return s_full, y_full, stats
     handle = peri_fwd_kernel[(n_rows,)](
-        f, r, s, y,
-        out_weight, out_bias if out_bias is not None else out_weight,
-        in_weight, in_bias if in_bias is not None else in_weight,
-        mean_o if mean_o is not None else rstd_o, rstd_o,
-        mean_i if mean_i is not None else rstd_i, rstd_i,
-        f.stride(0), r.stride(0), s.stride(0), y.stride(0),
-        hidden, eps, scale,
-        BLOCK=block, IS_RMS=is_rms, HAS_OUT_BIAS=out_bias is not None, HAS_IN_BIAS=in_bias is not None,
+        f,
+        r,
+        s,
+        y,
+        out_weight,
+        out_bias if out_bias is not None else out_weight,
+        in_weight,
+        in_bias if in_bias is not None else in_weight,
+        mean_o if mean_o is not None else rstd_o,
+        rstd_o,
+        mean_i if mean_i is not None else rstd_i,
+        rstd_i,
+        f.stride(0),
+        r.stride(0),
+        s.stride(0),
+        y.stride(0),
+        hidden,
+        eps,
+        scale,
+        BLOCK=block,
+        IS_RMS=is_rms,
+        HAS_OUT_BIAS=out_bias is not None,
+        HAS_IN_BIAS=in_bias is not None,
         num_warps=num_warps_for(block),
     )
     LAST_COMPILED["peri_fwd"] = handle
     return s_full, y_full, stats
 
 
-def peri_bwd(dy, ds, s, f, out_weight, in_weight, has_out_bias, has_in_bias, stats, scale, is_rms,
-             r_dtype):
+def peri_bwd(dy, ds, s, f, out_weight, in_weight, has_out_bias, has_in_bias, stats, scale, is_rms, r_dtype):
     """Returns (dr in r_dtype, df in f's dtype, dwo, dbo, dwi, dbi) with fp32 gain/bias grads
     (biases None when absent). dy, ds (may be None), s, f: [rows, hidden]."""
     n_rows, hidden = f.shape
@@ -162,16 +221,38 @@ def peri_bwd(dy, ds, s, f, out_weight, in_weight, has_out_bias, has_in_bias, sta
     mean_o, rstd_o, mean_i, rstd_i = stats
     ds_arg = ds if ds is not None else dy
     handle = peri_bwd_kernel[(progs,)](
-        dy, ds_arg, s, f, out_weight, in_weight,
-        mean_o if mean_o is not None else rstd_o, rstd_o,
-        mean_i if mean_i is not None else rstd_i, rstd_i,
-        dr, df, dwo_p, dbo_p, dwi_p, dbi_p,
-        dy.stride(0), ds_arg.stride(0), s.stride(0), f.stride(0), dr.stride(0), df.stride(0),
-        n_rows, hidden, rows_per_program, scale,
-        BLOCK=block, IS_RMS=is_rms, HAS_OUT_BIAS=has_out_bias, HAS_IN_BIAS=has_in_bias,
+        dy,
+        ds_arg,
+        s,
+        f,
+        out_weight,
+        in_weight,
+        mean_o if mean_o is not None else rstd_o,
+        rstd_o,
+        mean_i if mean_i is not None else rstd_i,
+        rstd_i,
+        dr,
+        df,
+        dwo_p,
+        dbo_p,
+        dwi_p,
+        dbi_p,
+        dy.stride(0),
+        ds_arg.stride(0),
+        s.stride(0),
+        f.stride(0),
+        dr.stride(0),
+        df.stride(0),
+        n_rows,
+        hidden,
+        rows_per_program,
+        scale,
+        BLOCK=block,
+        IS_RMS=is_rms,
+        HAS_OUT_BIAS=has_out_bias,
+        HAS_IN_BIAS=has_in_bias,
         HAS_DS=ds is not None,
         num_warps=num_warps,
     )
     LAST_COMPILED["peri_bwd"] = handle
-    return (dr, df, dwo_p.sum(0), grads_or_none(dbo_p, has_out_bias),
-            dwi_p.sum(0), grads_or_none(dbi_p, has_in_bias))
+    return (dr, df, dwo_p.sum(0), grads_or_none(dbo_p, has_out_bias), dwi_p.sum(0), grads_or_none(dbi_p, has_in_bias))

@@ -10,6 +10,8 @@
 # them (a shared filesystem). `bash launch/deepspeed.sh --help` lists the options.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=launch/launcher_options.sh
+source "$root/launch/launcher_options.sh"
 
 usage() {
   cat <<'EOF'
@@ -32,44 +34,30 @@ Remote hosts get PYTHONPATH, DEEPSPEED_TIMEOUT, TORCH_NCCL_ASYNC_ERROR_HANDLING 
 settings through a DeepSpeed env file (DS_ENV_FILE); DeepSpeed's own export covers only PYTHON*/NCCL*/UCX*.
 EOF
 }
-die() { echo "launch/deepspeed.sh: $*" >&2; exit 2; }
 
 hostfile=""
-master_addr=""
-master_port="${MASTER_PORT:-29500}"
+master_addr=""  # not $MASTER_ADDR: rank 0 runs on the hostfile's first host
+master_port="${master_port:-29500}"
 launcher=pdsh
 launcher_args=""
-nccl_if="${NCCL_SOCKET_IFNAME:-}"
-gloo_if="${GLOO_SOCKET_IFNAME:-}"
-pg_timeout="${DEEPSPEED_TIMEOUT:-30}"
 gpu_memory=80GB
 check=1
-dry_run=0
-need() { [ $# -ge 2 ] && [ -n "$2" ] || die "$1 needs a value (see --help)"; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --hostfile) need "$@"; hostfile="$2"; shift 2 ;;
-    --master-addr|--master_addr) need "$@"; master_addr="$2"; shift 2 ;;
-    --master-port|--master_port) need "$@"; master_port="$2"; shift 2 ;;
     --launcher) need "$@"; launcher="$2"; shift 2 ;;
     --launcher-args|--launcher_args) need "$@"; launcher_args="$2"; shift 2 ;;
-    --socket-ifname) need "$@"; nccl_if="$2"; gloo_if="$2"; shift 2 ;;
-    --nccl-socket-ifname) need "$@"; nccl_if="$2"; shift 2 ;;
-    --gloo-socket-ifname) need "$@"; gloo_if="$2"; shift 2 ;;
-    --pg-timeout) need "$@"; pg_timeout="$2"; shift 2 ;;
     --gpu-memory) need "$@"; gpu_memory="$2"; shift 2 ;;
     --no-check) check=0; shift ;;
-    --dry-run) dry_run=1; shift ;;
-    -h|--help) usage; exit 0 ;;
     --) shift; break ;;
-    *) echo "launch/deepspeed.sh: unknown option '$1' (the program's arguments go after --)" >&2; usage >&2; exit 2 ;;
+    *) shared_option "$@" || unknown_option "$1"; shift "$shared_shift" ;;  # launch/launcher_options.sh
   esac
 done
 [ $# -gt 0 ] || { usage >&2; exit 2; }
 [ -n "$hostfile" ] || die "--hostfile FILE is required ('HOST slots=N' per line)"
 [[ "$master_port" =~ ^[0-9]+$ ]] && [ "$master_port" -ge 1 ] && [ "$master_port" -le 65535 ] \
   || die "--master-port: '$master_port' is not a port (1..65535)"
-[[ "$pg_timeout" =~ ^[1-9][0-9]*$ ]] || die "--pg-timeout: '$pg_timeout' is not a positive number of minutes"
+net_check
 case "$launcher" in pdsh|openmpi|mpich|impi|mvapich|slurm) ;;
   *) die "--launcher: '$launcher' is not allowed; allowed: pdsh, openmpi, mpich, impi, mvapich, slurm" ;; esac
 
@@ -100,10 +88,7 @@ fi
 [ -n "$master_addr" ] || master_addr="$("$py" -m launch.hostfile get "$hostfile" master)"
 local_only="$("$py" -m launch.hostfile get "$hostfile" local)"
 
-export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-3}"
-export DEEPSPEED_TIMEOUT="$pg_timeout"
-if [ -n "$nccl_if" ]; then export NCCL_SOCKET_IFNAME="$nccl_if"; fi
-if [ -n "$gloo_if" ]; then export GLOO_SOCKET_IFNAME="$gloo_if"; fi
+net_export
 env_file="$(mktemp "${TMPDIR:-/tmp}/pretrain-ds-env.XXXXXX")"
 trap 'rm -f "$env_file"' EXIT
 for v in PYTHONPATH DEEPSPEED_TIMEOUT TORCH_NCCL_ASYNC_ERROR_HANDLING NCCL_SOCKET_IFNAME GLOO_SOCKET_IFNAME DS_ACCELERATOR \

@@ -16,6 +16,7 @@ line; this one rejects anything it does not understand, naming the line and the 
 starts. With --config the world size (the sum of the slots) is checked against the layout and the
 batch (launch/plan.py): divisibility, and whether it fits in GPU memory.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,11 +26,14 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from kernels.errors import UsageError
+from pretrain.cli import run
+
 _HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?|\[?[0-9A-Fa-f:.]+\]?")
 LOCAL_NAMES = {"localhost", "127.0.0.1", "::1"}
 
 
-class HostfileError(ValueError):
+class HostfileError(UsageError):
     """A hostfile problem; the message names the file, the line and the value."""
 
 
@@ -57,8 +61,10 @@ def parse_hostfile(text: str, name: str = "hostfile") -> list[Host]:
         if len(fields) == 1:
             raise HostfileError(f"{at}: '{host}' has no slots; write '{host} slots=N' (N = its GPUs)")
         if len(fields) > 2:
-            raise HostfileError(f"{at}: '{raw.strip()}': unexpected '{' '.join(fields[2:])}' after the slots "
-                                f"(one 'HOST slots=N' per line; comments start with #)")
+            raise HostfileError(
+                f"{at}: '{raw.strip()}': unexpected '{' '.join(fields[2:])}' after the slots "
+                f"(one 'HOST slots=N' per line; comments start with #)"
+            )
         m = re.fullmatch(r"slots=(.*)", fields[1])
         if not m:
             raise HostfileError(f"{at}: '{fields[1]}' is not slots=N (e.g. '{host} slots=8')")
@@ -67,11 +73,13 @@ def parse_hostfile(text: str, name: str = "hostfile") -> list[Host]:
             raise HostfileError(f"{at}: slots='{value}' for {host} is not a whole number of GPUs")
         slots = int(value)
         if slots < 1:
-            raise HostfileError(f"{at}: slots={slots} for {host}; a host needs at least 1 slot (leave it out "
-                                f"of the file instead)")
+            raise HostfileError(
+                f"{at}: slots={slots} for {host}; a host needs at least 1 slot (leave it out of the file instead)"
+            )
         if host in where:
-            raise HostfileError(f"{at}: '{host}' is listed again (first on line {where[host]}); each host once, "
-                                f"with all its slots")
+            raise HostfileError(
+                f"{at}: '{host}' is listed again (first on line {where[host]}); each host once, with all its slots"
+            )
         where[host] = number
         hosts.append(Host(host, slots, number))
     if not hosts:
@@ -107,12 +115,18 @@ def check_against_config(hosts: list[Host], cfg, gpu_memory: int | None = None) 
     slots = {h.slots for h in hosts}
     tp = cfg.parallel.tp
     if len(slots) > 1:
-        warnings.append("hosts have different slot counts (" + ", ".join(f"{h.name}={h.slots}" for h in hosts)
-                        + "): ranks fill the hosts in file order")
+        warnings.append(
+            "hosts have different slot counts ("
+            + ", ".join(f"{h.name}={h.slots}" for h in hosts)
+            + "): ranks fill the hosts in file order"
+        )
     straddle = [h for h in hosts if h.slots % tp]
     if straddle:
-        warnings.append(f"parallel.tp={tp} does not divide the slots of " + ", ".join(f"{h.name} ({h.slots})" for h in straddle)
-                        + ": some tensor-parallel groups will span two hosts")
+        warnings.append(
+            f"parallel.tp={tp} does not divide the slots of "
+            + ", ".join(f"{h.name} ({h.slots})" for h in straddle)
+            + ": some tensor-parallel groups will span two hosts"
+        )
     world = world_size(hosts)
     # Equal hosts: plan them as nodes x slots; unequal: as one pool of `world` GPUs (the rank map's node
     # column is then not meaningful, the sizes and the memory are).
@@ -123,9 +137,11 @@ def check_against_config(hosts: list[Host], cfg, gpu_memory: int | None = None) 
         errors += [f"hostfile: {len(hosts)} host(s), {world} slots: {p}" for p in e.problems]
         return errors, warnings
     if plan.verdict == "does not fit":
-        errors.append(f"{world} GPUs: the estimate ({plan.worst.total / 2**30:.1f} GiB per GPU) does not fit in "
-                      f"{plan.gpu_memory / 2**30:.0f} GiB; python -m launch.plan --config ... --nodes {nodes} "
-                      f"--gpus-per-node {per_node} lists the changes that would")
+        errors.append(
+            f"{world} GPUs: the estimate ({plan.worst.total / 2**30:.1f} GiB per GPU) does not fit in "
+            f"{plan.gpu_memory / 2**30:.0f} GiB; python -m launch.plan --config ... --nodes {nodes} "
+            f"--gpus-per-node {per_node} lists the changes that would"
+        )
     warnings += plan.warnings
     return errors, warnings
 
@@ -143,37 +159,31 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("hostfile")
     g.add_argument("what", choices=["master", "world", "hosts", "slots", "local"])
     args = p.parse_args(argv)
-    try:
-        hosts = read_hostfile(args.hostfile)
-        if args.cmd == "get":
-            print({"master": lambda: master_addr(hosts), "world": lambda: world_size(hosts),
-                   "hosts": lambda: " ".join(h.name for h in hosts), "slots": lambda: " ".join(str(h.slots) for h in hosts),
-                   "local": lambda: int(len(hosts) == 1 and is_local(hosts[0].name))}[args.what]())
-            return 0
-        summary = ", ".join(f"{h.name} ({h.slots})" for h in hosts)
-        print(f"[hostfile] {args.hostfile}: {len(hosts)} host(s), {world_size(hosts)} slots: {summary}", file=sys.stderr)
-        if args.config:
-            from launch.plan import load_plan_config, parse_memory
-            from pretrain.config import ConfigError
+    hosts = read_hostfile(args.hostfile)
+    if args.cmd == "get":
+        print(
+            {
+                "master": lambda: master_addr(hosts),
+                "world": lambda: world_size(hosts),
+                "hosts": lambda: " ".join(h.name for h in hosts),
+                "slots": lambda: " ".join(str(h.slots) for h in hosts),
+                "local": lambda: int(len(hosts) == 1 and is_local(hosts[0].name)),
+            }[args.what]()
+        )
+        return 0
+    summary = ", ".join(f"{h.name} ({h.slots})" for h in hosts)
+    print(f"[hostfile] {args.hostfile}: {len(hosts)} host(s), {world_size(hosts)} slots: {summary}", file=sys.stderr)
+    if args.config:
+        from launch.plan import load_plan_config, parse_memory
 
-            try:
-                cfg = load_plan_config(args.config, args.set, args.vocab_size)
-                errors, warnings = check_against_config(hosts, cfg, parse_memory(args.gpu_memory))
-            except (ConfigError, ValueError) as e:
-                errors, warnings = [str(e)], []
-            for w in warnings:
-                print(f"warning: {w}", file=sys.stderr)
-            for e in errors:
-                print(f"error: {e}", file=sys.stderr)
-            if errors:
-                return 2
-    except HostfileError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        cfg = load_plan_config(args.config, args.set, args.vocab_size)
+        errors, warnings = check_against_config(hosts, cfg, parse_memory(args.gpu_memory))
+        for w in warnings:
+            print(f"warning: {w}", file=sys.stderr)
+        if errors:
+            raise HostfileError("\n".join(errors))
     return 0
 
 
 if __name__ == "__main__":
-    from launch.hostfile import main as _main
-
-    raise SystemExit(_main())
+    raise SystemExit(run(main))

@@ -9,10 +9,10 @@ lists the changes that would make it fit (more tensor/pipeline parallelism, a hi
 activation checkpointing, a smaller micro-batch), each with its estimate.
 
 How the figures are made (formulas in pretrain/memory.py):
-  * parameters are counted on the real model, built on PyTorch's meta device (no memory), split the
-    way model/parallelize.py shards them over tensor-parallel ranks and the way DeepSpeed's
-    PipelineModule partitions the stage layers of model/pipeline.py (its partition algorithm,
-    reimplemented here and tested against DeepSpeed's own);
+  * parameters are counted on the real model, built on PyTorch's meta device (no memory) by the
+    trainer's own code (model/inventory.py), split the way model/parallelize.py shards them over
+    tensor-parallel ranks, and over pipeline stages by DeepSpeed's own partitioner with the weights
+    PipelineModule gives it (model/pipeline.py; tested against a real PipelineModule);
   * model states follow DeepSpeed's allocation per ZeRO stage and precision (checked against the
     bytes a live engine holds, tests/test_plan.py);
   * activations follow Korthikanti et al. (2022) term by term for this model's blocks; under 1F1B
@@ -20,20 +20,28 @@ How the figures are made (formulas in pretrain/memory.py):
 Not counted: the CUDA context and NCCL buffers, DeepSpeed's communication buckets, allocator
 fragmentation. The verdict keeps --headroom (default 10%) of the GPU for them.
 """
+
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
-import math
 import re
-import sys
 from dataclasses import dataclass, field
-from functools import lru_cache
 
+from kernels.errors import PretrainError, UsageError
+from model.inventory import Inventory, model_inventory
+from pretrain.cli import run
 from pretrain.config import Config, ConfigError, check_world, config_from_dict, load_config, resolve, tokenizer_path
-from pretrain.memory import (BYTES, ZERO3_PERSISTENCE_DEFAULT, BlockShape, activation_bytes, output_layer_bytes,
-                             zero_state_bytes)
+from pretrain.distributed import prefer_cpu_accelerator_if_no_gpu
+from pretrain.memory import (
+    BYTES,
+    ZERO3_PERSISTENCE_DEFAULT,
+    BlockShape,
+    activation_bytes,
+    output_layer_bytes,
+    zero_state_bytes,
+)
 from pretrain.parallel import Layout
 
 GIB = 2**30
@@ -42,8 +50,10 @@ DEFAULT_HEADROOM = 0.10
 MODES = ("none", "selective", "full")
 
 
-class PlanError(Exception):
+class PlanError(PretrainError):
     """The layout cannot run; `problems` lists every reason, each with the sizes that would work."""
+
+    exit_code = 2
 
     def __init__(self, problems: list[str]):
         super().__init__("\n".join(problems))
@@ -53,8 +63,22 @@ class PlanError(Exception):
 # ------------------------------------------------------------------------------------ inputs
 
 
-_UNITS = {"": GIB, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
-          "g": GIB, "gb": GIB, "gib": GIB, "t": 2**40, "tb": 2**40, "tib": 2**40}
+_UNITS = {
+    "": GIB,
+    "b": 1,
+    "k": 2**10,
+    "kb": 2**10,
+    "kib": 2**10,
+    "m": 2**20,
+    "mb": 2**20,
+    "mib": 2**20,
+    "g": GIB,
+    "gb": GIB,
+    "gib": GIB,
+    "t": 2**40,
+    "tb": 2**40,
+    "tib": 2**40,
+}
 
 
 def parse_memory(text: str) -> int:
@@ -63,10 +87,10 @@ def parse_memory(text: str) -> int:
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
     unit = m.group(2).lower() if m else None
     if not m or unit not in _UNITS:
-        raise ValueError(f"--gpu-memory: '{text}' is not a memory size; use e.g. 80GB, 40GiB, 81559MiB")
+        raise UsageError(f"--gpu-memory: '{text}' is not a memory size; use e.g. 80GB, 40GiB, 81559MiB")
     value = float(m.group(1)) * _UNITS[unit]
     if value <= 0:
-        raise ValueError(f"--gpu-memory: '{text}' must be positive")
+        raise UsageError(f"--gpu-memory: '{text}' must be positive")
     return int(value)
 
 
@@ -80,136 +104,12 @@ def load_plan_config(path: str, overrides: list[str], vocab_size: int | None = N
             from pretrain.data import Tokenizer
 
             vocab_size = Tokenizer(tok).vocab_size
-        except Exception as e:  # noqa: BLE001 -- any failure to read it means the same to the user
-            raise ConfigError(f"model.vocab_size: 0 (the tokenizer's) but the tokenizer '{tok}' cannot be read "
-                              f"({type(e).__name__}: {e}); pass --vocab-size N or --set model.vocab_size=N") from None
+        except Exception as e:
+            raise ConfigError(
+                f"model.vocab_size: 0 (the tokenizer's) but the tokenizer '{tok}' cannot be read "
+                f"({type(e).__name__}: {e}); pass --vocab-size N or --set model.vocab_size=N"
+            ) from None
     return resolve(cfg, vocab_size)
-
-
-# ------------------------------------------------------------------------- model inventory
-
-
-@dataclass(frozen=True)
-class Inventory:
-    """The model's parameters and the pipeline layer list, independent of the layout."""
-    numel: dict            # parameter name -> elements (plain, unsharded model)
-    kind: dict             # parameter name -> tensor-parallel sharding (model/parallelize.py)
-    layers: tuple          # DeepSpeed's layer list: per layer, the names of its parameters
-    layer_names: tuple     # "embed", "block 1", ..., "final norm", "head"
-    block_norms: int       # residual-path norms per block (their inputs are stored)
-    qk_norm: bool
-
-    @property
-    def total(self) -> int:
-        return sum(self.numel.values())
-
-    def shard(self, name: str, tp: int) -> int:
-        n = self.numel[name]
-        return n if self.kind[name] == "replicated" or tp == 1 else n // tp
-
-    def layer_params(self, tp: int) -> list[int]:
-        return [sum(self.shard(n, tp) for n in names) for names in self.layers]
-
-
-_INVENTORIES: dict = {}
-
-
-def inventory(model_cfg) -> Inventory:
-    """Builds the model on the meta device (shapes only) and lists what each pipeline layer holds,
-    with the same stage classes model/pipeline.py gives DeepSpeed."""
-    key = json.dumps(dataclasses.asdict(model_cfg), sort_keys=True)
-    if key not in _INVENTORIES:
-        _INVENTORIES[key] = _inventory(model_cfg)
-    return _INVENTORIES[key]
-
-
-def _inventory(model_cfg) -> Inventory:
-    import torch
-
-    from kernels import resolve_backend
-    from model.gpt import GPT
-    from model.norms import Norm
-    from model.parallelize import sharding_of
-    from model.pipeline import BlockStage, EmbeddingStage, FinalNormStage, HeadStage
-
-    ops, _ = resolve_backend("torch", "meta")
-    with torch.device("meta"):
-        gpt = GPT(model_cfg, ops)
-    names = {id(p): n for n, p in gpt.named_parameters()}
-
-    def held(module) -> list[str]:
-        return list(dict.fromkeys(names[id(p)] for p in module.parameters()))
-
-    first = EmbeddingStage(gpt)
-    last = first if model_cfg.tie_embeddings else HeadStage(gpt)
-    layers = [held(first)] + [held(BlockStage(b)) for b in gpt.blocks] + [held(FinalNormStage(gpt)), held(last)]
-    layer_names = ["embed"] + [f"block {i}" for i in range(1, len(gpt.blocks) + 1)] + ["final norm", "head"]
-    block = gpt.blocks[0]
-    norms = sum(isinstance(getattr(sub, slot), Norm) for sub in (block.attn, block.mlp)
-                for slot in ("in_norm", "out_norm", "post_norm"))
-    numel = {n: p.numel() for n, p in gpt.named_parameters()}
-    return Inventory(numel=numel, kind={n: sharding_of(n) for n in numel}, layers=tuple(tuple(x) for x in layers),
-                     layer_names=tuple(layer_names), block_norms=norms, qk_norm=bool(model_cfg.qk_norm))
-
-
-# -------------------------------------------------------------------- pipeline partitioning
-
-
-def partition_uniform(num_items: int, num_parts: int) -> list[int]:
-    """DeepSpeed's runtime.utils.partition_uniform."""
-    if num_items <= num_parts:
-        return [min(p, num_items) for p in range(num_parts + 1)]
-    chunk, residual = divmod(num_items, num_parts)
-    parts = [p * chunk for p in range(num_parts + 1)]
-    for i in range(residual):
-        for j in range(i + 1, num_parts + 1):
-            parts[j] += 1
-    return parts
-
-
-def partition_balanced(weights: list[int], num_parts: int) -> list[int]:
-    """DeepSpeed's runtime.utils.partition_balanced (the linear partition problem: minimise the spread
-    between the heaviest and the lightest part), same tie-breaking, so stage boundaries match."""
-    n, m = len(weights), num_parts
-    if n <= m:
-        return partition_uniform(n, m)
-    inf = math.inf
-    prefix = [0]
-    for w in weights:
-        prefix.append(prefix[-1] + w)
-    dp_max = [[inf] * (m + 1) for _ in range(n + 1)]
-    dp_min = [[inf] * (m + 1) for _ in range(n + 1)]
-    cost = [[inf] * (m + 1) for _ in range(n + 1)]
-    pos = [[0] * (m + 1) for _ in range(n + 1)]
-    dp_max[0][0] = 0
-    cost[0][0] = 0
-    for i in range(1, n + 1):
-        for j in range(1, min(i, m) + 1):
-            for k in range(i):
-                part = prefix[i] - prefix[k]
-                hi, lo = max(dp_max[k][j - 1], part), min(dp_min[k][j - 1], part)
-                if cost[i][j] >= hi - lo:
-                    cost[i][j], dp_max[i][j], dp_min[i][j], pos[i][j] = hi - lo, hi, lo, k
-    parts = [n]
-    for j in reversed(range(1, m + 1)):
-        parts.append(pos[parts[-1]][j])
-    return parts[::-1]
-
-
-def stage_boundaries(inv: Inventory, tp: int, pp: int, method: str) -> list[int]:
-    """parts[s]:parts[s+1] are stage s's layers, as PipelineModule(partition_method=...) computes them."""
-    if method == "parameters":
-        weights = inv.layer_params(tp)
-    elif method == "layers":  # partition_method="type:BlockStage"
-        weights = [1 if name.startswith("block") else 0 for name in inv.layer_names]
-    else:
-        raise ValueError(f"parallel.pp_partition '{method}': allowed parameters, layers")
-    return list(_partition_cached(tuple(weights), pp))
-
-
-@lru_cache(maxsize=256)
-def _partition_cached(weights: tuple, pp: int) -> tuple:
-    return tuple(partition_balanced(list(weights), pp))
 
 
 # ----------------------------------------------------------------------------- estimation
@@ -218,15 +118,15 @@ def _partition_cached(weights: tuple, pp: int) -> tuple:
 @dataclass
 class StageEstimate:
     stage: int
-    layers: list            # layer names on this stage
-    blocks: list            # global 1-based block indices on this stage
-    params: int             # unique parameters on one rank of this stage (its tp shard)
-    in_flight: int          # micro-batches whose activations are held at once
+    layers: list  # layer names on this stage
+    blocks: list  # global 1-based block indices on this stage
+    params: int  # unique parameters on one rank of this stage (its tp shard)
+    in_flight: int  # micro-batches whose activations are held at once
     parameters: float
     gradients: float
     optimizer: float
-    gathered: float         # ZeRO-3: full weights gathered for compute (a block and the prefetched next)
-    activations: dict       # "none" / "selective" / "full" (every block so) and "chosen" (the config's)
+    gathered: float  # ZeRO-3: full weights gathered for compute (a block and the prefetched next)
+    activations: dict  # "none" / "selective" / "full" (every block so) and "chosen" (the config's)
 
     @property
     def states(self) -> float:
@@ -250,7 +150,7 @@ def _ds_zero_settings(cfg: Config) -> dict:
 
 def estimate(cfg: Config, world: int, inv: Inventory | None = None) -> list[StageEstimate]:
     """Per-GPU memory of one rank of every pipeline stage (tp ranks of a stage hold the same amount)."""
-    inv = inv or inventory(cfg.model)
+    inv = inv or model_inventory(cfg.model)
     m, t, p = cfg.model, cfg.train, cfg.parallel
     tp, pp = p.tp, p.pp
     dp = world // (tp * pp)
@@ -260,16 +160,31 @@ def estimate(cfg: Config, world: int, inv: Inventory | None = None) -> list[Stag
     threshold = int(ds.get("stage3_param_persistence_threshold", ZERO3_PERSISTENCE_DEFAULT))
     offload_optimizer = (ds.get("offload_optimizer") or {}).get("device", "none") in ("cpu", "nvme")
     act_b = BYTES[t.precision]
-    shape = BlockShape(hidden=m.hidden_size, heads=m.num_heads, kv_heads=m.num_kv_heads, ffn=m.ffn_hidden_size,
-                       mlp=m.mlp, norms=inv.block_norms, qk_norm=inv.qk_norm, dropout=m.dropout > 0)
-    per_block = activation_bytes(shape, m.seq_len, t.micro_batch_size, tp=tp, sequence_parallel=p.sequence_parallel,
-                                 act_bytes=act_b)
+    shape = BlockShape(
+        hidden=m.hidden_size,
+        heads=m.num_heads,
+        kv_heads=m.num_kv_heads,
+        ffn=m.ffn_hidden_size,
+        mlp=m.mlp,
+        norms=inv.block_norms,
+        qk_norm=inv.qk_norm,
+        dropout=m.dropout > 0,
+    )
+    per_block = activation_bytes(
+        shape, m.seq_len, t.micro_batch_size, tp=tp, sequence_parallel=p.sequence_parallel, act_bytes=act_b
+    )
     tokens = m.seq_len * t.micro_batch_size
     embed_out = tokens * act_b * m.hidden_size / (tp if p.sequence_parallel else 1)
     head = output_layer_bytes(m.seq_len, t.micro_batch_size, m.vocab_size, tp, act_b)
-    chosen = [t.activation_checkpointing if (t.checkpoint_blocks == 0 or i < t.checkpoint_blocks) else "none"
-              for i in range(m.num_layers)]
-    parts = stage_boundaries(inv, tp, pp, p.pp_partition) if pp > 1 else [0, len(inv.layers)]
+    chosen = [
+        t.activation_checkpointing if (t.checkpoint_blocks == 0 or i < t.checkpoint_blocks) else "none"
+        for i in range(m.num_layers)
+    ]
+    if pp > 1:
+        prefer_cpu_accelerator_if_no_gpu()  # DeepSpeed cuts the stages; it picks its accelerator at import
+        parts = inv.stage_boundaries(tp, pp, p.pp_partition)
+    else:
+        parts = [0, len(inv.layers)]
     out = []
     for s in range(pp):
         idx = list(range(parts[s], parts[s + 1]))
@@ -281,26 +196,44 @@ def estimate(cfg: Config, world: int, inv: Inventory | None = None) -> list[Stag
         n_params = sum(shards)
         z3_part = sum(-(-n // dp) for n in shards)
         z3_persist = sum(n for n in shards if n <= threshold)
-        st = zero_state_bytes(n_params, zero, dp, t.precision, zero3_partition=z3_part, zero3_persistent=z3_persist,
-                              pipeline=pp > 1)
+        st = zero_state_bytes(
+            n_params, zero, dp, t.precision, zero3_partition=z3_part, zero3_persistent=z3_persist, pipeline=pp > 1
+        )
         blocks = [int(inv.layer_names[i].split()[1]) for i in idx if inv.layer_names[i].startswith("block")]
         block_params = [sum(inv.shard(n, tp) for n in inv.layers[b]) for b in blocks]  # layer index == block index
         gathered = 2 * BYTES[t.precision] * max(block_params, default=0) if zero == 3 else 0.0
         in_flight = min(pp - s, accumulation) if pp > 1 else 1
-        first, last = 0 in idx, len(inv.layers) - 1 in idx
-
-        def acts(modes: list[str]) -> float:
-            stored = sum(per_block[modes[b - 1]] for b in blocks) + (embed_out if first else 0)
-            working = per_block["none"] if any(modes[b - 1] == "full" for b in blocks) else 0.0
-            return in_flight * stored + working + (head if last else 0.0)
-
-        activations = {mode: acts([mode] * m.num_layers) for mode in MODES}
-        activations["chosen"] = acts(chosen)
-        out.append(StageEstimate(stage=s, layers=[inv.layer_names[i] for i in idx], blocks=blocks, params=n_params,
-                                 in_flight=in_flight, parameters=st["parameters"], gradients=st["gradients"],
-                                 optimizer=0.0 if offload_optimizer else st["optimizer"], gathered=gathered,
-                                 activations=activations))
+        ends = (embed_out if 0 in idx else 0.0, head if len(inv.layers) - 1 in idx else 0.0)
+        activations = {
+            mode: _stage_activations(per_block, blocks, [mode] * m.num_layers, in_flight, *ends) for mode in MODES
+        }
+        activations["chosen"] = _stage_activations(per_block, blocks, chosen, in_flight, *ends)
+        out.append(
+            StageEstimate(
+                stage=s,
+                layers=[inv.layer_names[i] for i in idx],
+                blocks=blocks,
+                params=n_params,
+                in_flight=in_flight,
+                parameters=st["parameters"],
+                gradients=st["gradients"],
+                optimizer=0.0 if offload_optimizer else st["optimizer"],
+                gathered=gathered,
+                activations=activations,
+            )
+        )
     return out
+
+
+def _stage_activations(
+    per_block: dict, blocks: list[int], modes: list[str], in_flight: int, embed_out: float, head: float
+) -> float:
+    """Activation bytes of a stage: what its blocks store (modes[l - 1] is block l's checkpointing) and the
+    embedding output, per micro-batch in flight; one block's full set while a checkpointed block is
+    recomputed; the logits and loss of the last stage."""
+    stored = sum(per_block[modes[b - 1]] for b in blocks) + embed_out
+    working = per_block["none"] if any(modes[b - 1] == "full" for b in blocks) else 0.0
+    return in_flight * stored + working + head
 
 
 # ------------------------------------------------------------------ validation and search
@@ -316,25 +249,41 @@ def layout_problems(cfg: Config, world: int, gpus_per_node: int, allow_uneven: b
         problems.append(
             f"world size {world} is not a multiple of parallel.tp x parallel.pp = {p.tp} x {p.pp} = {mp}; "
             f"world sizes that work with this layout: {', '.join(str(mp * k) for k in range(1, 9))}, ...; "
-            f"layouts that divide {world} GPUs for this model: {fit or 'none'}")
+            f"layouts that divide {world} GPUs for this model: {fit or 'none'}"
+        )
     elif t.global_batch_size % (t.micro_batch_size * (world // mp)):
         try:
             check_world(cfg, world)
         except ConfigError as e:
             dp = world // mp
             micros = [b for b in range(1, t.micro_batch_size * 2 + 1) if t.global_batch_size % (b * dp) == 0]
-            nodes = [n for n in range(1, 65) if (n * gpus_per_node) % mp == 0
-                     and t.global_batch_size % (t.micro_batch_size * (n * gpus_per_node // mp)) == 0]
-            problems.append(f"{e}" + (f"; or train.micro_batch_size in {', '.join(map(str, micros))} keeps "
-                                      f"global_batch_size {t.global_batch_size} over dp {dp}" if micros else
-                                      f"; no micro-batch size makes {t.global_batch_size} divide over dp {dp}")
-                            + (f"; node counts of {gpus_per_node} GPUs that work as configured: "
-                               f"{', '.join(map(str, nodes))}" if nodes else ""))
+            nodes = [
+                n
+                for n in range(1, 65)
+                if (n * gpus_per_node) % mp == 0
+                and t.global_batch_size % (t.micro_batch_size * (n * gpus_per_node // mp)) == 0
+            ]
+            problems.append(
+                f"{e}"
+                + (
+                    f"; or train.micro_batch_size in {', '.join(map(str, micros))} keeps "
+                    f"global_batch_size {t.global_batch_size} over dp {dp}"
+                    if micros
+                    else f"; no micro-batch size makes {t.global_batch_size} divide over dp {dp}"
+                )
+                + (
+                    f"; node counts of {gpus_per_node} GPUs that work as configured: {', '.join(map(str, nodes))}"
+                    if nodes
+                    else ""
+                )
+            )
     if p.pp > 1 and m.num_layers % p.pp and not allow_uneven:
         pps = [d for d in range(1, m.num_layers + 1) if m.num_layers % d == 0]
-        problems.append(f"parallel.pp: {p.pp} does not divide model.num_layers={m.num_layers}: stages would hold "
-                        f"unequal numbers of blocks; pipeline sizes that divide it: {', '.join(map(str, pps))} "
-                        f"(--allow-uneven-stages to plan it anyway)")
+        problems.append(
+            f"parallel.pp: {p.pp} does not divide model.num_layers={m.num_layers}: stages would hold "
+            f"unequal numbers of blocks; pipeline sizes that divide it: {', '.join(map(str, pps))} "
+            f"(--allow-uneven-stages to plan it anyway)"
+        )
     return problems
 
 
@@ -342,14 +291,20 @@ def layout_warnings(cfg: Config, world: int, gpus_per_node: int) -> list[str]:
     p = cfg.parallel
     out = []
     if p.tp > gpus_per_node:
-        out.append(f"parallel.tp={p.tp} spans nodes ({gpus_per_node} GPUs per node): tensor parallelism all-reduces "
-                   f"every layer and should stay inside a node's NVLink domain; use tp <= {gpus_per_node} and pp for the rest")
+        out.append(
+            f"parallel.tp={p.tp} spans nodes ({gpus_per_node} GPUs per node): tensor parallelism all-reduces "
+            f"every layer and should stay inside a node's NVLink domain; use tp <= {gpus_per_node} and pp for the rest"
+        )
     elif gpus_per_node % p.tp:
-        out.append(f"parallel.tp={p.tp} does not divide the {gpus_per_node} GPUs per node: some tensor-parallel groups "
-                   f"will span two nodes")
+        out.append(
+            f"parallel.tp={p.tp} does not divide the {gpus_per_node} GPUs per node: some tensor-parallel groups "
+            f"will span two nodes"
+        )
     if p.tp > 1 and not p.sequence_parallel:
-        out.append("parallel.sequence_parallel is off with tp > 1: norm and dropout activations are replicated on every "
-                   "tensor-parallel rank (sequence_parallel: true divides them by tp)")
+        out.append(
+            "parallel.sequence_parallel is off with tp > 1: norm and dropout activations are replicated on every "
+            "tensor-parallel rank (sequence_parallel: true divides them by tp)"
+        )
     return out
 
 
@@ -370,9 +325,15 @@ def valid_layouts(cfg: Config, world: int, gpus_per_node: int, allow_uneven: boo
         for pp in _divisors(world // tp):
             if pp > cfg.model.num_layers:
                 continue
-            cand = _candidate(cfg, {"parallel.tp": tp, "parallel.pp": pp,
-                                    "parallel.sequence_parallel": cfg.parallel.sequence_parallel and tp > 1,
-                                    "zero.stage": min(cfg.zero.stage, 1) if pp > 1 else cfg.zero.stage})
+            cand = _candidate(
+                cfg,
+                {
+                    "parallel.tp": tp,
+                    "parallel.pp": pp,
+                    "parallel.sequence_parallel": cfg.parallel.sequence_parallel and tp > 1,
+                    "zero.stage": min(cfg.zero.stage, 1) if pp > 1 else cfg.zero.stage,
+                },
+            )
             if cand is not None and not layout_problems(cand, world, gpus_per_node, allow_uneven):
                 out.append((tp, pp))
     return out
@@ -400,11 +361,18 @@ def _divisors(n: int) -> list[int]:
 _CKPT_ORDER = {"none": 0, "selective": 1, "full": 2}
 
 
-def suggestions(cfg: Config, world: int, gpus_per_node: int, usable: float, inv: Inventory | None = None,
-                allow_uneven: bool = False, limit: int = 6) -> list[tuple[dict, float]]:
+def suggestions(
+    cfg: Config,
+    world: int,
+    gpus_per_node: int,
+    usable: float,
+    inv: Inventory | None = None,
+    allow_uneven: bool = False,
+    limit: int = 6,
+) -> list[tuple[dict, float]]:
     """Changes that make the job fit in `usable` bytes per GPU, fewest changes first (then less model
     parallelism, bigger micro-batches, less recomputation): [(changes, worst-stage bytes)]."""
-    inv = inv or inventory(cfg.model)
+    inv = inv or model_inventory(cfg.model)
     t, p = cfg.train, cfg.parallel
     ckpts = [c for c in MODES if _CKPT_ORDER[c] >= _CKPT_ORDER[t.activation_checkpointing]]
     micros = [b for b in _divisors(t.micro_batch_size)]
@@ -418,9 +386,14 @@ def suggestions(cfg: Config, world: int, gpus_per_node: int, usable: float, inv:
                     continue
                 for ckpt in ckpts:
                     for micro in micros:
-                        changes = {"parallel.tp": tp, "parallel.pp": pp, "zero.stage": zero,
-                                   "train.activation_checkpointing": ckpt, "train.micro_batch_size": micro,
-                                   "parallel.sequence_parallel": tp > 1 and (p.sequence_parallel or tp != p.tp)}
+                        changes = {
+                            "parallel.tp": tp,
+                            "parallel.pp": pp,
+                            "zero.stage": zero,
+                            "train.activation_checkpointing": ckpt,
+                            "train.micro_batch_size": micro,
+                            "parallel.sequence_parallel": tp > 1 and (p.sequence_parallel or tp != p.tp),
+                        }
                         changes = {k: v for k, v in changes.items() if _get(cfg, k) != v}
                         if not changes:
                             continue
@@ -501,23 +474,45 @@ class Plan:
     def to_dict(self) -> dict:
         lay = self.layout
         return {
-            "world": self.world, "nodes": self.nodes, "gpus_per_node": self.gpus_per_node,
+            "world": self.world,
+            "nodes": self.nodes,
+            "gpus_per_node": self.gpus_per_node,
             "layout": {"tp": lay.tp, "pp": lay.pp, "dp": lay.dp, "sequence_parallel": lay.sequence_parallel},
-            "zero_stage": self.cfg.zero.stage, "precision": self.cfg.train.precision,
+            "zero_stage": self.cfg.zero.stage,
+            "precision": self.cfg.train.precision,
             "activation_checkpointing": self.cfg.train.activation_checkpointing,
-            "global_batch_size": self.cfg.train.global_batch_size, "micro_batch_size": self.cfg.train.micro_batch_size,
-            "accumulation": self.accumulation, "tokens_per_step": self.tokens_per_step,
-            "gpu_memory_bytes": self.gpu_memory, "usable_bytes": self.usable, "verdict": self.verdict,
-            "ranks": [dict(zip(("node", "gpu", "pp", "dp", "tp"), (r // self.gpus_per_node, r % self.gpus_per_node,
-                                                                   *lay.coords(r)))) for r in range(self.world)],
+            "global_batch_size": self.cfg.train.global_batch_size,
+            "micro_batch_size": self.cfg.train.micro_batch_size,
+            "accumulation": self.accumulation,
+            "tokens_per_step": self.tokens_per_step,
+            "gpu_memory_bytes": self.gpu_memory,
+            "usable_bytes": self.usable,
+            "verdict": self.verdict,
+            "ranks": [
+                dict(
+                    zip(
+                        ("node", "gpu", "pp", "dp", "tp"),
+                        (r // self.gpus_per_node, r % self.gpus_per_node, *lay.coords(r)),
+                        strict=True,
+                    )
+                )
+                for r in range(self.world)
+            ],
             "stages": [dict(dataclasses.asdict(s), states=s.states, total=s.total) for s in self.stages],
             "warnings": self.warnings,
             "suggestions": [{"changes": c, "total_bytes": b} for c, b in self.suggestions],
         }
 
 
-def make_plan(cfg: Config, nodes: int, gpus_per_node: int, gpu_memory: int = parse_memory(DEFAULT_GPU_MEMORY),
-              headroom: float = DEFAULT_HEADROOM, allow_uneven: bool = False, search: bool = True) -> Plan:
+def make_plan(
+    cfg: Config,
+    nodes: int,
+    gpus_per_node: int,
+    gpu_memory: int = parse_memory(DEFAULT_GPU_MEMORY),
+    headroom: float = DEFAULT_HEADROOM,
+    allow_uneven: bool = False,
+    search: bool = True,
+) -> Plan:
     """Validates and estimates; raises PlanError listing every problem with the sizes that would work."""
     if nodes < 1 or gpus_per_node < 1:
         raise PlanError([f"--nodes {nodes} / --gpus-per-node {gpus_per_node}: both must be >= 1"])
@@ -525,9 +520,16 @@ def make_plan(cfg: Config, nodes: int, gpus_per_node: int, gpu_memory: int = par
     problems = layout_problems(cfg, world, gpus_per_node, allow_uneven)
     if problems:
         raise PlanError(problems)
-    inv = inventory(cfg.model)
-    plan = Plan(cfg, nodes, gpus_per_node, gpu_memory, headroom, stages=estimate(cfg, world, inv),
-                warnings=layout_warnings(cfg, world, gpus_per_node))
+    inv = model_inventory(cfg.model)
+    plan = Plan(
+        cfg,
+        nodes,
+        gpus_per_node,
+        gpu_memory,
+        headroom,
+        stages=estimate(cfg, world, inv),
+        warnings=layout_warnings(cfg, world, gpus_per_node),
+    )
     if search and plan.verdict != "fits":
         plan.suggestions = suggestions(cfg, world, gpus_per_node, plan.usable, inv, allow_uneven)
     return plan
@@ -540,10 +542,10 @@ def _g(x: float) -> str:
 def format_plan(plan: Plan, config_path: str = "", map_limit: int = 64) -> str:
     cfg, lay = plan.cfg, plan.layout
     m, t = cfg.model, cfg.train
-    inv = inventory(m)
+    inv = model_inventory(m)
     lines = [
-        f"plan: {config_path or cfg.run.name} on {plan.nodes} node(s) x {plan.gpus_per_node} GPUs = {plan.world} ranks, "
-        f"{plan.gpu_memory / GIB:.0f} GiB each",
+        f"plan: {config_path or cfg.run.name} on {plan.nodes} node(s) x {plan.gpus_per_node} GPUs = "
+        f"{plan.world} ranks, {plan.gpu_memory / GIB:.0f} GiB each",
         f"model   : d={m.hidden_size} L={m.num_layers} heads={m.num_heads}/{m.num_kv_heads} ffn={m.ffn_hidden_size} "
         f"({m.mlp}) vocab={m.vocab_size} seq={m.seq_len} placement={m.placement}: {inv.total:,} parameters",
         f"layout  : tp {lay.tp} x pp {lay.pp} x dp {lay.dp} (tp fastest)"
@@ -560,12 +562,16 @@ def format_plan(plan: Plan, config_path: str = "", map_limit: int = 64) -> str:
         "",
     ]
     if lay.pp > 1:
-        lines.append("pipeline stages (one rank of each; DeepSpeed's partition of "
-                     f"{'parameters' if cfg.parallel.pp_partition == 'parameters' else 'blocks'}):")
+        lines.append(
+            "pipeline stages (one rank of each; DeepSpeed's partition of "
+            f"{'parameters' if cfg.parallel.pp_partition == 'parameters' else 'blocks'}):"
+        )
         for s in plan.stages:
             span = f"{s.layers[0]} .. {s.layers[-1]}" if len(s.layers) > 1 else s.layers[0]
-            lines.append(f"  stage {s.stage}: {span:<26} {s.params:>15,} params  {s.in_flight} micro-batch(es) in "
-                         f"flight  total {s.total / GIB:7.2f} GiB")
+            lines.append(
+                f"  stage {s.stage}: {span:<26} {s.params:>15,} params  {s.in_flight} micro-batch(es) in "
+                f"flight  total {s.total / GIB:7.2f} GiB"
+            )
         lines.append("")
     w = plan.worst
     n = w.params
@@ -574,29 +580,42 @@ def format_plan(plan: Plan, config_path: str = "", map_limit: int = 64) -> str:
     where = f"pp stage {w.stage}, " if lay.pp > 1 else ""
     lines += [
         f"memory per GPU ({where}{n:,} parameters on this rank = its tp 1/{lay.tp} shard"
-        + (" of its stage" if lay.pp > 1 else "") + f"; ZeRO-{zero} over dp {lay.dp}):",
-        f"  parameters   {_g(w.parameters)}   {t.precision} weights" + (", 1/dp partition" if zero == 3 else ", full copy"),
+        + (" of its stage" if lay.pp > 1 else "")
+        + f"; ZeRO-{zero} over dp {lay.dp}):",
+        f"  parameters   {_g(w.parameters)}   {t.precision} weights"
+        + (", 1/dp partition" if zero == 3 else ", full copy"),
         f"  gradients    {_g(w.gradients)}   {t.precision}" + (", 1/dp partition" if zero >= 2 else ", full"),
         f"  optimizer    {_g(w.optimizer)}   "
-        + ("offloaded (zero.ds_config offload_optimizer)" if w.optimizer == 0 and n else
-           ("fp32 Adam m, v" if t.precision == "fp32" and zero in (0, 3) else "fp32 master + Adam m, v")
-           + (" on the full model" if zero == 0 and not (lay.pp > 1 and t.precision == "bf16") else ", 1/dp partition")),
+        + (
+            "offloaded (zero.ds_config offload_optimizer)"
+            if w.optimizer == 0 and n
+            else ("fp32 Adam m, v" if t.precision == "fp32" and zero in (0, 3) else "fp32 master + Adam m, v")
+            + (" on the full model" if zero == 0 and not (lay.pp > 1 and t.precision == "bf16") else ", 1/dp partition")
+        ),
     ]
     if w.gathered:
         lines.append(f"  gathered     {_g(w.gathered)}   ZeRO-3: full weights of a block and the prefetched next one")
-    lines.append(f"  activations  {_g(w.activations['chosen'])}   micro-batch {t.micro_batch_size} x seq {m.seq_len}, "
-                 f"{len(w.blocks)} blocks, {w.in_flight} micro-batch(es) in flight, "
-                 f"checkpointing {t.activation_checkpointing}"
-                 + (", + logits/loss" if "head" in w.layers else ""))
-    lines.append(f"  total        {_g(w.total)}   of {plan.gpu_memory / GIB:.0f} GiB "
-                 f"({plan.usable / GIB:.1f} GiB usable, {plan.headroom:.0%} kept for CUDA/NCCL/fragmentation): "
-                 f"{plan.verdict.upper()}")
+    lines.append(
+        f"  activations  {_g(w.activations['chosen'])}   micro-batch {t.micro_batch_size} x seq {m.seq_len}, "
+        f"{len(w.blocks)} blocks, {w.in_flight} micro-batch(es) in flight, "
+        f"checkpointing {t.activation_checkpointing}" + (", + logits/loss" if "head" in w.layers else "")
+    )
+    lines.append(
+        f"  total        {_g(w.total)}   of {plan.gpu_memory / GIB:.0f} GiB "
+        f"({plan.usable / GIB:.1f} GiB usable, {plan.headroom:.0%} kept for CUDA/NCCL/fragmentation): "
+        f"{plan.verdict.upper()}"
+    )
     lines.append("  activation checkpointing (the same rank):")
-    for mode, what in (("none", "everything stored"), ("selective", "attention core recomputed"),
-                       ("full", "block inputs only, blocks recomputed")):
+    for mode, what in (
+        ("none", "everything stored"),
+        ("selective", "attention core recomputed"),
+        ("full", "block inputs only, blocks recomputed"),
+    ):
         lines.append(f"    {mode:<10}{_g(w.activations[mode])} activations -> total {_g(w.total_with(mode))}  ({what})")
-    lines.append(f"  (the activations of one block: Korthikanti et al. 2022 term by term for this block with fused SDPA "
-                 f"attention; {b}-byte activations)")
+    lines.append(
+        f"  (the activations of one block: Korthikanti et al. 2022 term by term for this block with fused SDPA "
+        f"attention; {b}-byte activations)"
+    )
     for warn in plan.warnings:
         lines.append(f"warning: {warn}")
     if plan.verdict != "fits":
@@ -608,9 +627,11 @@ def format_plan(plan: Plan, config_path: str = "", map_limit: int = 64) -> str:
                 lines.append(f"  {total / GIB:7.2f} GiB  {sets}")
         else:
             states = sum(s.states for s in plan.stages) / len(plan.stages)
-            lines.append(f"no layout of {plan.world} GPUs with the configured batch fits; more GPUs (ZeRO-3 divides the "
-                         f"model states by dp), CPU offload (zero.ds_config offload_optimizer) or a smaller model "
-                         f"(model states alone: {states / GIB:.1f} GiB per GPU now)")
+            lines.append(
+                f"no layout of {plan.world} GPUs with the configured batch fits; more GPUs (ZeRO-3 divides the "
+                f"model states by dp), CPU offload (zero.ds_config offload_optimizer) or a smaller model "
+                f"(model states alone: {states / GIB:.1f} GiB per GPU now)"
+            )
     return "\n".join(lines)
 
 
@@ -619,35 +640,41 @@ def _yaml(v) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m launch.plan", description=__doc__.split("\n\n")[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m launch.plan",
+        description=__doc__.split("\n\n")[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--config", required=True, help="YAML config (configs/gpt-*.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     p.add_argument("--nodes", type=int, required=True, help="number of nodes")
     p.add_argument("--gpus-per-node", type=int, required=True, help="GPUs (ranks) per node")
-    p.add_argument("--gpu-memory", default=DEFAULT_GPU_MEMORY,
-                   help=f"memory of one GPU, e.g. 80GB, 40GiB, 81559MiB (GB = GiB; default {DEFAULT_GPU_MEMORY})")
-    p.add_argument("--headroom", type=float, default=DEFAULT_HEADROOM,
-                   help="fraction of the GPU kept for what is not estimated (default 0.10)")
-    p.add_argument("--vocab-size", type=int, default=None, help="vocabulary when model.vocab_size is 0 and the "
-                                                                 "tokenizer is not at hand")
+    p.add_argument(
+        "--gpu-memory",
+        default=DEFAULT_GPU_MEMORY,
+        help=f"memory of one GPU, e.g. 80GB, 40GiB, 81559MiB (GB = GiB; default {DEFAULT_GPU_MEMORY})",
+    )
+    p.add_argument(
+        "--headroom",
+        type=float,
+        default=DEFAULT_HEADROOM,
+        help="fraction of the GPU kept for what is not estimated (default 0.10)",
+    )
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        default=None,
+        help="vocabulary when model.vocab_size is 0 and the tokenizer is not at hand",
+    )
     p.add_argument("--allow-uneven-stages", action="store_true", help="plan pp sizes that do not divide num_layers")
     p.add_argument("--map-limit", type=int, default=64, help="rank-map lines to print (default 64)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = p.parse_args(argv)
-    try:
-        gpu_memory = parse_memory(args.gpu_memory)
-        if not 0 <= args.headroom < 1:
-            raise ValueError(f"--headroom: {args.headroom} must be in [0, 1)")
-        cfg = load_plan_config(args.config, args.set, args.vocab_size)
-        plan = make_plan(cfg, args.nodes, args.gpus_per_node, gpu_memory, args.headroom, args.allow_uneven_stages)
-    except (ConfigError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except PlanError as e:
-        for problem in e.problems:
-            print(f"error: {problem}", file=sys.stderr)
-        return 2
+    gpu_memory = parse_memory(args.gpu_memory)
+    if not 0 <= args.headroom < 1:
+        raise UsageError(f"--headroom: {args.headroom} must be in [0, 1)")
+    cfg = load_plan_config(args.config, args.set, args.vocab_size)
+    plan = make_plan(cfg, args.nodes, args.gpus_per_node, gpu_memory, args.headroom, args.allow_uneven_stages)
     if args.json:
         print(json.dumps(plan.to_dict(), indent=1))
     else:
@@ -656,6 +683,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from launch.plan import main as _main  # one module identity for ConfigError and the caches
-
-    raise SystemExit(_main())
+    raise SystemExit(run(main))

@@ -10,9 +10,11 @@ refuses a job that cannot start or does not fit (--force renders it anyway). The
 SLURM's: comma-separated names, each with any number of bracketed ranges `[01-04,07]` (zero padding
 kept, several brackets give their product: `r[1-2]n[1-2]` = r1n1 r1n2 r2n1 r2n2).
 """
+
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import shlex
@@ -21,11 +23,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from kernels.errors import PretrainError, UsageError
+from pretrain.cli import run
+
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT / "launch" / "slurm.sbatch"
 
 
-class SlurmError(ValueError):
+class SlurmError(UsageError):
     """A SLURM value that cannot be used; the message names the variable and the value."""
 
 
@@ -130,10 +135,10 @@ def parse_gpus(raw: str | None) -> int | None:
 class SlurmJob:
     job_id: str
     nodes: list
-    node_id: int            # this node's index in `nodes` (SLURM_NODEID)
-    procid: int             # this task's global rank (SLURM_PROCID)
-    localid: int            # this task's rank on its node (SLURM_LOCALID)
-    ntasks: int             # tasks in the step (SLURM_NTASKS)
+    node_id: int  # this node's index in `nodes` (SLURM_NODEID)
+    procid: int  # this task's global rank (SLURM_PROCID)
+    localid: int  # this task's rank on its node (SLURM_LOCALID)
+    ntasks: int  # tasks in the step (SLURM_NTASKS)
     gpus_per_node: int | None
     restart_count: int
 
@@ -152,13 +157,21 @@ class SlurmJob:
     def torch_env(self, port: int = 29500, per_task: bool = False) -> dict[str, str]:
         """What torch.distributed needs. Per node (torchrun in each task): MASTER_ADDR/PORT, NNODES, NODE_RANK.
         per_task (one srun task per GPU, no torchrun): also RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE."""
-        env = {"MASTER_ADDR": self.master_addr, "MASTER_PORT": str(port), "NNODES": str(self.nnodes),
-               "NODE_RANK": str(self.node_id)}
+        env = {
+            "MASTER_ADDR": self.master_addr,
+            "MASTER_PORT": str(port),
+            "NNODES": str(self.nnodes),
+            "NODE_RANK": str(self.node_id),
+        }
         if self.gpus_per_node:
             env["GPUS_PER_NODE"] = str(self.gpus_per_node)
         if per_task:
-            env.update(RANK=str(self.procid), LOCAL_RANK=str(self.localid), WORLD_SIZE=str(self.ntasks),
-                       LOCAL_WORLD_SIZE=str(self.tasks_per_node))
+            env.update(
+                RANK=str(self.procid),
+                LOCAL_RANK=str(self.localid),
+                WORLD_SIZE=str(self.ntasks),
+                LOCAL_WORLD_SIZE=str(self.tasks_per_node),
+            )
         return env
 
 
@@ -184,13 +197,20 @@ def job_from_env(env: dict | None = None) -> SlurmJob:
         raise SlurmError(f"SLURM_PROCID={procid} is outside 0..{ntasks - 1} (SLURM_NTASKS={ntasks})")
     localid = _int(env, "SLURM_LOCALID", 0)
     if ntasks % nnodes:
-        raise SlurmError(f"SLURM_NTASKS={ntasks} tasks do not spread evenly over {nnodes} nodes; "
-                         f"use --ntasks-per-node")
+        raise SlurmError(f"SLURM_NTASKS={ntasks} tasks do not spread evenly over {nnodes} nodes; use --ntasks-per-node")
     if not 0 <= localid < ntasks // nnodes:
         raise SlurmError(f"SLURM_LOCALID={localid} is outside 0..{ntasks // nnodes - 1}")
     gpus = parse_gpus(env.get("SLURM_GPUS_ON_NODE")) or parse_gpus(env.get("SLURM_GPUS_PER_NODE"))
-    return SlurmJob(job_id=job_id, nodes=nodes, node_id=node_id, procid=procid, localid=localid, ntasks=ntasks,
-                    gpus_per_node=gpus, restart_count=_int(env, "SLURM_RESTART_COUNT", 0))
+    return SlurmJob(
+        job_id=job_id,
+        nodes=nodes,
+        node_id=node_id,
+        procid=procid,
+        localid=localid,
+        ntasks=ntasks,
+        gpus_per_node=gpus,
+        restart_count=_int(env, "SLURM_RESTART_COUNT", 0),
+    )
 
 
 # --------------------------------------------------------------------------------- rendering
@@ -220,6 +240,7 @@ def parse_time(text: str) -> int:
 @dataclass
 class Ask:
     """A resource ask and the launch settings of one job."""
+
     nodes: int
     gpus_per_node: int
     time: str = "24:00:00"
@@ -253,8 +274,10 @@ class Ask:
             raise SlurmError(f"--pg-timeout: {self.pg_timeout} minutes must be >= 1")
         limit = parse_time(self.time)
         if not 30 <= self.signal_lead < limit:
-            raise SlurmError(f"--signal-lead: {self.signal_lead} s must be at least 30 and below the time limit "
-                             f"({limit} s = --time {self.time})")
+            raise SlurmError(
+                f"--signal-lead: {self.signal_lead} s must be at least 30 and below the time limit "
+                f"({limit} s = --time {self.time})"
+            )
         if not re.fullmatch(r"[\w.+-]+", self.job_name):
             raise SlurmError(f"--job-name: '{self.job_name}' may hold letters, digits and . _ + - only")
         for line in self.extra_sbatch:
@@ -271,8 +294,14 @@ def render(ask: Ask, train_args: list[str], repo: Path = ROOT, template: Path = 
     for a in train_args:
         if a == "--resume" or a.startswith("--resume="):
             raise SlurmError("the batch script always resumes with --resume auto; drop --resume from the arguments")
-    directives = {"job-name": ask.job_name, "nodes": str(ask.nodes), "gpus-per-node": str(ask.gpus_per_node),
-                  "time": ask.time, "signal": f"B:USR1@{ask.signal_lead}", "output": ask.output}
+    directives = {
+        "job-name": ask.job_name,
+        "nodes": str(ask.nodes),
+        "gpus-per-node": str(ask.gpus_per_node),
+        "time": ask.time,
+        "signal": f"B:USR1@{ask.signal_lead}",
+        "output": ask.output,
+    }
     out, seen, in_settings = [], set(), False
     for line in template.read_text().splitlines():
         m = _SBATCH.match(line)
@@ -294,8 +323,9 @@ def render(ask: Ask, train_args: list[str], repo: Path = ROOT, template: Path = 
     missing = set(directives) - seen
     if missing:
         raise SlurmError(f"template {template}: no #SBATCH line for {', '.join(sorted(missing))}")
-    extra = [f"#SBATCH --{k}={v}" for k, v in (("partition", ask.partition), ("account", ask.account),
-                                                ("qos", ask.qos)) if v]
+    extra = [
+        f"#SBATCH --{k}={v}" for k, v in (("partition", ask.partition), ("account", ask.account), ("qos", ask.qos)) if v
+    ]
     if ask.cpus_per_node:
         extra.append(f"#SBATCH --cpus-per-task={ask.cpus_per_node}")
     extra += [f"#SBATCH {line}" for line in ask.extra_sbatch]
@@ -322,34 +352,26 @@ def _settings(ask: Ask, train_args: list[str], repo: Path) -> list[str]:
 
 
 def _render_main(args) -> int:
-    from launch.plan import PlanError, format_plan, load_plan_config, make_plan, parse_memory
-    from pretrain.config import ConfigError
+    from launch.plan import format_plan, load_plan_config, make_plan, parse_memory
 
     config = str(Path(args.config).resolve())
     train_args = ["--config", config] + [x for s in args.set for x in ("--set", s)]
-    try:
-        cfg = load_plan_config(config, args.set, args.vocab_size)
-        ask = Ask(nodes=args.nodes, gpus_per_node=args.gpus_per_node, time=args.time,
-                  job_name=args.job_name or cfg.run.name, partition=args.partition, account=args.account, qos=args.qos,
-                  output=args.output, exclusive=not args.no_exclusive, cpus_per_node=args.cpus_per_node, port=args.port, max_restarts=args.max_restarts,
-                  socket_ifname=args.socket_ifname, pg_timeout=args.pg_timeout, signal_lead=args.signal_lead,
-                  env_script=args.env_script, extra_sbatch=tuple(args.sbatch))
-        ask.check()
-        if not args.no_check:
-            plan = make_plan(cfg, args.nodes, args.gpus_per_node, parse_memory(args.gpu_memory))
-            print(format_plan(plan, args.config, map_limit=16), file=sys.stderr)
-            if plan.verdict == "does not fit" and not args.force:
-                print("error: the job does not fit in GPU memory (above); change the config or pass --force",
-                      file=sys.stderr)
-                return 1
-        script = render(ask, train_args)
-    except PlanError as e:
-        for p in e.problems:
-            print(f"error: {p}", file=sys.stderr)
-        return 2
-    except (ConfigError, SlurmError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_plan_config(config, args.set, args.vocab_size)
+    # The render options are named after Ask's fields, but for these three.
+    same = {f.name: getattr(args, f.name) for f in dataclasses.fields(Ask) if hasattr(args, f.name)}
+    other = {
+        "job_name": args.job_name or cfg.run.name,
+        "exclusive": not args.no_exclusive,
+        "extra_sbatch": tuple(args.sbatch),
+    }
+    ask = Ask(**(same | other))
+    ask.check()
+    if not args.no_check:
+        plan = make_plan(cfg, args.nodes, args.gpus_per_node, parse_memory(args.gpu_memory))
+        print(format_plan(plan, args.config, map_limit=16), file=sys.stderr)
+        if plan.verdict == "does not fit" and not args.force:
+            raise PretrainError("the job does not fit in GPU memory (above); change the config or pass --force")
+    script = render(ask, train_args)
     if args.out:
         Path(args.out).write_text(script)
         print(f"[slurm] wrote {args.out}: submit with  sbatch {args.out}", file=sys.stderr)
@@ -373,17 +395,27 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--job-name", default="", help="default: run.name")
     r.add_argument("--output", default="%x-%j.out", help="log file pattern (default %%x-%%j.out)")
     r.add_argument("--no-exclusive", action="store_true", help="do not ask for whole nodes")
-    r.add_argument("--cpus-per-node", type=int, default=0, help="CPUs for each node's task (default: the node's, "
-                                                                  "with --exclusive)")
+    r.add_argument(
+        "--cpus-per-node", type=int, default=0, help="CPUs for each node's task (default: the node's, with --exclusive)"
+    )
     r.add_argument("--port", type=int, default=29500, help="rendezvous port on the first node (default 29500)")
     r.add_argument("--max-restarts", type=int, default=3, help="torchrun restarts after a failure (default 3)")
     r.add_argument("--socket-ifname", default="", help="NCCL/gloo network interface, e.g. ib0 (default: auto)")
     r.add_argument("--pg-timeout", type=int, default=30, help="collective timeout in minutes (default 30)")
-    r.add_argument("--signal-lead", type=int, default=120,
-                   help="seconds before the time limit when SIGUSR1 asks for a checkpoint (default 120)")
+    r.add_argument(
+        "--signal-lead",
+        type=int,
+        default=120,
+        help="seconds before the time limit when SIGUSR1 asks for a checkpoint (default 120)",
+    )
     r.add_argument("--env-script", default="", help="file sourced before launching (module load, conda ...)")
-    r.add_argument("--sbatch", action="append", default=[], metavar="--OPTION=VALUE",
-                   help="an extra #SBATCH line (repeatable), e.g. --sbatch=--constraint=h100")
+    r.add_argument(
+        "--sbatch",
+        action="append",
+        default=[],
+        metavar="--OPTION=VALUE",
+        help="an extra #SBATCH line (repeatable), e.g. --sbatch=--constraint=h100",
+    )
     r.add_argument("--gpu-memory", default="80GB", help="for the memory check (default 80GB)")
     r.add_argument("--vocab-size", type=int, default=None)
     r.add_argument("--no-check", action="store_true", help="skip the layout and memory check")
@@ -397,22 +429,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.cmd == "render":
         return _render_main(args)
-    try:
-        if args.cmd == "nodes":
-            raw = args.nodelist or os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
-            if not raw:
-                raise SlurmError("no host list given and SLURM_JOB_NODELIST is not set")
-            print("\n".join(expand_nodelist(raw)))
-        else:
-            for k, v in job_from_env().torch_env(args.port, args.per_task).items():
-                print(f"export {k}={shlex.quote(v)}")
-    except SlurmError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.cmd == "nodes":
+        raw = args.nodelist or os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+        if not raw:
+            raise SlurmError("no host list given and SLURM_JOB_NODELIST is not set")
+        print("\n".join(expand_nodelist(raw)))
+    else:
+        for k, v in job_from_env().torch_env(args.port, args.per_task).items():
+            print(f"export {k}={shlex.quote(v)}")
     return 0
 
 
 if __name__ == "__main__":
-    from launch.slurm import main as _main
-
-    raise SystemExit(_main())
+    raise SystemExit(run(main))

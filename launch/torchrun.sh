@@ -10,6 +10,8 @@
 # (bash launch/setup.sh once, on the shared filesystem): this script installs nothing.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=launch/launcher_options.sh
+source "$root/launch/launcher_options.sh"
 
 usage() {
   cat <<'EOF'
@@ -51,10 +53,6 @@ Environment: PRETRAIN_VENV (default .venv) selects the virtual environment.
 EOF
 }
 
-die() { echo "launch/torchrun.sh: $*" >&2; exit 2; }
-is_uint() { [[ "$1" =~ ^[0-9]+$ ]]; }
-is_pos() { [[ "$1" =~ ^[1-9][0-9]*$ ]]; }
-
 gpu_count() {
   if command -v nvidia-smi > /dev/null 2>&1; then
     local n
@@ -69,20 +67,13 @@ nproc=""
 node_rank="${NODE_RANK:-${SLURM_NODEID:-0}}"
 max_restarts=0
 endpoint=""
-master_addr="${MASTER_ADDR:-}"
-master_port="${MASTER_PORT:-}"
 rdzv_backend=c10d
 rdzv_id="${SLURM_JOB_ID:-pretrain}"
 rdzv_timeout=900
 local_addr=""
 rdzv_host=auto
-nccl_if="${NCCL_SOCKET_IFNAME:-}"
-gloo_if="${GLOO_SOCKET_IFNAME:-}"
-pg_timeout="${DEEPSPEED_TIMEOUT:-30}"
 shutdown_timeout=300
-dry_run=0
 
-need() { [ $# -ge 2 ] && [ -n "$2" ] || die "$1 needs a value (see --help)"; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --nnodes) need "$@"; nnodes="$2"; shift 2 ;;
@@ -90,22 +81,14 @@ while [ $# -gt 0 ]; do
     --node-rank|--node_rank) need "$@"; node_rank="$2"; shift 2 ;;
     --max-restarts|--max_restarts) need "$@"; max_restarts="$2"; shift 2 ;;
     --rdzv-endpoint|--rdzv_endpoint) need "$@"; endpoint="$2"; shift 2 ;;
-    --master-addr|--master_addr) need "$@"; master_addr="$2"; shift 2 ;;
-    --master-port|--master_port) need "$@"; master_port="$2"; shift 2 ;;
     --rdzv-backend|--rdzv_backend) need "$@"; rdzv_backend="$2"; shift 2 ;;
     --rdzv-id|--rdzv_id) need "$@"; rdzv_id="$2"; shift 2 ;;
     --rdzv-timeout) need "$@"; rdzv_timeout="$2"; shift 2 ;;
     --local-addr|--local_addr) need "$@"; local_addr="$2"; shift 2 ;;
     --rdzv-host) need "$@"; rdzv_host="$2"; shift 2 ;;
-    --socket-ifname) need "$@"; nccl_if="$2"; gloo_if="$2"; shift 2 ;;
-    --nccl-socket-ifname) need "$@"; nccl_if="$2"; shift 2 ;;
-    --gloo-socket-ifname) need "$@"; gloo_if="$2"; shift 2 ;;
-    --pg-timeout) need "$@"; pg_timeout="$2"; shift 2 ;;
     --shutdown-timeout) need "$@"; shutdown_timeout="$2"; shift 2 ;;
-    --dry-run) dry_run=1; shift ;;
-    -h|--help) usage; exit 0 ;;
     --) shift; break ;;
-    *) echo "launch/torchrun.sh: unknown option '$1' (the program's arguments go after --)" >&2; usage >&2; exit 2 ;;
+    *) shared_option "$@" || unknown_option "$1"; shift "$shared_shift" ;;  # launch/launcher_options.sh
   esac
 done
 [ $# -gt 0 ] || { usage >&2; exit 2; }
@@ -124,7 +107,7 @@ fi
 is_uint "$node_rank" || die "--node-rank: '$node_rank' is not a non-negative integer"
 is_uint "$max_restarts" || die "--max-restarts: '$max_restarts' is not a non-negative integer"
 is_pos "$rdzv_timeout" || die "--rdzv-timeout: '$rdzv_timeout' is not a positive number of seconds"
-is_pos "$pg_timeout" || die "--pg-timeout: '$pg_timeout' is not a positive number of minutes"
+net_check
 is_uint "$shutdown_timeout" || die "--shutdown-timeout: '$shutdown_timeout' is not a non-negative number of seconds"
 case "$rdzv_backend" in c10d|static) ;; *) die "--rdzv-backend: '$rdzv_backend' is not allowed; allowed: c10d, static" ;; esac
 case "$rdzv_host" in auto|yes|no) ;; *) die "--rdzv-host: '$rdzv_host' is not allowed; allowed: auto, yes, no" ;; esac
@@ -161,23 +144,7 @@ if [ "$rdzv_backend" = static ]; then
   [ "$node_rank" -lt "$nnodes" ] || die "--node-rank: $node_rank is not below --nnodes $nnodes (allowed 0..$((nnodes - 1)))"
 fi
 
-interfaces() { ls /sys/class/net 2> /dev/null | tr '\n' ' '; }
-if [ -n "$gloo_if" ]; then
-  IFS=',' read -r -a wanted <<< "$gloo_if"
-  for name in "${wanted[@]}"; do
-    [ -e "/sys/class/net/$name" ] || die "--gloo-socket-ifname/--socket-ifname: no network interface '$name' on \
-$(hostname); this node has: $(interfaces)"
-  done
-fi
-if [ -n "$nccl_if" ]; then
-  IFS=',' read -r -a wanted <<< "$nccl_if"
-  for name in "${wanted[@]}"; do
-    case "$name" in ^*) continue ;; esac  # exclusions need not exist
-    prefix="${name#=}"
-    compgen -G "/sys/class/net/${prefix}*" > /dev/null || die "--nccl-socket-ifname/--socket-ifname: no network \
-interface matching '$name' on $(hostname); this node has: $(interfaces)"
-  done
-fi
+net_check_interfaces
 
 has_resume=0
 for a in "$@"; do case "$a" in --resume|--resume=*) has_resume=1 ;; esac; done
@@ -192,10 +159,7 @@ before launching) or point PRETRAIN_VENV at an environment"
 
 # ----------------------------------------------------------------------------- environment
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
-export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-3}"
-export DEEPSPEED_TIMEOUT="$pg_timeout"
-if [ -n "$nccl_if" ]; then export NCCL_SOCKET_IFNAME="$nccl_if"; fi
-if [ -n "$gloo_if" ]; then export GLOO_SOCKET_IFNAME="$gloo_if"; fi
+net_export
 
 cmd=("$venv/bin/torchrun" --nproc-per-node "$nproc" --max-restarts "$max_restarts"
      --signals-to-handle "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" --shutdown-timeout "$shutdown_timeout")

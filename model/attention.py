@@ -1,17 +1,19 @@
 """Causal self-attention with RoPE, grouped-query attention and optional QK-norm.
 
 Activations are sequence-first, (S, B, d), as in Megatron: sequence parallelism then splits and
-gathers along the first dimension, which is contiguous. The fused QKV projection uses Megatron's grouped layout: for each key/value head g, its
-q_per_kv query heads, then its key, then its value. A contiguous split of the output dimension
-is then a split by KV group, which is what tensor parallelism needs.
+gathers along the first dimension, which is contiguous. The fused QKV projection uses Megatron's
+grouped layout: for each key/value head g, its q_per_kv query heads, then its key, then its value.
+A contiguous split of the output dimension is then a split by KV group, which is what tensor
+parallelism needs.
 """
+
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from contextlib import nullcontext
 
 from model.norms import NormFactory
 from model.parallel_rng import TP_RNG
@@ -20,8 +22,19 @@ from model.rope import Rotary
 
 
 class Attention(nn.Module):
-    def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, *, bias: bool, dropout: float,
-                 qk_norm: bool, norms: NormFactory, rotary: Rotary, qk_norm_scope: str = "head"):
+    def __init__(
+        self,
+        hidden: int,
+        num_heads: int,
+        num_kv_heads: int,
+        *,
+        bias: bool,
+        dropout: float,
+        qk_norm: bool,
+        norms: NormFactory,
+        rotary: Rotary,
+        qk_norm_scope: str = "head",
+    ):
         super().__init__()
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.head_dim = hidden // num_heads
@@ -55,8 +68,9 @@ class Attention(nn.Module):
     def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         p = self.dropout if self.training else 0.0
         with TP_RNG.fork() if p > 0 else nullcontext():  # this rank's heads: its own dropout stream
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p,
-                                                  enable_gqa=self.num_kv_heads != self.num_heads)
+            return F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, dropout_p=p, enable_gqa=self.num_kv_heads != self.num_heads
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = (z.permute(1, 2, 0, 3) for z in self.split_qkv(x))  # (B, heads, S, hd) for SDPA

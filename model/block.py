@@ -7,14 +7,15 @@ is the same for every placement: it carries (x, h) = (residual stream, normed in
 sublayer) and leaves each sublayer through a Junction (model/junction.py), which fuses the residual
 add with the norms around it where the kernel backend can.
 """
+
 from __future__ import annotations
 
 import torch
 from torch import nn
 
 from model.norms import NormFactory
-from model.recompute import recomputed
 from model.placement import SublayerSpec
+from model.recompute import recomputed
 
 
 class Sublayer(nn.Module):
@@ -29,8 +30,7 @@ class Sublayer(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, layer: int, attn: nn.Module, mlp: nn.Module, spec, dim: int, norms: NormFactory,
-                 dropout: float):
+    def __init__(self, layer: int, attn: nn.Module, mlp: nn.Module, spec, dim: int, norms: NormFactory, dropout: float):
         super().__init__()
         self.layer = layer  # global, 1-based
         self.attn = Sublayer(attn, spec.attn, dim, norms, dropout)
@@ -45,10 +45,10 @@ class Block(nn.Module):
         from model.junction import Junction
 
         sequence_parallel = getattr(self.mlp_exit, "sequence_parallel", False)  # keep it when re-wiring
-        self.attn_exit = Junction(self.attn.out_norm, self.attn.post_norm, self.attn.alpha, self.mlp.in_norm,
-                                  self.attn.dropout)
-        self.mlp_exit = Junction(self.mlp.out_norm, self.mlp.post_norm, self.mlp.alpha, next_in_norm,
-                                 self.mlp.dropout)
+        self.attn_exit = Junction(
+            self.attn.out_norm, self.attn.post_norm, self.attn.alpha, self.mlp.in_norm, self.attn.dropout
+        )
+        self.mlp_exit = Junction(self.mlp.out_norm, self.mlp.post_norm, self.mlp.alpha, next_in_norm, self.mlp.dropout)
         self.attn_exit.sequence_parallel = self.mlp_exit.sequence_parallel = sequence_parallel
 
     def forward(self, x: torch.Tensor, h: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,6 +3,7 @@
 Readable in one sitting on purpose; the placement registry decides the norms, the kernel
 backend computes them, parallelism is applied by the training code, not here.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,10 +37,22 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(
             Block(
                 layer,
-                Attention(d, cfg.num_heads, cfg.num_kv_heads, bias=cfg.bias, dropout=cfg.dropout,
-                          qk_norm=cfg.qk_norm, norms=norms, rotary=rotary, qk_norm_scope=cfg.qk_norm_scope),
+                Attention(
+                    d,
+                    cfg.num_heads,
+                    cfg.num_kv_heads,
+                    bias=cfg.bias,
+                    dropout=cfg.dropout,
+                    qk_norm=cfg.qk_norm,
+                    norms=norms,
+                    rotary=rotary,
+                    qk_norm_scope=cfg.qk_norm_scope,
+                ),
                 MLPS[cfg.mlp](d, cfg.ffn_hidden_size, cfg.bias),
-                spec, d, norms, cfg.dropout,
+                spec,
+                d,
+                norms,
+                cfg.dropout,
             )
             for layer, spec in enumerate(self.specs, start=1)
         )
@@ -78,8 +91,9 @@ class GPT(nn.Module):
                 nn.init.normal_(attn.proj.weight, std=out_std)
                 nn.init.normal_(mlp.fc2.weight, std=out_std)
 
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
-                loss_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, labels: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """tokens (B, T). Logits (B, T, V) without labels; the mean token cross-entropy (fp32) with them.
         Inside, activations are sequence-first (T, B, d), as in Megatron."""
         x, h = self.embed_norm(self.embed(tokens.t())), None
@@ -125,8 +139,9 @@ class GPT(nn.Module):
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-token cross-entropy in fp32, shaped like labels."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                           reduction="none").view_as(labels)
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none").view_as(
+        labels
+    )
 
 
 def masked_mean(losses: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.Tensor:

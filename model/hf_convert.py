@@ -12,20 +12,24 @@ folding is needed, so the export keeps the training parameterisation.
 Our fused QKV uses Megatron's grouped layout: viewed as (num_kv_heads, q_per_kv + 2, head_dim, d),
 [:, :q_per_kv] are a group's query heads, then its key head, then its value head.
 """
+
 from __future__ import annotations
 
 import re
 
 import torch
 
+from kernels.errors import PretrainError
 from model.placement import PLACEMENTS, layer_specs
 
 FORMATS = ("llama", "olmo2", "custom")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "olmo2": "Olmo2ForCausalLM", "custom": "PretrainGPTForCausalLM"}
 
 
-class ConversionError(ValueError):
+class ConversionError(PretrainError, ValueError):
     """A model that the requested format cannot represent, or an unsupported HF checkpoint."""
+
+    exit_code = 2
 
 
 # ----------------------------------------------------------------------------- choosing a format
@@ -51,8 +55,10 @@ def format_blockers(m, fmt: str) -> list[str]:
     if fmt == "llama" and m.qk_norm:
         need.append("model.qk_norm=true (llama has no QK-norm)")
     if fmt == "olmo2" and (not m.qk_norm or m.qk_norm_scope != "layer"):
-        need.append(f"model.qk_norm={str(m.qk_norm).lower()}, qk_norm_scope='{m.qk_norm_scope}' "
-                    "(olmo2 needs qk_norm=true with qk_norm_scope=layer)")
+        need.append(
+            f"model.qk_norm={str(m.qk_norm).lower()}, qk_norm_scope='{m.qk_norm_scope}' "
+            "(olmo2 needs qk_norm=true with qk_norm_scope=layer)"
+        )
     if fmt == "olmo2" and m.bias:
         need.append("model.bias=true (olmo2 has no MLP biases)")
     return need
@@ -86,8 +92,11 @@ def choose_format(m, requested: str = "auto") -> str:
         raise ConversionError(f"--format '{requested}': allowed: auto, {', '.join(FORMATS)}")
     blockers = format_blockers(m, requested)
     if blockers:
-        raise ConversionError(f"format '{requested}' cannot represent this model exactly: " + "; ".join(blockers)
-                              + ". Use --format custom (or auto) for a self-contained remote-code model.")
+        raise ConversionError(
+            f"format '{requested}' cannot represent this model exactly: "
+            + "; ".join(blockers)
+            + ". Use --format custom (or auto) for a self-contained remote-code model."
+        )
     return requested
 
 
@@ -159,8 +168,13 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], m, fmt: str) -> dict[str, t
         leaf = rest.rsplit(".", 1)[1]
         if rest.startswith("attn.fn.qkv."):
             q, k, v = split_qkv(value, m.num_heads, m.num_kv_heads, hd)
-            out.update({f"{p}.self_attn.q_proj.{leaf}": q, f"{p}.self_attn.k_proj.{leaf}": k,
-                        f"{p}.self_attn.v_proj.{leaf}": v})
+            out.update(
+                {
+                    f"{p}.self_attn.q_proj.{leaf}": q,
+                    f"{p}.self_attn.k_proj.{leaf}": k,
+                    f"{p}.self_attn.v_proj.{leaf}": v,
+                }
+            )
         elif rest.startswith("attn.fn.proj."):
             out[f"{p}.self_attn.o_proj.{leaf}"] = value
         elif rest.startswith(("attn.fn.q_norm.", "attn.fn.k_norm.")):
@@ -192,17 +206,32 @@ def hf_config(m, fmt: str, token_ids: dict):
     """The transformers config of format `fmt` for the resolved ModelConfig `m`.
     token_ids: bos_token_id, eos_token_id, pad_token_id."""
     hd = m.hidden_size // m.num_heads
-    common = dict(vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.ffn_hidden_size,
-                  num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
-                  num_key_value_heads=m.num_kv_heads, max_position_embeddings=m.seq_len,
-                  initializer_range=m.init_std, tie_word_embeddings=m.tie_embeddings,
-                  architectures=[ARCHITECTURES[fmt]], **token_ids)
+    common = dict(
+        vocab_size=m.vocab_size,
+        hidden_size=m.hidden_size,
+        intermediate_size=m.ffn_hidden_size,
+        num_hidden_layers=m.num_layers,
+        num_attention_heads=m.num_heads,
+        num_key_value_heads=m.num_kv_heads,
+        max_position_embeddings=m.seq_len,
+        initializer_range=m.init_std,
+        tie_word_embeddings=m.tie_embeddings,
+        architectures=[ARCHITECTURES[fmt]],
+        **token_ids,
+    )
     rope = {"rope_parameters": {"rope_type": "default", "rope_theta": float(m.rope_theta)}}
     if fmt == "llama":
         from transformers import LlamaConfig
 
-        return LlamaConfig(**common, **rope, hidden_act="silu", rms_norm_eps=m.norm_eps, head_dim=hd,
-                           attention_bias=m.bias, mlp_bias=m.bias)
+        return LlamaConfig(
+            **common,
+            **rope,
+            hidden_act="silu",
+            rms_norm_eps=m.norm_eps,
+            head_dim=hd,
+            attention_bias=m.bias,
+            mlp_bias=m.bias,
+        )
     if fmt == "olmo2":
         from transformers import Olmo2Config
 
@@ -210,22 +239,42 @@ def hf_config(m, fmt: str, token_ids: dict):
     from model.hf_custom.configuration_pretrain_gpt import PretrainGPTConfig
 
     cfg = PretrainGPTConfig(
-        **common, mlp=m.mlp, norm=m.norm, norm_eps=m.norm_eps, zero_centered_gain=m.zero_centered_gain,
-        placement=m.placement, layer_slots=custom_layer_slots(m), final_norm=PLACEMENTS[m.placement].final_norm,
-        embedding_norm=bool(m.embedding_norm), depth_scale=m.depth_scale, mix_alpha=m.mix_alpha,
-        qk_norm=m.qk_norm, qk_norm_scope=m.qk_norm_scope, bias=m.bias, rope_theta=float(m.rope_theta))
-    cfg.auto_map = {"AutoConfig": "configuration_pretrain_gpt.PretrainGPTConfig",
-                    "AutoModel": "modeling_pretrain_gpt.PretrainGPTModel",
-                    "AutoModelForCausalLM": "modeling_pretrain_gpt.PretrainGPTForCausalLM"}
+        **common,
+        mlp=m.mlp,
+        norm=m.norm,
+        norm_eps=m.norm_eps,
+        zero_centered_gain=m.zero_centered_gain,
+        placement=m.placement,
+        layer_slots=custom_layer_slots(m),
+        final_norm=PLACEMENTS[m.placement].final_norm,
+        embedding_norm=bool(m.embedding_norm),
+        depth_scale=m.depth_scale,
+        mix_alpha=m.mix_alpha,
+        qk_norm=m.qk_norm,
+        qk_norm_scope=m.qk_norm_scope,
+        bias=m.bias,
+        rope_theta=float(m.rope_theta),
+    )
+    cfg.auto_map = {
+        "AutoConfig": "configuration_pretrain_gpt.PretrainGPTConfig",
+        "AutoModel": "modeling_pretrain_gpt.PretrainGPTModel",
+        "AutoModelForCausalLM": "modeling_pretrain_gpt.PretrainGPTForCausalLM",
+    }
     return cfg
 
 
 def custom_layer_slots(m) -> list[dict]:
     """Our placement registry's per-layer slots, written into the custom config (so the remote code
     never needs the registry)."""
+
     def slot(s):
-        return {"in_norm": s.in_norm, "out_norm": s.out_norm, "post_norm": s.post_norm,
-                "in_scale": float(s.in_scale), "residual_alpha": float(s.residual_alpha)}
+        return {
+            "in_norm": s.in_norm,
+            "out_norm": s.out_norm,
+            "post_norm": s.post_norm,
+            "in_scale": float(s.in_scale),
+            "residual_alpha": float(s.residual_alpha),
+        }
 
     return [{"attn": slot(spec.attn), "mlp": slot(spec.mlp)} for spec in layer_specs(m)]
 
@@ -238,14 +287,18 @@ def llama_model_section(hf) -> dict:
     what our model cannot express."""
     arch = list(getattr(hf, "architectures", None) or [])
     if getattr(hf, "model_type", None) != "llama" or (arch and arch != ["LlamaForCausalLM"]):
-        raise ConversionError(f"model_type '{getattr(hf, 'model_type', None)}', architectures {arch}: only Llama "
-                              "(model_type llama, LlamaForCausalLM) can be imported")
+        raise ConversionError(
+            f"model_type '{getattr(hf, 'model_type', None)}', architectures {arch}: only Llama "
+            "(model_type llama, LlamaForCausalLM) can be imported"
+        )
     rope = dict(getattr(hf, "rope_parameters", None) or {})
     scaling = getattr(hf, "rope_scaling", None)
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default" or (scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default")):
-        raise ConversionError(f"rope_parameters/rope_scaling: rope_type '{rope_type}' ({scaling or rope}) is not "
-                              "supported; our RoPE is the default (unscaled) one")
+        raise ConversionError(
+            f"rope_parameters/rope_scaling: rope_type '{rope_type}' ({scaling or rope}) is not "
+            "supported; our RoPE is the default (unscaled) one"
+        )
     theta = rope.get("rope_theta", getattr(hf, "rope_theta", None))
     if theta is None:
         raise ConversionError("rope_theta: missing from the config")
@@ -253,22 +306,39 @@ def llama_model_section(hf) -> dict:
         raise ConversionError(f"hidden_act: '{hf.hidden_act}' is not supported; allowed: silu (SwiGLU)")
     attn_bias, mlp_bias = bool(getattr(hf, "attention_bias", False)), bool(getattr(hf, "mlp_bias", False))
     if attn_bias != mlp_bias:
-        raise ConversionError(f"attention_bias={attn_bias}, mlp_bias={mlp_bias}: our model.bias switches every "
-                              "linear layer at once, so they must be equal")
+        raise ConversionError(
+            f"attention_bias={attn_bias}, mlp_bias={mlp_bias}: our model.bias switches every "
+            "linear layer at once, so they must be equal"
+        )
     heads = hf.num_attention_heads
     kv = getattr(hf, "num_key_value_heads", None) or heads
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
     if head_dim * heads != hf.hidden_size:
-        raise ConversionError(f"head_dim: {head_dim} x {heads} heads != hidden_size {hf.hidden_size}; our model "
-                              "derives head_dim = hidden_size / num_heads")
+        raise ConversionError(
+            f"head_dim: {head_dim} x {heads} heads != hidden_size {hf.hidden_size}; our model "
+            "derives head_dim = hidden_size / num_heads"
+        )
     return {
-        "vocab_size": hf.vocab_size, "vocab_multiple": 1, "hidden_size": hf.hidden_size,
-        "num_layers": hf.num_hidden_layers, "num_heads": heads, "num_kv_heads": kv,
-        "ffn_hidden_size": hf.intermediate_size, "mlp": "swiglu", "placement": "pre", "norm": "rmsnorm",
-        "norm_eps": float(hf.rms_norm_eps), "qk_norm": False, "embedding_norm": False, "depth_scale": "none",
-        "zero_centered_gain": False, "tie_embeddings": bool(getattr(hf, "tie_word_embeddings", False)),
+        "vocab_size": hf.vocab_size,
+        "vocab_multiple": 1,
+        "hidden_size": hf.hidden_size,
+        "num_layers": hf.num_hidden_layers,
+        "num_heads": heads,
+        "num_kv_heads": kv,
+        "ffn_hidden_size": hf.intermediate_size,
+        "mlp": "swiglu",
+        "placement": "pre",
+        "norm": "rmsnorm",
+        "norm_eps": float(hf.rms_norm_eps),
+        "qk_norm": False,
+        "embedding_norm": False,
+        "depth_scale": "none",
+        "zero_centered_gain": False,
+        "tie_embeddings": bool(getattr(hf, "tie_word_embeddings", False)),
         # dropout 0: HF's attention_dropout is not our (attention + residual) dropout; set it when training
-        "rope_theta": float(theta), "bias": attn_bias, "dropout": 0.0,
+        "rope_theta": float(theta),
+        "bias": attn_bias,
+        "dropout": 0.0,
         "init_std": float(getattr(hf, "initializer_range", 0.02)),
     }
 

@@ -13,6 +13,7 @@ The fused op is chosen once, when the model is built, from which slots are fille
     post_norm                     -> add_norm on the post norm (Post-LN, Mix-LN's early blocks)
     anything else (DeepNorm's alpha, dropout, OLMo 2's out_norm alone) -> the plain composition.
 """
+
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -33,8 +34,9 @@ class Junction:
     """A plain object, not a module: it references norms owned by the sublayers, so the
     state dict keeps every norm under the sublayer it belongs to."""
 
-    def __init__(self, out_norm: nn.Module, post_norm: nn.Module, alpha: float, next_norm: nn.Module | None,
-                 dropout: nn.Dropout):
+    def __init__(
+        self, out_norm: nn.Module, post_norm: nn.Module, alpha: float, next_norm: nn.Module | None, dropout: nn.Dropout
+    ):
         self.out = _norm_or_none(out_norm)
         self.post = _norm_or_none(post_norm)
         self.next = _norm_or_none(next_norm) if next_norm is not None else None

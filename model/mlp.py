@@ -1,4 +1,5 @@
 """Feed-forward sublayers: SwiGLU (Llama) and GELU (GPT-2)."""
+
 from __future__ import annotations
 
 import torch

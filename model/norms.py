@@ -4,6 +4,7 @@ The module owns the parameters (gain, and bias for LayerNorm) and a constant `sc
 Scaling's 1/sqrt(l)): a plain Python float, so it is neither trained nor saved in the state dict.
 The computation itself is delegated to `kernels` so fused backends can replace it.
 """
+
 from __future__ import annotations
 
 import torch
@@ -13,8 +14,9 @@ from kernels import NormOps
 
 
 class Norm(nn.Module):
-    def __init__(self, kind: str, dim: int, eps: float, ops: NormOps, *, zero_centered_gain: bool = False,
-                 scale: float = 1.0):
+    def __init__(
+        self, kind: str, dim: int, eps: float, ops: NormOps, *, zero_centered_gain: bool = False, scale: float = 1.0
+    ):
         super().__init__()
         if kind not in ("rmsnorm", "layernorm"):
             raise ValueError(f"norm kind '{kind}': allowed rmsnorm, layernorm")
@@ -36,8 +38,10 @@ class Norm(nn.Module):
         return self.ops.layer_norm(x, self.gain(), self.bias, self.eps, self.scale)
 
     def extra_repr(self) -> str:
-        return (f"{self.kind}, dim={self.weight.shape[0]}, eps={self.eps}, scale={self.scale:.4g}, "
-                f"backend={self.ops.name}" + (", zero_centered" if self.zero_centered_gain else ""))
+        return (
+            f"{self.kind}, dim={self.weight.shape[0]}, eps={self.eps}, scale={self.scale:.4g}, "
+            f"backend={self.ops.name}" + (", zero_centered" if self.zero_centered_gain else "")
+        )
 
 
 class NormFactory:

@@ -7,6 +7,7 @@ draw different masks per rank. Megatron keeps a separate CUDA generator state fo
 swaps it in with a context manager; megatron-core's tracker is CUDA-only, this one swaps the CPU
 generator and, when present, the current CUDA device's.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager

@@ -15,6 +15,7 @@ version holding this rank's shard of the plain weights:
 `SHARDING` says how each parameter is split; `shard` and `unshard` use it both ways, so a
 checkpoint written with tp > 1 can be put back into the plain layout (for evaluation, export).
 """
+
 from __future__ import annotations
 
 import re
@@ -23,8 +24,12 @@ import torch
 from torch import nn
 
 from model.norms import Norm
-from model.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                                   all_reduce_grad_over_tp)
+from model.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    all_reduce_grad_over_tp,
+)
 
 # How each parameter of the plain model is split across tensor-parallel ranks, by name.
 SHARDING = [

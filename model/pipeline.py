@@ -12,11 +12,22 @@ layers:
 Inside a stage, blocks pass (x, h) = (residual stream, next normed input) so the fused junctions
 work as in the plain model; at a stage boundary only x is sent and the next stage's first block
 normalises its own input (`connect_stage_boundaries`).
+
+Where the stage boundaries fall is DeepSpeed's decision (PipelineModule's partitioner);
+`stage_boundaries` asks the same partitioner with the same per-layer weights, for the dry-run
+planner, which has no process group to build a PipelineModule in.
 """
+
 from __future__ import annotations
+
+import re
+from functools import lru_cache
 
 import torch
 from torch import nn
+
+# parallel.pp_partition -> PipelineModule's partition_method
+PARTITION_METHODS = {"parameters": "parameters", "layers": "type:BlockStage"}
 
 
 class EmbeddingStage(nn.Module):
@@ -76,24 +87,67 @@ def pipeline_loss(vocab_parallel: bool):
     return loss_fn
 
 
+def stage_layers(gpt) -> list[nn.Module]:
+    """The flat layer list, as the modules each layer holds. With tied embeddings the output layer
+    is the EmbeddingStage again (DeepSpeed builds it from a TiedLayerSpec on each stage that has it)."""
+    first = EmbeddingStage(gpt)
+    last = first if gpt.cfg.tie_embeddings else HeadStage(gpt)
+    return [first, *(BlockStage(b) for b in gpt.blocks), FinalNormStage(gpt), last]
+
+
 def build_pipeline(gpt, layout, partition: str):
     """The PipelineModule of this rank's stage; `gpt` is the full plain (or tensor-parallel) model."""
     from deepspeed.pipe import PipelineModule, TiedLayerSpec
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
-    if gpt.cfg.tie_embeddings:
-        first = TiedLayerSpec("embed", EmbeddingStage, gpt, tied_weight_attr="embed.weight")
-        last = TiedLayerSpec("embed", EmbeddingStage, gpt, forward_fn=tied_head_forward,
-                             tied_weight_attr="embed.weight")
-    else:
-        first, last = EmbeddingStage(gpt), HeadStage(gpt)
-    layers = [first] + [BlockStage(b) for b in gpt.blocks] + [FinalNormStage(gpt), last]
+    layers = stage_layers(gpt)
+    if gpt.cfg.tie_embeddings:  # one module per stage that needs it; DeepSpeed sums the tied gradient
+        layers[0] = TiedLayerSpec("embed", EmbeddingStage, gpt, tied_weight_attr="embed.weight")
+        layers[-1] = TiedLayerSpec(
+            "embed", EmbeddingStage, gpt, forward_fn=tied_head_forward, tied_weight_attr="embed.weight"
+        )
     topology = PipeModelDataParallelTopology(num_pp=layout.pp, num_mp=layout.tp, num_dp=layout.dp)
-    method = {"parameters": "parameters", "layers": "type:BlockStage"}[partition]
-    pipe = PipelineModule(layers=layers, topology=topology, loss_fn=pipeline_loss(gpt.vocab_parallel),
-                          partition_method=method)
+    pipe = PipelineModule(
+        layers=layers,
+        topology=topology,
+        loss_fn=pipeline_loss(gpt.vocab_parallel),
+        partition_method=partition_method(partition),
+    )
     connect_stage_boundaries(pipe)
     return pipe
+
+
+def partition_method(partition: str) -> str:
+    if partition not in PARTITION_METHODS:
+        raise ValueError(f"parallel.pp_partition '{partition}': allowed {', '.join(PARTITION_METHODS)}")
+    return PARTITION_METHODS[partition]
+
+
+def stage_boundaries(layer_params: list[int], layer_types: list[str], pp: int, partition: str) -> list[int]:
+    """parts[s]:parts[s+1] are stage s's layers, as PipelineModule(partition_method=...) computes them.
+
+    layer_params: the trainable parameters each layer holds on one rank (its tp shard; a layer that
+    holds a tied module counts all of it); layer_types: each layer's class name. The weights are
+    those of PipelineModule._partition_layers (deepspeed/runtime/pipe/module.py): the parameter
+    counts for "parameters", 1 for a layer whose type matches the regex (case-insensitive) and 0
+    otherwise for "type:REGEX"; the partitioner is DeepSpeed's own. DeepSpeed must have its
+    accelerator chosen before this first imports it (DS_ACCELERATOR=cpu without a GPU)."""
+    method = partition_method(partition).lower()
+    if method == "parameters":
+        weights = list(layer_params)
+    else:  # "type:REGEX"
+        pattern = re.compile(method.split(":")[1], re.IGNORECASE)
+        weights = [1 if pattern.search(name) else 0 for name in layer_types]
+        if not any(weights):
+            raise ValueError(f"partition method '{method}' matches none of the layers {sorted(set(layer_types))}")
+    return list(_partition_balanced(tuple(weights), pp))
+
+
+@lru_cache(maxsize=256)  # the planner's search asks for the same few partitions many times
+def _partition_balanced(weights: tuple[int, ...], parts: int) -> tuple[int, ...]:
+    from deepspeed.runtime.utils import partition_balanced
+
+    return tuple(int(p) for p in partition_balanced(weights=list(weights), num_parts=parts))
 
 
 def connect_stage_boundaries(pipe) -> None:

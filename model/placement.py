@@ -11,12 +11,15 @@ already parametrize over `PLACEMENTS`.
 
 Layer indices are GLOBAL and 1-based (l = 1..L), also under pipeline parallelism.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable
+
+from kernels.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,8 @@ class LayerSpec:
 
 @dataclass(frozen=True)
 class Placement:
+    """A registry entry: the per-layer slot function and the rules of the model switches around it."""
+
     name: str
     summary: str
     layer: Callable[[int, int, object], LayerSpec]
@@ -47,16 +52,39 @@ class Placement:
     embedding_norm: bool  # default for the `embedding_norm` switch
     depth_scale: str  # default for the `depth_scale` switch
     has_input_norms: bool  # whether depth_scale (which scales input norms) can apply
+    requires: dict = dataclasses.field(default_factory=dict)  # switch -> the only value it may take
+    options: tuple = ()  # model keys that only this placement reads (others must leave them at default)
+    check: Callable[[object], str | None] | None = None  # a rule of its own: the problem, or None
 
 
 PLACEMENTS: dict[str, Placement] = {}
 
 
-def register(name: str, summary: str, *, final_norm: bool, embedding_norm: bool = False,
-             depth_scale: str = "none", has_input_norms: bool = True):
+def register(
+    name: str,
+    summary: str,
+    *,
+    final_norm: bool,
+    embedding_norm: bool = False,
+    depth_scale: str = "none",
+    has_input_norms: bool = True,
+    requires: dict | None = None,
+    options: tuple = (),
+    check: Callable | None = None,
+):
     def wrap(fn: Callable[[int, int, object], LayerSpec]) -> Callable:
-        PLACEMENTS[name] = Placement(name, summary, fn, final_norm, embedding_norm, depth_scale,
-                                     has_input_norms)
+        PLACEMENTS[name] = Placement(
+            name,
+            summary,
+            fn,
+            final_norm,
+            embedding_norm,
+            depth_scale,
+            has_input_norms,
+            dict(requires or {}),
+            tuple(options),
+            check,
+        )
         return fn
 
     return wrap
@@ -81,21 +109,45 @@ def _peri(layer: int, num_layers: int, cfg) -> LayerSpec:
     return _both(SublayerSpec(in_norm=True, out_norm=True))
 
 
-@register("lns", "x + F(N(x) / sqrt(l)) (LayerNorm Scaling, The Curse of Depth)", final_norm=True,
-          depth_scale="inv_sqrt_layer")
+@register(
+    "lns",
+    "x + F(N(x) / sqrt(l)) (LayerNorm Scaling, The Curse of Depth)",
+    final_norm=True,
+    depth_scale="inv_sqrt_layer",
+    requires={"depth_scale": ("inv_sqrt_layer", "lns = pre + inv_sqrt_layer; use placement 'pre' for plain Pre-LN")},
+)
 def _lns(layer: int, num_layers: int, cfg) -> LayerSpec:
     return _both(SublayerSpec(in_norm=True))
 
 
-@register("mix", "Post-LN for the first round(alpha*L) blocks, Pre-LN after (Mix-LN)", final_norm=True)
+def _mix_has_post_blocks(m) -> str | None:
+    if mix_post_layers(m.num_layers, m.mix_alpha) == 0:
+        return (
+            f"model.mix_alpha: {m.mix_alpha} x {m.num_layers} layers leaves no Post-LN block; "
+            "use placement 'pre' or a larger mix_alpha"
+        )
+    return None
+
+
+@register(
+    "mix",
+    "Post-LN for the first round(alpha*L) blocks, Pre-LN after (Mix-LN)",
+    final_norm=True,
+    options=("mix_alpha",),
+    check=_mix_has_post_blocks,
+)
 def _mix(layer: int, num_layers: int, cfg) -> LayerSpec:
     if layer <= mix_post_layers(num_layers, cfg.mix_alpha):
         return _post(layer, num_layers, cfg)
     return _pre(layer, num_layers, cfg)
 
 
-@register("deepnorm", "N(alpha*x + F(x)), alpha=(2L)^(1/4), beta=(8L)^(-1/4) init (DeepNet)",
-          final_norm=False, has_input_norms=False)
+@register(
+    "deepnorm",
+    "N(alpha*x + F(x)), alpha=(2L)^(1/4), beta=(8L)^(-1/4) init (DeepNet)",
+    final_norm=False,
+    has_input_norms=False,
+)
 def _deepnorm(layer: int, num_layers: int, cfg) -> LayerSpec:
     alpha = (2 * num_layers) ** 0.25
     beta = (8 * num_layers) ** -0.25
@@ -112,51 +164,34 @@ def mix_post_layers(num_layers: int, alpha: float) -> int:
     return int(math.floor(alpha * num_layers + 0.5))
 
 
-# -------------------------------------------------------------------------- config integration
+# ------------------------------------------------------------------------ the switches' rules
 
 
-def validate_placement(m) -> None:
-    """Rejects unknown placements and switch combinations that make no sense."""
-    from pretrain.config import ConfigError, _did_you_mean
-
-    if m.placement not in PLACEMENTS:
-        raise ConfigError(
-            f"model.placement: '{m.placement}' is not a placement; allowed: "
-            f"{', '.join(PLACEMENTS)}{_did_you_mean(m.placement, list(PLACEMENTS))}"
-        )
+def check_placement_switches(m, defaults) -> None:
+    """Applies the registry's rules to a model config `m` (model/config.py ModelConfig): the switches a
+    placement requires, the keys only some placements read, the switches that need input norms,
+    and each entry's own check. `defaults`: a ModelConfig with every default, to tell set from unset."""
     p = PLACEMENTS[m.placement]
+    for switch, (value, why) in p.requires.items():
+        if getattr(m, switch) not in (None, value):
+            raise ConfigError(f"model.{switch}: '{getattr(m, switch)}' contradicts model.placement='{p.name}' ({why})")
+    for other in PLACEMENTS.values():
+        for key in other.options:
+            if key not in p.options and getattr(m, key) != getattr(defaults, key):
+                readers = [q.name for q in PLACEMENTS.values() if key in q.options]
+                raise ConfigError(
+                    f"model.{key}: {getattr(m, key)} is set but only applies to placement "
+                    f"{', '.join(repr(r) for r in readers)} (placement is '{p.name}'); remove it or "
+                    f"use placement {readers[0]!r}"
+                )
     if m.depth_scale == "inv_sqrt_layer" and not p.has_input_norms:
         raise ConfigError(
-            f"model.depth_scale: 'inv_sqrt_layer' scales the input norms, but placement "
-            f"'{m.placement}' has none; use it with: "
-            f"{', '.join(n for n, q in PLACEMENTS.items() if q.has_input_norms)}"
+            f"model.depth_scale: 'inv_sqrt_layer' scales the input norms, but placement '{p.name}' has "
+            f"none; use it with: {', '.join(n for n, q in PLACEMENTS.items() if q.has_input_norms)}"
         )
-    if m.placement == "lns" and m.depth_scale == "none":
-        raise ConfigError(
-            "model.depth_scale: 'none' contradicts model.placement='lns' (= pre + inv_sqrt_layer); "
-            "use placement 'pre' for plain Pre-LN"
-        )
-    if m.placement != "mix" and m.mix_alpha != 0.25:
-        raise ConfigError(f"model.mix_alpha: {m.mix_alpha} is set but only applies to placement 'mix' "
-                          f"(placement is '{m.placement}'); remove it or use placement 'mix'")
-    if m.qk_norm_scope != "head" and not m.qk_norm:
-        raise ConfigError(f"model.qk_norm_scope: '{m.qk_norm_scope}' is set but model.qk_norm is false; "
-                          "set model.qk_norm: true or remove the scope")
-    if m.placement == "mix" and mix_post_layers(m.num_layers, m.mix_alpha) in (0,):
-        raise ConfigError(
-            f"model.mix_alpha: {m.mix_alpha} x {m.num_layers} layers leaves no Post-LN block; "
-            "use placement 'pre' or a larger mix_alpha"
-        )
-
-
-def resolve_model_switches(m):
-    """Fills the switches left null with the placement's defaults."""
-    p = PLACEMENTS[m.placement]
-    return dataclasses.replace(
-        m,
-        embedding_norm=p.embedding_norm if m.embedding_norm is None else m.embedding_norm,
-        depth_scale=p.depth_scale if m.depth_scale is None else m.depth_scale,
-    )
+    problem = p.check(m) if p.check is not None else None
+    if problem:
+        raise ConfigError(problem)
 
 
 def layer_specs(m) -> list[LayerSpec]:

@@ -8,6 +8,7 @@
 block by block. torch's non-reentrant checkpoint restores the default RNG for the recomputation;
 the tensor-parallel dropout stream (model/parallel_rng.py) is restored here, so dropout masks match.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext

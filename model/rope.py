@@ -1,4 +1,5 @@
 """Rotary position embeddings, in the rotate-half convention (as Llama / Hugging Face)."""
+
 from __future__ import annotations
 
 import torch
@@ -19,8 +20,9 @@ class Rotary:
     def tables(self, length: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         key = (length, device, dtype)
         if key not in self._cache:
-            inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32,
-                                                          device=device) / self.head_dim))
+            inv_freq = 1.0 / (
+                self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim)
+            )
             angles = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)
             emb = torch.cat([angles, angles], dim=-1)
             self._cache = {key: (emb.cos().to(dtype), emb.sin().to(dtype))}

@@ -12,6 +12,7 @@ sequence shards (S/tp, B, d): a column-parallel layer all-gathers the sequence o
 backward). Without it, a column layer's input is copied (all-reduce in backward) and a row layer's
 output all-reduced.
 """
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """The pretraining job: config, data, training loop, checkpoints, evaluation, metrics."""
+
 import warnings
 
 # megatron-core announces at import time that optional CUDA libraries are absent; we use only

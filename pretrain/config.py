@@ -7,29 +7,24 @@ values name the field, the value and what is allowed. `resolve()` fills every de
 depends on other fields (vocabulary size from the tokenizer, per-placement switches, ...) so the
 config written to the run directory is complete.
 """
+
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 
+from kernels.errors import ConfigError, did_you_mean
+from model.config import ModelConfig, config_field, divisors, resolve_model, validate_model
 
-class ConfigError(ValueError):
-    """A configuration problem the user can fix; the message says where and how."""
-
-
-def _f(default: Any, help: str, **checks: Any) -> Any:
-    """A dataclass field with a help text and optional checks (min, max, gt)."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **checks})
-    return field(default=default, metadata={"help": help, **checks})
+# ConfigError is the project's (kernels/errors.py); the model section is the model's (model/config.py).
+_f = config_field
 
 
 # ----------------------------------------------------------------------------------- sections
@@ -40,38 +35,6 @@ class RunConfig:
     name: str = _f("default", "run name; the run directory defaults to runs/<name>")
     dir: str = _f("", "run directory (config, metrics, TensorBoard, checkpoints, eval)")
     seed: int = _f(1234, "seed for model init, data order and every rank's RNG", min=0)
-
-
-@dataclass
-class ModelConfig:
-    vocab_size: int = _f(0, "vocabulary size; 0 = the tokenizer's, padded to vocab_multiple", min=0)
-    vocab_multiple: int = _f(128, "pad the vocabulary to a multiple of this (Megatron style)", min=1)
-    hidden_size: int = _f(256, "model width d", min=1)
-    num_layers: int = _f(6, "number of transformer blocks L", min=1)
-    num_heads: int = _f(4, "attention heads", min=1)
-    num_kv_heads: int = _f(0, "key/value heads for GQA; 0 = num_heads (plain multi-head)", min=0)
-    ffn_hidden_size: int = _f(0, "MLP width; 0 = 8/3*d rounded up to ffn_multiple (SwiGLU) or 4d (GELU)", min=0)
-    ffn_multiple: int = _f(64, "round the automatic MLP width up to a multiple of this", min=1)
-    seq_len: int = _f(256, "training sequence length (tokens per sample)", min=2)
-    mlp: Literal["swiglu", "gelu"] = _f("swiglu", "MLP type")
-    placement: str = _f("peri", "norm placement (model/placement.py registry)")
-    norm: Literal["rmsnorm", "layernorm"] = _f("rmsnorm", "normalization function")
-    norm_eps: float = _f(1e-5, "epsilon of every norm", gt=0)
-    qk_norm: bool = _f(False, "normalize queries and keys before RoPE and attention")
-    qk_norm_scope: Literal["head", "layer"] = _f(
-        "head", "qk_norm over each head's dimensions (Gemma 3, Qwen 3) or over all heads at once (OLMo 2)"
-    )
-    embedding_norm: Optional[bool] = _f(None, "norm after the token embedding; null = the placement's default")
-    depth_scale: Optional[Literal["none", "inv_sqrt_layer"]] = _f(
-        None, "scale on the input norms: inv_sqrt_layer = LayerNorm Scaling; null = the placement's default"
-    )
-    zero_centered_gain: bool = _f(False, "parameterise norm gains as (1 + w) with w initialised to 0")
-    mix_alpha: float = _f(0.25, "Mix-LN: fraction of blocks (from the bottom) that use Post-LN", min=0, max=1)
-    tie_embeddings: bool = _f(True, "share the token embedding with the output layer")
-    rope_theta: float = _f(10000.0, "RoPE base", gt=0)
-    bias: bool = _f(False, "biases in the linear layers")
-    dropout: float = _f(0.0, "dropout on attention probabilities and residual branches", min=0, max=1)
-    init_std: float = _f(0.02, "std of the normal init; output projections get std/sqrt(2L)", gt=0)
 
 
 @dataclass
@@ -96,7 +59,12 @@ class TrainConfig:
         "cosine", "after warmup: cosine decay, warmup-stable-decay, or constant"
     )
     decay_fraction: float = _f(0.2, "wsd: fraction of max_steps spent in the final linear decay", gt=0, max=1)
-    weight_decay: float = _f(0.1, "AdamW weight decay (not applied to norms, biases and embeddings)", min=0)
+    weight_decay: float = _f(0.1, "AdamW weight decay on matrices (never on norm gains and biases)", min=0)
+    embedding_weight_decay: bool = _f(
+        True,
+        "decay the token embedding (and a tied output layer) too, as Megatron-LM "
+        "and GPT-NeoX do; false = OLMo 2's choice. Fixed for the life of a run",
+    )
     beta1: float = _f(0.9, "AdamW beta1", min=0, max=1)
     beta2: float = _f(0.95, "AdamW beta2", min=0, max=1)
     adam_eps: float = _f(1e-8, "AdamW epsilon", gt=0)
@@ -106,21 +74,34 @@ class TrainConfig:
     eval_every: int = _f(200, "steps between validation passes; 0 = only at the end", min=0)
     eval_batches: int = _f(8, "validation batches (of global_batch_size sequences) per pass", min=1)
     activation_checkpointing: Literal["none", "full", "selective"] = _f(
-        "none", "recompute activations in backward: whole blocks (full) or the attention core (selective)")
+        "none", "recompute activations in backward: whole blocks (full) or the attention core (selective)"
+    )
     checkpoint_blocks: int = _f(0, "apply activation checkpointing to the first N blocks only; 0 = all", min=0)
-    diagnostics_every: int = _f(100, "steps between depth diagnostics (per-layer variance, max activation, "
-                                     "gradient norm, attention entropy); 0 = off", min=0)
+    diagnostics_every: int = _f(
+        100,
+        "steps between depth diagnostics (per-layer variance, max activation, "
+        "gradient norm, attention entropy); 0 = off",
+        min=0,
+    )
     diagnostics_sequences: int = _f(4, "validation sequences in the fixed probe batch of the diagnostics", min=1)
-    exit_at_step: int = _f(0, "stop after this step with a checkpoint, schedule unchanged (0 = run to max_steps)", min=0)
+    exit_at_step: int = _f(
+        0, "stop after this step with a checkpoint, schedule unchanged (0 = run to max_steps)", min=0
+    )
     peak_tflops: float = _f(0.0, "device dense peak for MFU; 0 = known GPUs auto, else MFU not reported", min=0)
     bad_step_policy: Literal["skip", "stop"] = _f(
-        "skip", "a step whose loss or gradient is not finite is never applied: skip it (see max_bad_steps) or stop")
+        "skip", "a step whose loss or gradient is not finite is never applied: skip it (see max_bad_steps) or stop"
+    )
     max_bad_steps: int = _f(20, "with bad_step_policy=skip: stop once more steps than this were skipped", min=0)
-    spike_sigma: float = _f(6.0, "log a loss spike when a step's loss exceeds the mean of the last spike_window "
-                                 "steps by this many standard deviations; 0 = off", min=0)
+    spike_sigma: float = _f(
+        6.0,
+        "log a loss spike when a step's loss exceeds the mean of the last spike_window "
+        "steps by this many standard deviations; 0 = off",
+        min=0,
+    )
     spike_window: int = _f(128, "steps of loss history the spike detector compares against", min=2)
-    inject_nonfinite_at: list = _f([], "fault injection for testing the bad-step policy: make rank 0's loss NaN "
-                                       "at these (1-based) steps")
+    inject_nonfinite_at: list = _f(
+        [], "fault injection for testing the bad-step policy: make rank 0's loss NaN at these (1-based) steps"
+    )
 
 
 @dataclass
@@ -129,12 +110,27 @@ class CheckpointConfig:
     keep_last: int = _f(3, "complete checkpoints to keep; 0 = keep all", min=0)
     resume: str = _f("never", "never | auto (newest complete, else fresh) | must (fail if none) | PATH")
     verify: Literal["sha256", "size", "none"] = _f("sha256", "check checkpoint files against the manifest on load")
-    init_from: str = _f("", "start a fresh run from these weights: a checkpoint directory or a .pt state dict "
-                            "(e.g. written by python -m pretrain.import_hf); ignored when resuming")
-    preempt_signals: list = _f(["SIGTERM", "SIGUSR1"], "signals that make every rank save a checkpoint at the end "
-                                                       "of the current step and exit 0 (SLURM: --signal=B:USR1@120)")
-    grace_period_s: float = _f(120.0, "after a preemption signal, exit (without a new checkpoint) if saving has not "
-                                      "finished within this many seconds", gt=0)
+    init_from: str = _f(
+        "",
+        "start a fresh run from these weights: a checkpoint directory or a .pt state dict "
+        "(e.g. written by python -m pretrain.import_hf); ignored when resuming",
+    )
+    preempt_signals: list = _f(
+        ["SIGTERM", "SIGUSR1"],
+        "signals that make every rank save a checkpoint at the end "
+        "of the current step and exit 0 (SLURM: --signal=B:USR1@120)",
+    )
+    allow_tokenizer_change: bool = _f(
+        False,
+        "resume although data.tokenizer differs from the checkpoint's (its "
+        "sha256): only when the token ids are known to mean the same",
+    )
+    grace_period_s: float = _f(
+        120.0,
+        "after a preemption signal, exit (without a new checkpoint) if saving has not "
+        "finished within this many seconds",
+        gt=0,
+    )
 
 
 @dataclass
@@ -143,14 +139,17 @@ class ParallelConfig:
     pp: int = _f(1, "pipeline-parallel size", min=1)
     sequence_parallel: bool = _f(False, "with tp > 1: norms and dropout on sequence shards (Megatron SP)")
     pp_partition: Literal["parameters", "layers"] = _f(
-        "parameters", "how layers are divided between pipeline stages: balance parameters or transformer blocks")
+        "parameters", "how layers are divided between pipeline stages: balance parameters or transformer blocks"
+    )
 
 
 @dataclass
 class ZeroConfig:
     stage: int = _f(1, "DeepSpeed ZeRO stage", min=0, max=3)
-    ds_config: str = _f("", "a DeepSpeed JSON merged under ours (e.g. ZeRO bucket sizes, offload); a key we "
-                            "also set must agree with ours")
+    ds_config: str = _f(
+        "",
+        "a DeepSpeed JSON merged under ours (e.g. ZeRO bucket sizes, offload); a key we also set must agree with ours",
+    )
 
 
 @dataclass
@@ -187,9 +186,7 @@ class Config:
 # ----------------------------------------------------------------------- loading and overrides
 
 
-def _did_you_mean(name: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
-    return f"; did you mean '{close[0]}'?" if close else ""
+_did_you_mean = did_you_mean  # the name the sweep spec imports
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -256,8 +253,7 @@ def _build(cls: type, data: dict, path: str) -> Any:
         if key not in fields:
             kind = "section" if not path else "key"
             raise ConfigError(
-                f"{where}: unknown {kind}{_did_you_mean(str(key), list(fields))} "
-                f"(known: {', '.join(fields)})"
+                f"{where}: unknown {kind}{_did_you_mean(str(key), list(fields))} (known: {', '.join(fields)})"
             )
         tp = types[key]
         if dataclasses.is_dataclass(tp):
@@ -277,19 +273,27 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
-def read_yaml(path: str | Path, _seen: tuple = ()) -> dict:
-    """Reads a config file; `base: other.yaml` (relative to this file) is loaded underneath."""
-    path = Path(path)
+def read_yaml_mapping(path: Path, what: str = "config file") -> dict:
+    """A YAML file whose top level is a mapping, or a ConfigError that names the file and the fault."""
     if not path.is_file():
-        raise ConfigError(f"config file '{path}' does not exist")
-    if path.resolve() in _seen:
-        raise ConfigError(f"config file '{path}': 'base' chain loops back to itself")
+        raise ConfigError(f"{what} '{path}' does not exist")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
+        raise ConfigError(f"{what} '{path}' is not valid YAML: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{what} '{path}' cannot be read ({e})") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"config file '{path}': expected a mapping at the top level")
+        raise ConfigError(f"{what} '{path}': expected a mapping at the top level")
+    return data
+
+
+def read_yaml(path: str | Path, _seen: tuple = ()) -> dict:
+    """Reads a config file; `base: other.yaml` (relative to this file) is loaded underneath."""
+    path = Path(path)
+    if path.resolve() in _seen:
+        raise ConfigError(f"config file '{path}': 'base' chain loops back to itself")
+    data = read_yaml_mapping(path)
     base = data.pop("base", None)
     if base is not None:
         data = _deep_merge(read_yaml(path.parent / base, _seen + (path.resolve(),)), data)
@@ -331,30 +335,35 @@ def config_from_dict(data: dict) -> Config:
     return cfg
 
 
+def config_from_saved(data: dict, log=None) -> Config:
+    """The config saved with a checkpoint, read by this version of the code (which may have another
+    schema): keys this version does not know are dropped and said, keys it added take their
+    defaults, and the result is validated as usual."""
+    sections = _field_types(Config)
+    kept, dropped = {}, []
+    for section, values in data.items():
+        if section not in sections:
+            dropped.append(section)
+        elif isinstance(values, dict):
+            known = {f.name for f in dataclasses.fields(sections[section])}
+            dropped += [f"{section}.{k}" for k in values if k not in known]
+            kept[section] = {k: v for k, v in values.items() if k in known}
+        else:
+            kept[section] = values
+    if dropped and log is not None:
+        log(f"[config] the saved config has keys this version does not know (dropped): {', '.join(dropped)}")
+    return config_from_dict(kept)
+
+
 # --------------------------------------------------------------------------------- validation
 
 
 def validate(cfg: Config) -> None:
     """Cross-field checks that a single field's type and range cannot express."""
     from kernels import BACKEND_CHOICES
-    from model.placement import validate_placement
 
     m, t = cfg.model, cfg.train
-    if m.hidden_size % m.num_heads:
-        raise ConfigError(
-            f"model.hidden_size: {m.hidden_size} is not divisible by model.num_heads={m.num_heads}; "
-            f"head counts that divide it: {_divisors(m.hidden_size, limit=64)}"
-        )
-    head_dim = m.hidden_size // m.num_heads
-    if head_dim % 2:
-        raise ConfigError(f"model.hidden_size/num_heads = {head_dim} must be even for RoPE")
-    kv = m.num_kv_heads or m.num_heads
-    if m.num_heads % kv:
-        raise ConfigError(
-            f"model.num_kv_heads: {kv} does not divide model.num_heads={m.num_heads}; "
-            f"allowed: {_divisors(m.num_heads)}"
-        )
-    validate_placement(m)
+    validate_model(m)
     if cfg.kernels.backend not in BACKEND_CHOICES:
         raise ConfigError(
             f"kernels.backend: '{cfg.kernels.backend}' is not allowed; allowed: "
@@ -362,9 +371,7 @@ def validate(cfg: Config) -> None:
         )
     _validate_parallel(cfg)
     if t.warmup_steps >= t.max_steps and t.schedule != "constant":
-        raise ConfigError(
-            f"train.warmup_steps: {t.warmup_steps} must be smaller than train.max_steps={t.max_steps}"
-        )
+        raise ConfigError(f"train.warmup_steps: {t.warmup_steps} must be smaller than train.max_steps={t.max_steps}")
     if t.precision == "fp16" and m.norm_eps < 1e-5:
         raise ConfigError(f"model.norm_eps: {m.norm_eps} underflows in fp16; use >= 1e-5 with train.precision=fp16")
     r = cfg.checkpoint.resume
@@ -380,17 +387,24 @@ def _validate_faults_and_signals(cfg: Config) -> None:
     import signal
 
     for name in cfg.checkpoint.preempt_signals:
-        if not isinstance(name, str) or not name.startswith("SIG") or not hasattr(signal, name) \
-                or name in ("SIGKILL", "SIGSTOP"):
+        if (
+            not isinstance(name, str)
+            or not name.startswith("SIG")
+            or not hasattr(signal, name)
+            or name in ("SIGKILL", "SIGSTOP")
+        ):
             catchable = ["SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP", "SIGQUIT"]
-            raise ConfigError(f"checkpoint.preempt_signals: {name!r} is not a signal that can be caught; use names "
-                              f"such as {', '.join(catchable)}{_did_you_mean(str(name), catchable)}")
+            raise ConfigError(
+                f"checkpoint.preempt_signals: {name!r} is not a signal that can be caught; use names "
+                f"such as {', '.join(catchable)}{_did_you_mean(str(name), catchable)}"
+            )
     for step in cfg.train.inject_nonfinite_at:
         if isinstance(step, bool) or not isinstance(step, int) or step < 1:
             raise ConfigError(f"train.inject_nonfinite_at: {step!r} is not a step number (1-based integers)")
     if cfg.train.inject_nonfinite_at and cfg.parallel.pp > 1:
-        raise ConfigError("train.inject_nonfinite_at: fault injection runs in the data/tensor-parallel step only; "
-                          "use parallel.pp=1")
+        raise ConfigError(
+            "train.inject_nonfinite_at: fault injection runs in the data/tensor-parallel step only; use parallel.pp=1"
+        )
 
 
 def _validate_parallel(cfg: Config) -> None:
@@ -399,26 +413,42 @@ def _validate_parallel(cfg: Config) -> None:
     tp, pp = p.tp, p.pp
     kv = m.num_kv_heads or m.num_heads
     ffn = m.ffn_hidden_size  # 0 = derived later; re-checked in resolve()
-    for name, value in (("model.num_heads", m.num_heads), ("model.num_kv_heads", kv),
-                        ("model.hidden_size", m.hidden_size), ("model.ffn_hidden_size", ffn)):
+    for name, value in (
+        ("model.num_heads", m.num_heads),
+        ("model.num_kv_heads", kv),
+        ("model.hidden_size", m.hidden_size),
+        ("model.ffn_hidden_size", ffn),
+    ):
         if value and value % tp:
-            raise ConfigError(f"parallel.tp: {tp} does not divide {name}={value}; tensor-parallel sizes that "
-                              f"would: {_divisors(value, limit=64)}")
+            raise ConfigError(
+                f"parallel.tp: {tp} does not divide {name}={value}; tensor-parallel sizes that "
+                f"would: {_divisors(value, limit=64)}"
+            )
     if p.sequence_parallel and tp == 1:
-        raise ConfigError("parallel.sequence_parallel: true needs parallel.tp > 1 (it splits the sequence over "
-                          "the tensor-parallel ranks)")
+        raise ConfigError(
+            "parallel.sequence_parallel: true needs parallel.tp > 1 (it splits the sequence over "
+            "the tensor-parallel ranks)"
+        )
     if p.sequence_parallel and m.seq_len % tp:
-        raise ConfigError(f"parallel.sequence_parallel: model.seq_len={m.seq_len} is not divisible by parallel.tp="
-                          f"{tp}; sizes that would: {_divisors(m.seq_len, limit=64)}")
+        raise ConfigError(
+            f"parallel.sequence_parallel: model.seq_len={m.seq_len} is not divisible by parallel.tp="
+            f"{tp}; sizes that would: {_divisors(m.seq_len, limit=64)}"
+        )
     if tp > 1 and m.qk_norm and m.qk_norm_scope == "layer":
-        raise ConfigError("model.qk_norm_scope: 'layer' (one norm over all heads) is not supported with "
-                          "parallel.tp > 1, where heads are split across ranks; use qk_norm_scope: head")
+        raise ConfigError(
+            "model.qk_norm_scope: 'layer' (one norm over all heads) is not supported with "
+            "parallel.tp > 1, where heads are split across ranks; use qk_norm_scope: head"
+        )
     if pp > m.num_layers:
-        raise ConfigError(f"parallel.pp: {pp} stages for model.num_layers={m.num_layers}; at most one stage per "
-                          f"layer: allowed 1..{m.num_layers}")
+        raise ConfigError(
+            f"parallel.pp: {pp} stages for model.num_layers={m.num_layers}; at most one stage per "
+            f"layer: allowed 1..{m.num_layers}"
+        )
     if pp > 1 and cfg.zero.stage > 1:
-        raise ConfigError(f"zero.stage: {cfg.zero.stage} cannot be combined with pipeline parallelism "
-                          f"(parallel.pp={pp}): DeepSpeed's pipeline engine supports ZeRO stages 0 and 1")
+        raise ConfigError(
+            f"zero.stage: {cfg.zero.stage} cannot be combined with pipeline parallelism "
+            f"(parallel.pp={pp}): DeepSpeed's pipeline engine supports ZeRO stages 0 and 1"
+        )
 
 
 def check_world(cfg: Config, world_size: int) -> int:
@@ -429,7 +459,8 @@ def check_world(cfg: Config, world_size: int) -> int:
         valid = [n for n in range(model_parallel, 8 * model_parallel + 1, model_parallel)]
         raise ConfigError(
             f"world size {world_size} is not a multiple of parallel.tp x parallel.pp = {cfg.parallel.tp} x "
-            f"{cfg.parallel.pp} = {model_parallel}; world sizes that work: {', '.join(map(str, valid))}, ...")
+            f"{cfg.parallel.pp} = {model_parallel}; world sizes that work: {', '.join(map(str, valid))}, ..."
+        )
     dp = world_size // model_parallel
     per_step = t.micro_batch_size * dp
     if t.global_batch_size % per_step:
@@ -463,9 +494,7 @@ def parse_blend(where: str, items: list) -> list[tuple[float, str]]:
     return [_parse_blend_item(where, item) for item in items]
 
 
-def _divisors(n: int, limit: int | None = None) -> str:
-    ds = [d for d in range(1, n + 1) if n % d == 0 and (limit is None or d <= limit)]
-    return ", ".join(map(str, ds))
+_divisors = divisors
 
 
 # ---------------------------------------------------------------------------------- resolution
@@ -473,8 +502,6 @@ def _divisors(n: int, limit: int | None = None) -> str:
 
 def resolve(cfg: Config, vocab_size: int | None = None) -> Config:
     """Returns a copy with every derived default filled in (what config.yaml records)."""
-    from model.placement import resolve_model_switches
-
     cfg = dataclasses.replace(cfg)
     cfg.run = dataclasses.replace(cfg.run, dir=run_directory(cfg))
     d = cfg.data
@@ -486,31 +513,18 @@ def resolve(cfg: Config, vocab_size: int | None = None) -> Config:
         test=d.test or [os.path.join(d.dir, "test")],
         cache_dir=d.cache_dir or os.path.join(d.dir, "cache"),
     )
-    m = cfg.model
-    if m.vocab_size == 0:
-        if vocab_size is None:
-            raise ConfigError("model.vocab_size: 0 (from the tokenizer) but no tokenizer was given")
-        mult = math.lcm(m.vocab_multiple, cfg.parallel.tp)  # the vocabulary is split over tp ranks
-        m = dataclasses.replace(m, vocab_size=((vocab_size + mult - 1) // mult) * mult)
-    elif vocab_size is not None and m.vocab_size < vocab_size:
-        raise ConfigError(
-            f"model.vocab_size: {m.vocab_size} is smaller than the tokenizer's vocabulary ({vocab_size})"
-        )
-    if m.num_kv_heads == 0:
-        m = dataclasses.replace(m, num_kv_heads=m.num_heads)
-    if m.ffn_hidden_size == 0:
-        if m.mlp == "swiglu":
-            raw = int(8 * m.hidden_size / 3)
-            m = dataclasses.replace(m, ffn_hidden_size=-(-raw // m.ffn_multiple) * m.ffn_multiple)
-        else:
-            m = dataclasses.replace(m, ffn_hidden_size=4 * m.hidden_size)
+    m = resolve_model(cfg.model, vocab_size, cfg.parallel.tp)
     if m.vocab_size % cfg.parallel.tp:
-        raise ConfigError(f"model.vocab_size: {m.vocab_size} is not divisible by parallel.tp={cfg.parallel.tp}; "
-                          f"use 0 (the tokenizer's, padded) or a multiple of {cfg.parallel.tp}")
+        raise ConfigError(
+            f"model.vocab_size: {m.vocab_size} is not divisible by parallel.tp={cfg.parallel.tp}; "
+            f"use 0 (the tokenizer's, padded) or a multiple of {cfg.parallel.tp}"
+        )
     if m.ffn_hidden_size % cfg.parallel.tp:
-        raise ConfigError(f"model.ffn_hidden_size: {m.ffn_hidden_size} is not divisible by parallel.tp="
-                          f"{cfg.parallel.tp}; set it, or model.ffn_multiple, to a multiple of the tp size")
-    cfg.model = resolve_model_switches(m)
+        raise ConfigError(
+            f"model.ffn_hidden_size: {m.ffn_hidden_size} is not divisible by parallel.tp="
+            f"{cfg.parallel.tp}; set it, or model.ffn_multiple, to a multiple of the tp size"
+        )
+    cfg.model = m
     return cfg
 
 
@@ -539,33 +553,26 @@ def main(argv: list[str] | None = None) -> int:
 
     Validates a config (as training would, before any process starts) and prints it, or one key."""
     import argparse
-    import sys
 
     p = argparse.ArgumentParser(prog="python -m pretrain.config", description=main.__doc__)
     p.add_argument("--config", required=True)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--get", help="print only this key, e.g. run.dir")
     args = p.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.set)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.set)
     cfg.run = dataclasses.replace(cfg.run, dir=run_directory(cfg))
     if args.get:
         section, _, key = args.get.partition(".")
         try:
             print(getattr(getattr(cfg, section), key))
         except AttributeError:
-            print(f"error: --get {args.get}: no such key", file=sys.stderr)
-            return 2
+            raise ConfigError(f"--get {args.get}: no such key") from None
     else:
         print(cfg.to_yaml(), end="")
     return 0
 
 
 if __name__ == "__main__":
-    # Run the copy imported as pretrain.config, so ConfigError is one class for every module.
-    from pretrain.config import main as _main
+    from pretrain.cli import run
 
-    raise SystemExit(_main())
+    raise SystemExit(run(main))

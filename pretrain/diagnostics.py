@@ -13,6 +13,7 @@ computation per layer, and one pass over the gradients. Works under any ZeRO sta
 read with DeepSpeed's safe_get_full_grad, activations through forward hooks that call modules
 (so ZeRO-3 gathers their parameters).
 """
+
 from __future__ import annotations
 
 import math
@@ -67,6 +68,7 @@ def _recording(blocks, tp_group=None, sequence_parallel: bool = False):
     def block_hook(block):
         def hook(module, args, output):
             per_layer.setdefault(block.layer, {}).update(_residual_stats(output[0], shard_group))
+
         return hook
 
     def attn_hook(block):
@@ -76,6 +78,7 @@ def _recording(blocks, tp_group=None, sequence_parallel: bool = False):
             heads = float(q.shape[2])
             ent, count = _sum_over([attention_entropy(q.transpose(0, 1), k.transpose(0, 1)) * heads, heads], tp_group)
             per_layer.setdefault(block.layer, {})["attn_entropy"] = ent / count
+
         return hook
 
     blocks = list(blocks)
@@ -105,8 +108,9 @@ def _merge_stages(per_layer: dict, pp_group) -> dict:
 
 
 @torch.no_grad()
-def activation_stats(forward, blocks, tokens: torch.Tensor, tp_group=None, sequence_parallel: bool = False,
-                     pp_group=None) -> dict[str, list[float]]:
+def activation_stats(
+    forward, blocks, tokens: torch.Tensor, tp_group=None, sequence_parallel: bool = False, pp_group=None
+) -> dict[str, list[float]]:
     """Runs forward(tokens) once with recording hooks on `blocks` (this rank's transformer blocks,
     also when `forward` is a DeepSpeed engine) and returns per-layer lists. With tensor parallelism,
     pass the tp group (statistics cover all heads and sequence shards); with pipeline parallelism,

@@ -4,6 +4,7 @@ Works for 1 process (plain `python`), torchrun, SLURM/torchrun and the DeepSpeed
 rank comes from the environment those set. On a machine without CUDA, DeepSpeed is pointed at
 its CPU accelerator and gloo before it is imported.
 """
+
 from __future__ import annotations
 
 import os
@@ -64,8 +65,9 @@ def _init_process_group_per_attempt(backend: str) -> None:
 
     store, rank, world_size = next(torch.distributed.rendezvous("env://", timeout=default_pg_timeout))
     store = torch.distributed.PrefixStore(f"attempt_{restart}", store)
-    torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=world_size,
-                                         timeout=default_pg_timeout)
+    torch.distributed.init_process_group(
+        backend, store=store, rank=rank, world_size=world_size, timeout=default_pg_timeout
+    )
 
 
 def barrier() -> None:

@@ -1,10 +1,13 @@
 """The DeepSpeed engine: our config -> a DeepSpeed config, AdamW param groups, the LR schedule."""
+
 from __future__ import annotations
 
 import torch
 
+from kernels.errors import ConfigError
+from model.tensor_parallel import VocabParallelEmbedding
+from pretrain.ds_compat import restore_group_hyperparameters, set_lr_schedule_step
 from pretrain.schedule import make_lr_lambda
-
 
 # Keys of a user's DeepSpeed JSON that our own machinery replaces: refused, with where to go instead.
 _OWNED_ELSEWHERE = {
@@ -23,18 +26,16 @@ def _merge_user_config(ours: dict, theirs: dict, where: str, path: str = "") -> 
                 merged[key] = _merge_user_config(value, theirs[key], where, at)
                 continue
             if theirs[key] != value:
-                from pretrain.config import ConfigError
-
-                raise ConfigError(f"zero.ds_config: {where} sets {at}={theirs[key]!r} but this run's config implies "
-                                  f"{value!r}; remove it from the JSON or change the config key that sets it")
+                raise ConfigError(
+                    f"zero.ds_config: {where} sets {at}={theirs[key]!r} but this run's config implies "
+                    f"{value!r}; remove it from the JSON or change the config key that sets it"
+                )
         merged[key] = value
     return merged
 
 
 def load_user_ds_config(path: str) -> dict:
     import json
-
-    from pretrain.config import ConfigError
 
     try:
         with open(path) as f:
@@ -74,30 +75,52 @@ def _our_deepspeed_config(cfg, grad_accum: int) -> dict:
     if t.precision == "bf16":
         ds["bf16"] = {"enabled": True}
     elif t.precision == "fp16":
-        ds["fp16"] = {"enabled": True, "initial_scale_power": 16, "loss_scale_window": 1000,
-                      "hysteresis": 2, "min_loss_scale": 1}
+        ds["fp16"] = {
+            "enabled": True,
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        }
     return ds
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices (linear and embedding weights), none on norm gains and biases."""
+EMBEDDING_TYPES = (torch.nn.Embedding, VocabParallelEmbedding)
+
+
+def embedding_parameters(model: torch.nn.Module) -> set[int]:
+    """ids of the token-embedding weights (also the output layer's when tied), under any layout."""
+    return {id(p) for m in model.modules() if isinstance(m, EMBEDDING_TYPES) for p in m.parameters(recurse=False)}
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, embedding_weight_decay: bool = True) -> list[dict]:
+    """Two AdamW groups: [decayed, not decayed]. Matrices are decayed; norm gains and biases never are;
+    the token embedding (and a tied output layer) is decayed unless embedding_weight_decay is false
+    (Megatron-LM, GPT-NeoX and nanoGPT decay it; OLMo 2 does not)."""
+    embeddings = set() if embedding_weight_decay else embedding_parameters(model)
     decay, no_decay = [], []
-    for _, p in model.named_parameters():
+    for _, p in model.named_parameters():  # a tied weight is listed once
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+            (decay if p.ndim >= 2 and id(p) not in embeddings else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_engine(model: torch.nn.Module, cfg, grad_accum: int, device: torch.device, mpu=None,
-                 load_universal: bool = False):
+def build_engine(
+    model: torch.nn.Module, cfg, grad_accum: int, device: torch.device, mpu=None, load_universal: bool = False
+):
     """load_universal: the engine will load a universal checkpoint (a resume on another layout)."""
     import deepspeed
 
     t = cfg.train
-    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
-                                  eps=t.adam_eps, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(
+        param_groups(model, t.weight_decay, t.embedding_weight_decay),
+        lr=t.lr,
+        betas=(t.beta1, t.beta2),
+        eps=t.adam_eps,
+        fused=device.type == "cuda",
+    )
     # A callable, so the schedule is built on the optimizer DeepSpeed actually steps (its ZeRO wrapper).
-    scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, make_lr_lambda(t))  # noqa: E731
+    scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, make_lr_lambda(t))
     ds_config = deepspeed_config(cfg, grad_accum)
     if load_universal:
         ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
@@ -112,23 +135,8 @@ def apply_optimizer_settings(engine, t) -> None:
     ones (torch's optimizer and LR scheduler state dicts carry lr, betas, eps, weight decay): a
     resume with a changed train.lr / schedule / weight decay then uses the new values (the run log
     lists them), and an unchanged resume gets bit-identical values back. Also undoes DeepSpeed's
-    ZeRO-3 universal load, which copies the first parameter group's hyperparameters to all groups."""
-    groups = engine.optimizer.param_groups
-    if len(groups) != 2:
-        raise RuntimeError(f"expected the 2 parameter groups of param_groups() (decay, no decay), found {len(groups)}")
-    engine.lr_scheduler.base_lrs = [t.lr for _ in groups]
-    for group, weight_decay in zip(groups, (t.weight_decay, 0.0)):
-        group.update(weight_decay=weight_decay, betas=(t.beta1, t.beta2), eps=t.adam_eps, initial_lr=t.lr)
-    sync_lr_schedule(engine, engine.lr_scheduler.last_epoch)
-
-
-def sync_lr_schedule(engine, steps_done: int) -> None:
-    """Sets the LR schedule to `steps_done` optimizer steps (the LR of the next update), as
-    LambdaLR.step() computes it; also after a skipped step, which DeepSpeed's overflow path does not
-    count."""
-    scheduler = engine.lr_scheduler
-    scheduler.last_epoch = steps_done
-    groups = engine.optimizer.param_groups
-    for group, base_lr, lr_lambda in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas):
-        group["lr"] = base_lr * lr_lambda(steps_done)
-    scheduler._last_lr = [group["lr"] for group in groups]
+    ZeRO-3 universal load, which copies the first group's hyperparameters to all groups (ds_compat)."""
+    engine.lr_scheduler.base_lrs = [t.lr for _ in engine.optimizer.param_groups]
+    common = dict(betas=(t.beta1, t.beta2), eps=t.adam_eps, initial_lr=t.lr)
+    restore_group_hyperparameters(engine, [dict(common, weight_decay=t.weight_decay), dict(common, weight_decay=0.0)])
+    set_lr_schedule_step(engine, engine.lr_scheduler.last_epoch)

@@ -16,6 +16,7 @@ from our sentencepiece model, plus the original tokenizer.model) and a README.md
 its checkpoints/ folder (the newest complete checkpoint). After writing, the export is loaded back
 with transformers and its logits are compared with ours (--no-verify skips it).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,16 @@ from pathlib import Path
 
 import torch
 
-from model.hf_convert import (ARCHITECTURES, FORMATS, ConversionError, choose_format, folded_settings, hf_config,
-                              to_hf_state_dict)
+from kernels.errors import PretrainError
+from model.hf_convert import (
+    ARCHITECTURES,
+    FORMATS,
+    ConversionError,
+    choose_format,
+    folded_settings,
+    hf_config,
+    to_hf_state_dict,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 CUSTOM_CODE = ROOT / "model" / "hf_custom"
@@ -38,8 +47,10 @@ VERIFY_ATOL = 1e-3  # fp32 export vs our model; the tests hold it to 1e-4
 SAMPLE_TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\n  Speak, speak. 1234 ünïcode\n"
 
 
-class ExportError(RuntimeError):
+class ExportError(PretrainError, RuntimeError):
     """Something the user can fix (paths, formats, a tokenizer that does not fit)."""
+
+    exit_code = 2
 
 
 # ------------------------------------------------------------------------------------ weights
@@ -57,8 +68,10 @@ def build_hf_model(model, m, fmt: str, token_ids: dict, dtype: torch.dtype = tor
     result = hf.load_state_dict(state, strict=False, assign=True)
     missing = set(result.missing_keys) - ({"lm_head.weight"} if m.tie_embeddings else set())
     if missing or result.unexpected_keys:
-        raise ConversionError(f"{fmt}: weights do not fit {cls.__name__}: missing {sorted(missing)}, "
-                              f"unexpected {sorted(result.unexpected_keys)}")
+        raise ConversionError(
+            f"{fmt}: weights do not fit {cls.__name__}: missing {sorted(missing)}, "
+            f"unexpected {sorted(result.unexpected_keys)}"
+        )
     if m.tie_embeddings:
         hf.lm_head.weight = hf.model.embed_tokens.weight
     from transformers import GenerationConfig
@@ -129,8 +142,15 @@ def build_hf_tokenizer(sp_model: Path, model_max_length: int | None = None):
     _check_convertible(proto, sp_model)
     vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
     unk = proto.pieces[proto.trainer_spec.unk_id].piece
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=generate_merges(vocab), unk_token=unk, fuse_unk=True,
-                               byte_fallback=proto.trainer_spec.byte_fallback))
+    tok = Tokenizer(
+        models.BPE(
+            vocab=vocab,
+            merges=generate_merges(vocab),
+            unk_token=unk,
+            fuse_unk=True,
+            byte_fallback=proto.trainer_spec.byte_fallback,
+        )
+    )
     norm = [normalizers.Replace(" ", "▁")]
     if proto.normalizer_spec.add_dummy_prefix:
         norm.insert(0, normalizers.Prepend("▁"))
@@ -141,16 +161,22 @@ def build_hf_tokenizer(sp_model: Path, model_max_length: int | None = None):
     tok.decoder = decoders.Sequence(dec)
     # Control pieces (<s>, </s>, <pad>) and <unk> are special; sentencepiece never matches them in text,
     # hence split_special_tokens=True below.
-    tok.add_special_tokens([AddedToken(p.piece, special=True, normalized=False)
-                            for p in proto.pieces if p.type in (2, 3)])
+    tok.add_special_tokens(
+        [AddedToken(p.piece, special=True, normalized=False) for p in proto.pieces if p.type in (2, 3)]
+    )
     special = {}
-    for name, i in (("unk_token", proto.trainer_spec.unk_id), ("bos_token", proto.trainer_spec.bos_id),
-                    ("eos_token", proto.trainer_spec.eos_id), ("pad_token", proto.trainer_spec.pad_id)):
+    for name, i in (
+        ("unk_token", proto.trainer_spec.unk_id),
+        ("bos_token", proto.trainer_spec.bos_id),
+        ("eos_token", proto.trainer_spec.eos_id),
+        ("pad_token", proto.trainer_spec.pad_id),
+    ):
         if i >= 0:
             special[name] = proto.pieces[i].piece
     kwargs = {"model_max_length": model_max_length} if model_max_length else {}
-    return PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False,
-                                   split_special_tokens=True, **special, **kwargs)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, clean_up_tokenization_spaces=False, split_special_tokens=True, **special, **kwargs
+    )
 
 
 def _check_convertible(proto, path: Path) -> None:
@@ -195,8 +221,18 @@ def write_tokenizer(sp_model: Path, out: Path, model_max_length: int | None) -> 
 # ------------------------------------------------------------------------------ the whole export
 
 
-def export(model, m, out: Path, fmt: str = "auto", sp_model: Path | None = None, dtype: str = "float32",
-           info: dict | None = None, verify: bool = True, force: bool = False, log=print) -> dict:
+def export(
+    model,
+    m,
+    out: Path,
+    fmt: str = "auto",
+    sp_model: Path | None = None,
+    dtype: str = "float32",
+    info: dict | None = None,
+    verify: bool = True,
+    force: bool = False,
+    log=print,
+) -> dict:
     """Writes `out` (via a temporary sibling renamed at the end, so a failed export leaves nothing
     that looks complete). Returns a summary: format, verified max |logit diff|, folded settings."""
     fmt = choose_format(m, fmt)
@@ -210,8 +246,14 @@ def export(model, m, out: Path, fmt: str = "auto", sp_model: Path | None = None,
     tmp = out.with_name(f".tmp-{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    summary = {"format": fmt, "architecture": ARCHITECTURES[fmt], "dtype": dtype,
-               "folded": folded_settings(m, fmt), "tokenizer": sp_model is not None, **(info or {})}
+    summary = {
+        "format": fmt,
+        "architecture": ARCHITECTURES[fmt],
+        "dtype": dtype,
+        "folded": folded_settings(m, fmt),
+        "tokenizer": sp_model is not None,
+        **(info or {}),
+    }
     try:
         write_model(model, m, tmp, fmt, token_ids(sp_model), DTYPES[dtype])
         if sp_model is not None:
@@ -237,23 +279,28 @@ def _check_tokenizer_fits(sp_model: Path, vocab_size: int) -> None:
 
     n = spm.SentencePieceProcessor(model_file=str(sp_model)).get_piece_size()
     if n > vocab_size:
-        raise ExportError(f"tokenizer {sp_model}: {n} tokens, more than the model's vocab_size {vocab_size}: "
-                          "not the tokenizer this model was trained with (pass --tokenizer)")
+        raise ExportError(
+            f"tokenizer {sp_model}: {n} tokens, more than the model's vocab_size {vocab_size}: "
+            "not the tokenizer this model was trained with (pass --tokenizer)"
+        )
 
 
 def verify_export(model, m, out: Path, fmt: str, dtype: torch.dtype) -> float:
     """Loads `out` with transformers, offline, and compares its logits with ours on random tokens."""
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=fmt == "custom", dtype=torch.float32,
-                                              local_files_only=True).eval()
+    hf = AutoModelForCausalLM.from_pretrained(
+        out, trust_remote_code=fmt == "custom", dtype=torch.float32, local_files_only=True
+    ).eval()
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, m.vocab_size, (2, min(m.seq_len, 64)), generator=gen)
     with torch.no_grad():
         diff = (model(tokens).float() - hf(tokens).logits.float()).abs().max().item()
     if dtype == torch.float32 and diff > VERIFY_ATOL:
-        raise ExportError(f"verification failed: the exported {fmt} model's logits differ from ours by {diff:.3g} "
-                          f"(> {VERIFY_ATOL}); the export was left in {out}")
+        raise ExportError(
+            f"verification failed: the exported {fmt} model's logits differ from ours by {diff:.3g} "
+            f"(> {VERIFY_ATOL}); the export was left in {out}"
+        )
     return diff
 
 
@@ -266,8 +313,10 @@ def verify_tokenizer(sp_model: Path, out: Path) -> None:
     hf = AutoTokenizer.from_pretrained(out, local_files_only=True, trust_remote_code=True)
     ours, theirs = sp.encode(SAMPLE_TEXT), hf.encode(SAMPLE_TEXT, add_special_tokens=False)
     if ours != theirs or hf.decode(theirs) != SAMPLE_TEXT:
-        raise ExportError(f"verification failed: the exported tokenizer encodes a sample to {theirs[:16]}..., "
-                          f"ours to {ours[:16]}...; the export was left in {out}")
+        raise ExportError(
+            f"verification failed: the exported tokenizer encodes a sample to {theirs[:16]}..., "
+            f"ours to {ours[:16]}...; the export was left in {out}"
+        )
 
 
 # ------------------------------------------------------------------------------------- README
@@ -282,22 +331,26 @@ def readme(m, s: dict) -> str:
         "",
         f"* format: **{fmt}** (`{s['architecture']}`), weights in {s['dtype']} safetensors",
         f"* norm placement: `{m.placement}`; norm {m.norm} (eps {m.norm_eps}), MLP {m.mlp}, "
-        f"qk_norm {str(m.qk_norm).lower()}" + (f" ({m.qk_norm_scope})" if m.qk_norm else "")
+        f"qk_norm {str(m.qk_norm).lower()}"
+        + (f" ({m.qk_norm_scope})" if m.qk_norm else "")
         + f", embedding_norm {str(bool(m.embedding_norm)).lower()}, depth_scale {m.depth_scale}, "
         f"zero_centered_gain {str(m.zero_centered_gain).lower()}, bias {str(m.bias).lower()}",
         f"* sizes: d={m.hidden_size}, L={m.num_layers}, heads {m.num_heads} (kv {m.num_kv_heads}), "
         f"ffn {m.ffn_hidden_size}, vocab {m.vocab_size}, trained context {m.seq_len}, RoPE theta {m.rope_theta:g}, "
-        f"{'tied' if m.tie_embeddings else 'untied'} embeddings"
-        + (f"; {n_params:,} parameters" if n_params else ""),
+        f"{'tied' if m.tie_embeddings else 'untied'} embeddings" + (f"; {n_params:,} parameters" if n_params else ""),
     ]
     if "step" in s:
-        lines.append(f"* training: step {s['step']:,}, {s.get('tokens', 0):,} tokens; "
-                     f"source checkpoint `{s.get('checkpoint', '?')}`")
+        lines.append(
+            f"* training: step {s['step']:,}, {s.get('tokens', 0):,} tokens; "
+            f"source checkpoint `{s.get('checkpoint', '?')}`"
+        )
     for note in s["folded"]:
         lines.append(f"* folded into the gains (same function, plain gains): {note}")
     if "max_abs_logit_diff" in s:
-        lines.append(f"* verified after writing: max |logit difference| vs the training model = "
-                     f"{s['max_abs_logit_diff']:.2e} (fp32 forward)")
+        lines.append(
+            f"* verified after writing: max |logit difference| vs the training model = "
+            f"{s['max_abs_logit_diff']:.2e} (fp32 forward)"
+        )
     lines += [
         "",
         "## Load",
@@ -309,22 +362,31 @@ def readme(m, s: dict) -> str:
     if s["tokenizer"]:
         lines += [
             f"tok = AutoTokenizer.from_pretrained(PATH{remote})",
-            "ids = tok(\"First Citizen:\\n\", return_tensors=\"pt\").input_ids",
+            'ids = tok("First Citizen:\\n", return_tensors="pt").input_ids',
             "print(tok.decode(model.generate(ids, max_new_tokens=40, do_sample=False)[0]))",
         ]
     lines += ["```", ""]
     if fmt == "custom":
-        lines += ["`trust_remote_code=True` is needed for the tokenizer too, only because AutoTokenizer reads "
-                  "config.json first (the tokenizer itself is a plain `tokenizer.json`; "
-                  "`PreTrainedTokenizerFast.from_pretrained(PATH)` loads it without).", ""]
-        lines += ["The model code is `modeling_pretrain_gpt.py` / `configuration_pretrain_gpt.py` in this directory "
-                  "(plain torch + transformers); `config.json` lists the norm slots of every layer "
-                  "(`layer_slots`: y = post_norm(alpha·x + out_norm(F(in_norm(x)·in_scale)))).", ""]
+        lines += [
+            "`trust_remote_code=True` is needed for the tokenizer too, only because AutoTokenizer reads "
+            "config.json first (the tokenizer itself is a plain `tokenizer.json`; "
+            "`PreTrainedTokenizerFast.from_pretrained(PATH)` loads it without).",
+            "",
+        ]
+        lines += [
+            "The model code is `modeling_pretrain_gpt.py` / `configuration_pretrain_gpt.py` in this directory "
+            "(plain torch + transformers); `config.json` lists the norm slots of every layer "
+            "(`layer_slots`: y = post_norm(alpha·x + out_norm(F(in_norm(x)·in_scale)))).",
+            "",
+        ]
     if s["tokenizer"]:
-        lines += ["The tokenizer is the training sentencepiece model (`tokenizer.model`) converted to `tokenizer.json` "
-                  "(same ids on any text; newlines are one token, unknown characters fall back to bytes). As in "
-                  "training, no `<s>` is added: documents are separated by `</s>` (id "
-                  f"{s.get('eos_token_id', 2)}), so a prompt that starts a new document may be prefixed with it.", ""]
+        lines += [
+            "The tokenizer is the training sentencepiece model (`tokenizer.model`) converted to `tokenizer.json` "
+            "(same ids on any text; newlines are one token, unknown characters fall back to bytes). As in "
+            "training, no `<s>` is added: documents are separated by `</s>` (id "
+            f"{s.get('eos_token_id', 2)}), so a prompt that starts a new document may be prefixed with it.",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -363,13 +425,16 @@ def find_tokenizer(cfg, ckpt: Path, explicit: str | None) -> Path:
     for p in (Path(name), ROOT / name):
         if p.is_file():
             return p
-    raise ExportError(f"data.tokenizer '{name}' of {ckpt} not found (tried it relative to {Path.cwd()} and {ROOT}); "
-                      "pass --tokenizer PATH, or --no-tokenizer to export the model alone")
+    raise ExportError(
+        f"data.tokenizer '{name}' of {ckpt} not found (tried it relative to {Path.cwd()} and {ROOT}); "
+        "pass --tokenizer PATH, or --no-tokenizer to export the model alone"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pretrain.export", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m pretrain.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--checkpoint", required=True, help="checkpoint directory, run directory or checkpoints/ folder")
     p.add_argument("--out", required=True, help="directory to write (must be empty or absent unless --force)")
     p.add_argument("--format", default="auto", choices=("auto",) + FORMATS, help="default auto")
@@ -380,14 +445,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local
-    try:
-        summary = export_checkpoint(args)
-    except (ExportError, ConversionError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    summary = export_checkpoint(args)
     diff = summary.get("max_abs_logit_diff")
-    print(f"[export] {summary['checkpoint']} -> {args.out}: {summary['format']} ({summary['architecture']})"
-          + (f"; verified, max |logit diff| {diff:.2e}" if diff is not None else "; not verified"))
+    print(
+        f"[export] {summary['checkpoint']} -> {args.out}: {summary['format']} ({summary['architecture']})"
+        + (f"; verified, max |logit diff| {diff:.2e}" if diff is not None else "; not verified")
+    )
     for note in summary["folded"]:
         print(f"[export] folded: {note}")
     load = ", trust_remote_code=True" if summary["format"] == "custom" else ""
@@ -396,22 +459,34 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def export_checkpoint(args) -> dict:
-    from pretrain.checkpoint import CheckpointError
-    from pretrain.config import ConfigError
-    from pretrain.eval import load_checkpoint_model
+    from pretrain.checkpoint.consolidate import load_checkpoint_model
 
-    try:
-        ckpt = resolve_checkpoint(Path(args.checkpoint))
-        model, cfg, meta = load_checkpoint_model(ckpt)
-    except (CheckpointError, ConfigError) as e:
-        raise ExportError(str(e)) from None
+    ckpt = resolve_checkpoint(Path(args.checkpoint))
+    model, cfg, meta = load_checkpoint_model(ckpt)
     sp_model = None if args.no_tokenizer else find_tokenizer(cfg, ckpt, args.tokenizer)
     ids = token_ids(sp_model)
-    info = {"name": cfg.run.name, "checkpoint": str(ckpt), "step": meta["step"], "tokens": meta.get("tokens", 0),
-            "parameters": model.num_params(), "eos_token_id": ids["eos_token_id"]}
-    return export(model, cfg.model, Path(args.out), args.format, sp_model, args.dtype, info,
-                  verify=not args.no_verify, force=args.force)
+    info = {
+        "name": cfg.run.name,
+        "checkpoint": str(ckpt),
+        "step": meta["step"],
+        "tokens": meta.get("tokens", 0),
+        "parameters": model.num_params(),
+        "eos_token_id": ids["eos_token_id"],
+    }
+    return export(
+        model,
+        cfg.model,
+        Path(args.out),
+        args.format,
+        sp_model,
+        args.dtype,
+        info,
+        verify=not args.no_verify,
+        force=args.force,
+    )
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pretrain.cli import run
+
+    raise SystemExit(run(main))

@@ -1,5 +1,6 @@
 """File helpers shared by checkpoints, data preparation and evaluation: content digests and
 writes that are atomic (a reader sees the old file or the new one, never half of one)."""
+
 from __future__ import annotations
 
 import hashlib

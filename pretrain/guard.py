@@ -12,6 +12,7 @@ Policy: `skip` (up to train.max_bad_steps in the run, then stop) or `stop` at th
 SpikeDetector: logs a step whose loss is more than `sigma` standard deviations above the mean
 of the previous `window` steps (spikes are reported, not acted on).
 """
+
 from __future__ import annotations
 
 import math
@@ -19,9 +20,13 @@ from collections import deque
 
 import torch
 
+from kernels.errors import PretrainError
 
-class TrainingStopped(RuntimeError):
+
+class TrainingStopped(PretrainError, RuntimeError):
     """Training cannot continue; the message says why and what to do."""
+
+    exit_code = 4
 
 
 class BadStepGuard:
@@ -61,14 +66,18 @@ class BadStepGuard:
             return False
         self.count += 1
         if self.policy == "stop":
-            raise TrainingStopped(f"step {step}: the loss or a gradient is not finite (train.bad_step_policy=stop); "
-                                  "the update was not applied. Resume from the last checkpoint with --resume auto, "
-                                  "e.g. with a lower train.lr or train.grad_clip")
+            raise TrainingStopped(
+                f"step {step}: the loss or a gradient is not finite (train.bad_step_policy=stop); "
+                "the update was not applied. Resume from the last checkpoint with --resume auto, "
+                "e.g. with a lower train.lr or train.grad_clip"
+            )
         if self.count > self.max_bad_steps:
-            raise TrainingStopped(f"step {step}: {self.count} steps with a non-finite loss or gradient exceed "
-                                  f"train.max_bad_steps={self.max_bad_steps}; stopping. The skipped steps changed "
-                                  "nothing; resume from the last checkpoint with --resume auto after a fix "
-                                  "(lower train.lr, train.grad_clip, fp32)")
+            raise TrainingStopped(
+                f"step {step}: {self.count} steps with a non-finite loss or gradient exceed "
+                f"train.max_bad_steps={self.max_bad_steps}; stopping. The skipped steps changed "
+                "nothing; resume from the last checkpoint with --resume auto after a fix "
+                "(lower train.lr, train.grad_clip, fp32)"
+            )
         return True
 
     def state_dict(self) -> dict:

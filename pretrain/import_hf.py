@@ -14,12 +14,12 @@ tokenizer.model it is copied to DIR, for `python -m pretrain.data prepare --toke
 Rejected with a message: other architectures, RoPE scaling, attention and MLP biases that differ,
 a head_dim other than hidden_size / num_heads, activations other than SiLU.
 """
+
 from __future__ import annotations
 
 import argparse
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import torch
@@ -39,8 +39,10 @@ def load_llama(hf_dir: Path):
     try:
         hf_cfg = AutoConfig.from_pretrained(hf_dir, local_files_only=True)
     except (ValueError, KeyError) as e:  # unknown model type, or remote code we will not run
-        raise ConversionError(f"--model {hf_dir}: transformers cannot read its config ({e}); only Llama "
-                              "(LlamaForCausalLM) can be imported") from None
+        raise ConversionError(
+            f"--model {hf_dir}: transformers cannot read its config ({e}); only Llama "
+            "(LlamaForCausalLM) can be imported"
+        ) from None
     llama_model_section(hf_cfg)  # rejects what we cannot express before loading any weight
     hf = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, local_files_only=True).eval()
     return hf_cfg, hf
@@ -93,27 +95,23 @@ def write_config(section: dict, out: Path, base: str | None, name: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pretrain.import_hf", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m pretrain.import_hf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", required=True, help="Hugging Face model directory (config.json + weights)")
     p.add_argument("--out", required=True, help="directory for model.pt and config.yaml")
     p.add_argument("--base", help="config file for everything but the model section (e.g. configs/tiny.yaml)")
-    p.add_argument("--seq-len", type=int, help=f"training sequence length (default: the HF context, at most "
-                                                 f"{MAX_DEFAULT_SEQ_LEN})")
+    p.add_argument(
+        "--seq-len", type=int, help=f"training sequence length (default: the HF context, at most {MAX_DEFAULT_SEQ_LEN})"
+    )
     p.add_argument("--no-verify", action="store_true", help="skip comparing logits with the HF model")
     p.add_argument("--force", action="store_true", help="overwrite model.pt/config.yaml in --out")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from pretrain.config import ConfigError
-
-    try:
-        return run(args)
-    except (ConversionError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return import_model(args)
 
 
-def run(args) -> int:
+def import_model(args) -> int:
     hf_dir, out = Path(args.model), Path(args.out)
     if not hf_dir.is_dir():
         raise ConversionError(f"--model {hf_dir}: no such directory")
@@ -131,8 +129,10 @@ def run(args) -> int:
     os.replace(tmp, out / "model.pt")
     config = write_config(section, out, args.base, out.resolve().name)
     n = sum(v.numel() for v in state.values())
-    print(f"[import] {hf_dir} (LlamaForCausalLM) -> {out / 'model.pt'} ({n:,} parameters) and {config}"
-          + (f"; verified, max |logit diff| {diff:.2e}" if diff is not None else ""))
+    print(
+        f"[import] {hf_dir} (LlamaForCausalLM) -> {out / 'model.pt'} ({n:,} parameters) and {config}"
+        + (f"; verified, max |logit diff| {diff:.2e}" if diff is not None else "")
+    )
     _tokenizer_hint(hf_dir, out)
     print(f"[import] train: python -m pretrain.train --config {config} --set checkpoint.init_from={out / 'model.pt'}")
     return 0
@@ -142,14 +142,20 @@ def _tokenizer_hint(hf_dir: Path, out: Path) -> None:
     sp = hf_dir / "tokenizer.model"
     if sp.is_file():
         shutil.copy2(sp, out / "tokenizer.model")
-        print(f"[import] the model's sentencepiece tokenizer is {out / 'tokenizer.model'}: tokenize the data with it, "
-              f"python -m pretrain.data prepare --tokenizer {out / 'tokenizer.model'} --out data/NAME, then "
-              "--set data.dir=data/NAME")
+        print(
+            f"[import] the model's sentencepiece tokenizer is {out / 'tokenizer.model'}: tokenize the data with it, "
+            f"python -m pretrain.data prepare --tokenizer {out / 'tokenizer.model'} --out data/NAME, then "
+            "--set data.dir=data/NAME"
+        )
     else:
-        print("[import] warning: no sentencepiece tokenizer.model in the HF directory; the training data must be "
-              "tokenized with this model's tokenizer (Megatron .bin/.idx via data.train/valid/test and a matching "
-              "data.tokenizer), or the token ids will not mean what the weights learned")
+        print(
+            "[import] warning: no sentencepiece tokenizer.model in the HF directory; the training data must be "
+            "tokenized with this model's tokenizer (Megatron .bin/.idx via data.train/valid/test and a matching "
+            "data.tokenizer), or the token ids will not mean what the weights learned"
+        )
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pretrain.cli import run
+
+    raise SystemExit(run(main))

@@ -27,6 +27,7 @@ ZeRO-3 keeps parameters with at most `stage3_param_persistence_threshold` elemen
 whole on every rank, in addition to their partition. Partitions are padded to alignment, so
 measured values exceed N/dp by a few elements per tensor.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -81,9 +82,16 @@ def held_bytes(engine) -> dict[str, int]:
 # ------------------------------------------------------------------------------ model states
 
 
-def zero_state_bytes(num_params: int, stage: int, dp: int, precision: str = "fp32", *,
-                     zero3_partition: float | None = None, zero3_persistent: int = 0,
-                     pipeline: bool = False) -> dict[str, float]:
+def zero_state_bytes(
+    num_params: int,
+    stage: int,
+    dp: int,
+    precision: str = "fp32",
+    *,
+    zero3_partition: float | None = None,
+    zero3_persistent: int = 0,
+    pipeline: bool = False,
+) -> dict[str, float]:
     """Bytes of parameters, gradients and optimizer states one rank holds (the table above).
 
     num_params: this rank's unique parameters. zero3_partition: this rank's ZeRO-3 partition in
@@ -102,8 +110,7 @@ def zero_state_bytes(num_params: int, stage: int, dp: int, precision: str = "fp3
     master = 0 if precision == "fp32" else 4  # fp32 master copy next to 16-bit weights
     if stage == 3:
         z = n / dp if zero3_partition is None else zero3_partition
-        return {"parameters": b * (z + zero3_persistent), "gradients": b * z,
-                "optimizer": (states + master) * z}
+        return {"parameters": b * (z + zero3_persistent), "gradients": b * z, "optimizer": (states + master) * z}
     params = b * n
     grads = b * n if stage < 2 else b * part
     if stage == 0:
@@ -114,8 +121,9 @@ def zero_state_bytes(num_params: int, stage: int, dp: int, precision: str = "fp3
     return {"parameters": params, "gradients": grads, "optimizer": (states + 4) * part}
 
 
-def expected_bytes(num_params: int, stage: int, dp: int, bytes_per_param: int = 4,
-                   precision: str | None = None) -> dict[str, float]:
+def expected_bytes(
+    num_params: int, stage: int, dp: int, bytes_per_param: int = 4, precision: str | None = None
+) -> dict[str, float]:
     """Parameter and optimizer-state bytes per rank (what held_bytes measures); fp32 unless told."""
     precision = precision or ("fp32" if bytes_per_param == 4 else "bf16")
     s = zero_state_bytes(num_params, stage, dp, precision)
@@ -128,18 +136,27 @@ def expected_bytes(num_params: int, stage: int, dp: int, bytes_per_param: int = 
 @dataclass(frozen=True)
 class BlockShape:
     """What a block's stored activations depend on (per token: multiply by sequence x micro-batch)."""
+
     hidden: int
     heads: int
     kv_heads: int
     ffn: int
-    mlp: str = "swiglu"          # swiglu | gelu
-    norms: int = 2               # norms on the residual path whose input is stored (pre: 2, peri: 4)
+    mlp: str = "swiglu"  # swiglu | gelu
+    norms: int = 2  # norms on the residual path whose input is stored (pre: 2, peri: 4)
     qk_norm: bool = False
-    dropout: bool = False        # dropout > 0: 1-byte masks are stored
+    dropout: bool = False  # dropout > 0: 1-byte masks are stored
 
 
-def activation_bytes(shape: BlockShape, seq: int, micro: int, *, tp: int = 1, sequence_parallel: bool = False,
-                     act_bytes: int = 2, scores: str = "fused") -> dict[str, float]:
+def activation_bytes(
+    shape: BlockShape,
+    seq: int,
+    micro: int,
+    *,
+    tp: int = 1,
+    sequence_parallel: bool = False,
+    act_bytes: int = 2,
+    scores: str = "fused",
+) -> dict[str, float]:
     """Stored activation bytes of ONE block for one micro-batch, by recompute mode.
 
     Korthikanti et al. (2022) count, for a GPT-3 block (16-bit activations, LayerNorm, 4h GELU MLP,
@@ -181,8 +198,9 @@ def activation_bytes(shape: BlockShape, seq: int, micro: int, *, tp: int = 1, se
     return {"none": none, "selective": selective, "full": full}
 
 
-def korthikanti_bytes(seq: int, micro: int, hidden: int, heads: int, tp: int = 1,
-                      sequence_parallel: bool = False) -> float:
+def korthikanti_bytes(
+    seq: int, micro: int, hidden: int, heads: int, tp: int = 1, sequence_parallel: bool = False
+) -> float:
     """The paper's closed form for one GPT-3 block (16-bit, no recompute), for reference and tests."""
     s, b, h, a, t = seq, micro, hidden, heads, tp
     if sequence_parallel:

@@ -2,11 +2,22 @@
 
 Only the main rank writes. On resume, records beyond the resumed step are dropped from
 metrics.jsonl and TensorBoard is purged from that step, so the curves have no duplicated tail.
+
+metrics.jsonl schema: one JSON object per line, every one with `step` and `kind`:
+    kind=train     tokens (cumulative training tokens), loss (mean over the logged interval), lr,
+                   grad_norm, tokens_per_s, step_time, mfu, mem_mb
+    kind=valid     loss, perplexity, bits_per_byte, tokens (validation tokens evaluated)
+    kind=diag      layer_var, layer_rms, layer_max_abs, layer_attn_entropy, layer_grad_norm (per layer)
+    kind=bad_step  skipped, bad_steps;   kind=spike  loss, sigma
+Non-finite numbers are written as the strings "nan" / "inf". Files written before `kind` existed
+are read by `read_metrics`, which infers it.
 """
+
 from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import sys
 import time
@@ -26,11 +37,14 @@ class MetricsWriter:
         if not enabled:
             return
         if resume_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if (record := _parse(line)) is not None and record.get("step", 0) <= resume_step]
+            kept = [
+                line
+                for line in self.path.read_text().splitlines()
+                if (record := _parse(line)) is not None and record.get("step", 0) <= resume_step
+            ]
             atomic_write_text(self.path, "".join(line + "\n" for line in kept))
-        elif resume_step is None and self.path.exists():
-            self.path.unlink()  # a fresh start in an existing run directory starts a fresh curve
+        elif resume_step is None:
+            keep_earlier_curves(run_dir)  # a fresh start draws a fresh curve; the earlier one is kept
         from torch.utils.tensorboard import SummaryWriter
 
         self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step + 1 if resume_step is not None else None)
@@ -39,12 +53,12 @@ class MetricsWriter:
     def log(self, record: dict, prefix: str = "train") -> None:
         if not self.enabled:
             return
-        record = {k: _clean(v) for k, v in record.items()}
+        record = {"kind": prefix, **{k: _clean(v) for k, v in record.items()}}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         step = record.get("step", 0)
         for key, value in record.items():
-            if key == "step":
+            if key in ("step", "kind"):
                 continue
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 self.tb.add_scalar(f"{prefix}/{key}", value, step)
@@ -61,6 +75,45 @@ class MetricsWriter:
         if self.enabled:
             self.file.close()
             self.tb.close()
+
+
+def keep_earlier_curves(run_dir: Path) -> None:
+    """Renames an earlier run's metrics.jsonl and tb/ to *.before-<its date>, never deleting them."""
+    old = [name for name in ("metrics.jsonl", "tb") if (run_dir / name).exists()]
+    if not old:
+        return
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime((run_dir / old[0]).stat().st_mtime))
+    suffix, n = f"before-{stamp}", 1
+    while any((run_dir / f"{name}.{suffix}").exists() for name in old):  # never replace a kept one
+        n += 1
+        suffix = f"before-{stamp}-{n}"
+    for name in old:
+        os.replace(run_dir / name, run_dir / f"{name}.{suffix}")
+
+
+def _infer_kind(record: dict) -> str:
+    """The kind of a row written before rows carried one."""
+    if "lr" in record:
+        return "train"
+    if "perplexity" in record:
+        return "valid"
+    if "layer_var" in record:
+        return "diag"
+    if "skipped" in record:
+        return "bad_step"
+    return "spike" if "sigma" in record else "unknown"
+
+
+def read_metrics(path: str | Path, kind: str | None = None) -> list[dict]:
+    """The rows of a metrics.jsonl (old files included), optionally only those of one kind."""
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        record = _parse(line)
+        if record is not None:
+            record.setdefault("kind", _infer_kind(record))
+            if kind is None or record["kind"] == kind:
+                rows.append(record)
+    return rows
 
 
 def _parse(line: str) -> dict | None:
@@ -137,8 +190,12 @@ class Progress:
         self.t_last, self.step_last = now, step
         done = step - self.start_step
         avg = (now - self.t_start) / max(1, done)
-        return {"step_time": dt, "tokens_per_s": self.tokens_per_step / dt if dt > 0 else 0.0,
-                "eta_s": avg * (self.max_steps - step), "elapsed_s": now - self.t_start}
+        return {
+            "step_time": dt,
+            "tokens_per_s": self.tokens_per_step / dt if dt > 0 else 0.0,
+            "eta_s": avg * (self.max_steps - step),
+            "elapsed_s": now - self.t_start,
+        }
 
 
 def say(msg: str, enabled: bool = True, log_file: Path | None = None) -> None:

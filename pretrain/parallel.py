@@ -4,6 +4,7 @@ adapter DeepSpeed needs to know which group is which.
 
     rank = (pp_rank * dp + dp_rank) * tp + tp_rank
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,8 +29,9 @@ class Layout:
 
     def rank_map(self) -> str:
         """One line per rank, for the run log."""
-        return "\n".join("  rank {:3d}: pp {} dp {} tp {}".format(rank, *self.coords(rank))
-                         for rank in range(self.world))
+        return "\n".join(
+            "  rank {:3d}: pp {} dp {} tp {}".format(rank, *self.coords(rank)) for rank in range(self.world)
+        )
 
 
 def layout_for(cfg, world: int) -> Layout:
@@ -44,8 +46,9 @@ def initialize_groups(layout: Layout) -> None:
 
     if parallel_state.model_parallel_is_initialized():
         return
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=layout.tp,
-                                             pipeline_model_parallel_size=layout.pp)
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp
+    )
 
 
 def data_parallel_group(layout: Layout):
@@ -73,7 +76,6 @@ def pipeline_parallel_group(layout: Layout):
     from megatron.core import parallel_state
 
     return parallel_state.get_pipeline_model_parallel_group()
-
 
 
 class DeepSpeedMPU:

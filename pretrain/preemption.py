@@ -9,6 +9,7 @@ within the grace period (a hung collective, a slow filesystem), a watchdog exits
 PREEMPT_TIMEOUT_EXIT instead of letting the scheduler's SIGKILL arrive mid-write; the previous
 checkpoint is intact either way.
 """
+
 from __future__ import annotations
 
 import os
@@ -56,9 +57,12 @@ class Preemption:
         return signal.Signals(self.received).name if self.received is not None else "another rank's signal"
 
     def _out_of_time(self) -> None:
-        print(f"[preempt] the grace period of {self.grace_period_s:.0f}s after {self.describe()} ran out before "
-              f"the checkpoint was written; exiting with {PREEMPT_TIMEOUT_EXIT} (the previous checkpoint is intact)",
-              file=sys.stderr, flush=True)
+        print(
+            f"[preempt] the grace period of {self.grace_period_s:.0f}s after {self.describe()} ran out before "
+            f"the checkpoint was written; exiting with {PREEMPT_TIMEOUT_EXIT} (the previous checkpoint is intact)",
+            file=sys.stderr,
+            flush=True,
+        )
         os._exit(PREEMPT_TIMEOUT_EXIT)
 
     def start_grace(self) -> None:

@@ -3,12 +3,14 @@ DeepSpeed engine: the plain engine (data and tensor parallelism, ZeRO 0-3: forwa
 per micro-batch) and the pipeline engine (train_batch / eval_batch over the 1F1B schedule). The
 training loop in pretrain/train.py talks to either through the same four methods.
 """
+
 from __future__ import annotations
 
 import torch
 
 from pretrain.data import micro_batch_start
 from pretrain.diagnostics import activation_stats, global_grad_norm, layer_grad_norms
+from pretrain.ds_compat import before_pipeline_step
 
 
 class StepResult:
@@ -17,8 +19,7 @@ class StepResult:
 
 
 class _Runner:
-    def __init__(self, engine, stream, cfg, layout, dp_rank: int, grad_accum: int, device, groups: dict,
-                 guard=None):
+    def __init__(self, engine, stream, cfg, layout, dp_rank: int, grad_accum: int, device, groups: dict, guard=None):
         """guard: a pretrain.guard.BadStepGuard, asked before every optimizer step."""
         self.engine, self.stream, self.cfg, self.layout, self.guard = engine, stream, cfg, layout, guard
         self.inject_at = set(cfg.train.inject_nonfinite_at)
@@ -67,8 +68,9 @@ class EngineRunner(_Runner):
         return self.engine(tokens, labels, mask)
 
     def probe(self, tokens) -> dict:
-        return activation_stats(lambda x: self.engine(x), self.blocks(), tokens, self.tp_group,
-                                self.layout.sequence_parallel)
+        return activation_stats(
+            lambda x: self.engine(x), self.blocks(), tokens, self.tp_group, self.layout.sequence_parallel
+        )
 
 
 class PipelineRunner(_Runner):
@@ -80,28 +82,25 @@ class PipelineRunner(_Runner):
         return local_blocks(self.engine.module)
 
     def train_step(self, step: int, diagnose: bool) -> StepResult:
-        batches = iter([(tokens, (labels, mask)) for tokens, labels, mask in
-                        (self.micro_batch(step, m) for m in range(self.grad_accum))])
+        batches = iter(
+            [
+                (tokens, (labels, mask))
+                for tokens, labels, mask in (self.micro_batch(step, m) for m in range(self.grad_accum))
+            ]
+        )
         layer_norms, norm = None, None
-        if diagnose or self.own_grad_norm or self.guard is not None:
-            # The pipeline engine steps inside train_batch: check and read the gradients just before.
-            original_step = self.engine._take_model_step
 
-            def take_step(*args, **kwargs):
-                nonlocal layer_norms, norm
-                if self.guard is not None:  # the last stage holds the step's summed loss
-                    self.guard.decide(getattr(self.engine, "total_loss", None))
-                if diagnose:
-                    layer_norms = layer_grad_norms(self.blocks(), self.tp_group, self.pp_group)
-                if self.own_grad_norm:
-                    norm = global_grad_norm(self.engine.module, self.tp_group, self.pp_group)
-                return original_step(*args, **kwargs)
+        def before_step():  # gradients reduced, weights not yet updated
+            nonlocal layer_norms, norm
+            if self.guard is not None:  # the last stage holds the step's summed loss
+                self.guard.decide(getattr(self.engine, "total_loss", None))
+            if diagnose:
+                layer_norms = layer_grad_norms(self.blocks(), self.tp_group, self.pp_group)
+            if self.own_grad_norm:
+                norm = global_grad_norm(self.engine.module, self.tp_group, self.pp_group)
 
-            self.engine._take_model_step = take_step
-        try:
+        with before_pipeline_step(self.engine, before_step):
             loss = self.engine.train_batch(data_iter=batches)
-        finally:
-            self.engine.__dict__.pop("_take_model_step", None)
         return StepResult(loss.detach().float(), norm if self.own_grad_norm else self.grad_norm(), layer_norms)
 
     def eval_loss(self, tokens, labels, mask) -> torch.Tensor:
@@ -115,5 +114,6 @@ class PipelineRunner(_Runner):
             self.engine.eval_batch(iter([(x, (no_labels, no_labels.float()))]), num_micro_batches=1)
             self.engine.reset_activation_shape()
 
-        return activation_stats(forward, self.blocks(), tokens, self.tp_group, self.layout.sequence_parallel,
-                                self.pp_group)
+        return activation_stats(
+            forward, self.blocks(), tokens, self.tp_group, self.layout.sequence_parallel, self.pp_group
+        )

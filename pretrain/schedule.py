@@ -1,12 +1,14 @@
 """Learning-rate schedules as multipliers of the peak LR: linear warmup, then cosine decay,
 warmup-stable-decay (WSD), or constant."""
+
 from __future__ import annotations
 
 import math
 
 
-def lr_multiplier(step: int, *, max_steps: int, warmup_steps: int, schedule: str, min_lr_ratio: float,
-                  decay_fraction: float = 0.2) -> float:
+def lr_multiplier(
+    step: int, *, max_steps: int, warmup_steps: int, schedule: str, min_lr_ratio: float, decay_fraction: float = 0.2
+) -> float:
     """Multiplier for the update made at 0-based optimizer step `step`."""
     if warmup_steps and step < warmup_steps:
         return (step + 1) / warmup_steps
@@ -27,6 +29,11 @@ def lr_multiplier(step: int, *, max_steps: int, warmup_steps: int, schedule: str
 
 def make_lr_lambda(t) -> callable:
     """The multiplier function for a TrainConfig `t`."""
-    return lambda step: lr_multiplier(step, max_steps=t.max_steps, warmup_steps=t.warmup_steps,
-                                      schedule=t.schedule, min_lr_ratio=t.min_lr_ratio,
-                                      decay_fraction=t.decay_fraction)
+    return lambda step: lr_multiplier(
+        step,
+        max_steps=t.max_steps,
+        warmup_steps=t.warmup_steps,
+        schedule=t.schedule,
+        min_lr_ratio=t.min_lr_ratio,
+        decay_fraction=t.decay_fraction,
+    )

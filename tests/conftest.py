@@ -1,5 +1,6 @@
 """Shared fixtures: the prepared bundled corpus (real text, prepared once per session) and a helper
 that runs a module under torchrun with real processes on CPU."""
+
 from __future__ import annotations
 
 import os
@@ -26,14 +27,20 @@ def bundled_dir(tmp_path_factory) -> Path:
     """The bundled corpus (Shakespeare, Milton, KJV; SOTU 2000- as test) prepared with a
     2048-token vocabulary: real text, ~10 s."""
     out = tmp_path_factory.mktemp("data") / "bundled"
-    proc = subprocess.run([sys.executable, "-m", "pretrain.data", "prepare", "--out", str(out), "--vocab-size", "2048"],
-                          cwd=ROOT, env=_env(), capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pretrain.data", "prepare", "--out", str(out), "--vocab-size", "2048"],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return out
 
 
-def run_module(module_args: list[str], nproc: int = 1, cwd: Path = ROOT, extra_env: dict | None = None,
-               timeout: int = 600) -> subprocess.CompletedProcess:
+def run_module(
+    module_args: list[str], nproc: int = 1, cwd: Path = ROOT, extra_env: dict | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
     """`python -m ...` as nproc processes (torchrun --standalone when nproc > 1)."""
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] + module_args
@@ -43,8 +50,29 @@ def run_module(module_args: list[str], nproc: int = 1, cwd: Path = ROOT, extra_e
 
 
 def tiny_args(data_dir: Path, run_dir: Path, *sets: str) -> list[str]:
-    args = ["-m", "pretrain.train", "--config", str(ROOT / "configs" / "tiny.yaml"),
-            "--set", f"data.dir={data_dir}", "--set", f"run.dir={run_dir}"]
+    args = [
+        "-m",
+        "pretrain.train",
+        "--config",
+        str(ROOT / "configs" / "tiny.yaml"),
+        "--set",
+        f"data.dir={data_dir}",
+        "--set",
+        f"run.dir={run_dir}",
+    ]
     for s in sets:
         args += ["--set", s]
     return args
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    """step -> training loss, from a run's metrics.jsonl."""
+    from pretrain.metrics import read_metrics
+
+    return {r["step"]: r["loss"] for r in read_metrics(Path(run_dir) / "metrics.jsonl", "train")}
+
+
+def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    """Asserts a finished command succeeded, showing the end of its output if not."""
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc

@@ -8,7 +8,12 @@ cd "$root"
 bash launch/setup.sh --dev
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 args=("$@")
-if [ ${#args[@]} -eq 0 ]; then args=(-m "not slow" --durations=30); fi
+if [ ${#args[@]} -eq 0 ]; then
+  # The default suite starts with the style checks (pyproject.toml): a lint failure fails the suite.
+  venv="${PRETRAIN_VENV:-$root/.venv}"
+  "$venv/bin/ruff" check . && "$venv/bin/ruff" format --check --quiet . || { echo "[tests] ruff: fix the above (ruff format . && ruff check --fix .)" >&2; exit 1; }
+  args=(-m "not slow" --durations=30)
+fi
 set +e
 "${PRETRAIN_VENV:-$root/.venv}/bin/python" -m pytest "${args[@]}"
 rc=$?

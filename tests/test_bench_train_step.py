@@ -2,23 +2,21 @@
 weights and trained by the same AdamW on the same tokens, follow the same loss curve (so the speed
 ratio compares equal work), and the FLOPs per token match the model's own count up to the norm gains
 (which are not matmul parameters)."""
+
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import ROOT, _env
+from tests.conftest import run_module
 
 pytest.importorskip("transformers")
 
 
 def test_ours_and_hf_llama_train_alike_and_report_their_speed():
-    proc = subprocess.run([sys.executable, "bench/train_step.py", "--config", "configs/tiny.yaml", "--compare", "hf",
-                           "--warmup", "1", "--steps", "3", "--vocab-size", "512"],
-                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    args = ["--config", "configs/tiny.yaml", "--compare", "hf", "--warmup", "1", "--steps", "3", "--vocab-size", "512"]
+    proc = run_module(["bench/train_step.py", *args], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = json.loads(proc.stdout)["runs"][0]
     ours, hf = run["contenders"]["ours"], run["contenders"]["hf_llama"]

@@ -1,20 +1,32 @@
 """Checkpoint integrity without DeepSpeed: manifests, corruption and truncation detection, the
 fall-back to the previous good checkpoint, retention, config comparison."""
+
 from __future__ import annotations
 
 import json
 import os
 
 import pytest
+import torch
 
-from pretrain.checkpoint import (Checkpointer, CheckpointError, compare_configs, complete_checkpoints,
-                                 find_resumable, verify, write_manifest)
+from pretrain.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    complete_checkpoints,
+    find_resumable,
+    verify,
+    write_manifest,
+)
+from pretrain.checkpoint.retention import apply_retention
+from pretrain.restore import compare_configs
 
 
 def fake_checkpoint(root, step, payload=b"weights" * 1000):
     d = root / f"step_{step:06d}"
     d.mkdir(parents=True)
-    (d / "mp_rank_00_model_states.pt").write_bytes(payload + bytes([step % 256]))
+    torch.save(
+        {"module": {"w": torch.zeros(16)}, "payload": payload + bytes([step % 256])}, d / "mp_rank_00_model_states.pt"
+    )
     (d / "meta.json").write_text(json.dumps({"step": step}))
     write_manifest(d)
     return d
@@ -31,7 +43,9 @@ def test_verify_names_a_flipped_byte_and_a_truncated_file(tmp_path):
     with pytest.raises(CheckpointError, match=r"mp_rank_00_model_states.pt does not match its sha256.*corrupt"):
         verify(d)
     f.write_bytes(bytes(data[:50]))
-    with pytest.raises(CheckpointError, match=r"mp_rank_00_model_states.pt has 50 bytes, the manifest says \d+ \(truncated\?\)"):
+    with pytest.raises(
+        CheckpointError, match=r"mp_rank_00_model_states.pt has 50 bytes, the manifest says \d+ \(truncated\?\)"
+    ):
         verify(d, "size")
     f.unlink()
     with pytest.raises(CheckpointError, match="mp_rank_00_model_states.pt listed in the manifest is missing"):
@@ -63,13 +77,11 @@ def test_resume_modes(tmp_path):
 
 
 def test_retention_keeps_the_newest(tmp_path):
-    ck = Checkpointer(tmp_path, rank=0, keep_last=2, verify_level="size", log=lambda m: None)
     for step in (10, 20, 30, 40):
         newest = fake_checkpoint(tmp_path, step)
-        ck._retain(keep=newest)
+        apply_retention(tmp_path, keep_last=2, keep=newest)
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_000030", "step_000040"]
-    ck.keep_last = 1
-    ck._retain(keep=newest)
+    apply_retention(tmp_path, keep_last=1, keep=newest)
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_000040"]
     assert os.listdir(tmp_path / "step_000040")
 
@@ -169,3 +181,34 @@ def test_spike_detector_flags_what_a_direct_z_score_flags():
         if np.isfinite(loss):
             history.append(loss)
     assert flagged == [40]
+
+
+class _Payload:
+    """A pickle that runs code when loaded (what a tampered checkpoint file would hold)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_malicious_pickle_is_refused_before_anything_unpickles_it(tmp_path):
+    marker = tmp_path / "pwned"
+    d = fake_checkpoint(tmp_path / "ckpts", 10)
+    torch.save({"module": {"w": torch.zeros(2)}, "evil": _Payload(marker)}, d / "mp_rank_00_model_states.pt")
+    write_manifest(d)  # a manifest that matches the tampered file: integrity checks alone would pass
+    for level in ("sha256", "size", "none"):
+        with pytest.raises(CheckpointError, match=r"mp_rank_00_model_states.pt would import (posix|os)\.system"):
+            verify(d, level)
+    from pretrain.checkpoint.safe_load import load_weights_only
+
+    with pytest.raises(CheckpointError, match="cannot be read as weights only"):
+        load_weights_only(d / "mp_rank_00_model_states.pt")
+    from pretrain.checkpoint.consolidate import consolidated_state_dict
+
+    with pytest.raises(CheckpointError, match="would import"):
+        consolidated_state_dict(d)
+    assert not marker.exists()
+    torch.load(d / "mp_rank_00_model_states.pt", weights_only=False)  # the payload is real: loading it runs code
+    assert marker.exists()

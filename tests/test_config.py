@@ -1,13 +1,11 @@
 """Config loading, overrides and validation errors (no process group involved)."""
-from __future__ import annotations
 
-import subprocess
-import sys
+from __future__ import annotations
 
 import pytest
 
 from pretrain.config import ConfigError, apply_override, check_world, load_config, resolve
-from tests.conftest import ROOT, _env
+from tests.conftest import ROOT, run_module
 
 
 def test_repo_configs_load_and_resolve():
@@ -19,8 +17,10 @@ def test_repo_configs_load_and_resolve():
 
 
 def test_override_types_and_sections():
-    cfg = load_config(ROOT / "configs" / "tiny.yaml",
-                      ["model.placement=pre", "train.lr=1e-4", "train.max_steps=7", "model.qk_norm=true"])
+    cfg = load_config(
+        ROOT / "configs" / "tiny.yaml",
+        ["model.placement=pre", "train.lr=1e-4", "train.max_steps=7", "model.qk_norm=true"],
+    )
     assert (cfg.model.placement, cfg.train.lr, cfg.train.max_steps, cfg.model.qk_norm) == ("pre", 1e-4, 7, True)
     assert isinstance(cfg.train.lr, float)
 
@@ -39,20 +39,35 @@ def test_misspelt_key_in_yaml_file(tmp_path):
         load_config(f)
 
 
-@pytest.mark.parametrize("assignment, message", [
-    ("model.placement=perri", r"model\.placement: 'perri' is not a placement; allowed: pre, post, peri, lns.*did you mean 'peri'"),
-    ("train.precision=fp8", r"train\.precision: 'fp8' is not allowed; allowed: fp32, bf16, fp16"),
-    ("train.lr=-1", r"train\.lr: -1\.0 must be greater than 0"),
-    ("zero.stage=4", r"zero\.stage: 4 is above the maximum 3"),
-    ("train.max_steps=ten", r"train\.max_steps: expected an integer, got 'ten'"),
-    ("model.qk_norm=maybe", r"model\.qk_norm: expected true or false"),
-    ("model.num_heads=5", r"model\.hidden_size: 64 is not divisible by model\.num_heads=5; head counts that divide it: 1, 2, 4, 8"),
-    ("model.depth_scale=inv_sqrt_layer", None),  # valid with peri
-    ("parallel.tp=3", r"parallel\.tp: 3 does not divide model\.num_heads=4; tensor-parallel sizes that would: 1, 2, 4"),
-    ("parallel.pp=3", r"parallel\.pp: 3 stages for model\.num_layers=2; at most one stage per layer: allowed 1\.\.2"),
-    ("parallel.sequence_parallel=true", r"sequence_parallel: true needs parallel\.tp > 1"),
-    ("kernels.backend=cuda", r"kernels\.backend: 'cuda' is not allowed"),
-])
+@pytest.mark.parametrize(
+    "assignment, message",
+    [
+        (
+            "model.placement=perri",
+            r"model\.placement: 'perri' is not a placement; allowed: pre, post, peri, lns.*did you mean 'peri'",
+        ),
+        ("train.precision=fp8", r"train\.precision: 'fp8' is not allowed; allowed: fp32, bf16, fp16"),
+        ("train.lr=-1", r"train\.lr: -1\.0 must be greater than 0"),
+        ("zero.stage=4", r"zero\.stage: 4 is above the maximum 3"),
+        ("train.max_steps=ten", r"train\.max_steps: expected an integer, got 'ten'"),
+        ("model.qk_norm=maybe", r"model\.qk_norm: expected true or false"),
+        (
+            "model.num_heads=5",
+            r"model\.hidden_size: 64 is not divisible by model\.num_heads=5; head counts that divide it: 1, 2, 4, 8",
+        ),
+        ("model.depth_scale=inv_sqrt_layer", None),  # valid with peri
+        (
+            "parallel.tp=3",
+            r"parallel\.tp: 3 does not divide model\.num_heads=4; tensor-parallel sizes that would: 1, 2, 4",
+        ),
+        (
+            "parallel.pp=3",
+            r"parallel\.pp: 3 stages for model\.num_layers=2; at most one stage per layer: allowed 1\.\.2",
+        ),
+        ("parallel.sequence_parallel=true", r"sequence_parallel: true needs parallel\.tp > 1"),
+        ("kernels.backend=cuda", r"kernels\.backend: 'cuda' is not allowed"),
+    ],
+)
 def test_bad_values_name_field_value_and_allowed(assignment, message):
     if message is None:
         load_config(ROOT / "configs" / "tiny.yaml", [assignment])
@@ -85,7 +100,9 @@ def test_malformed_set():
 
 def test_batch_arithmetic_lists_valid_sizes():
     cfg = load_config(ROOT / "configs" / "tiny.yaml", ["train.global_batch_size=12"])
-    with pytest.raises(ConfigError, match=r"global_batch_size: 12 is not a multiple of .* 4 x 2 = 8; valid sizes include 8, 16"):
+    with pytest.raises(
+        ConfigError, match=r"global_batch_size: 12 is not a multiple of .* 4 x 2 = 8; valid sizes include 8, 16"
+    ):
         check_world(cfg, 2)
     assert check_world(load_config(ROOT / "configs" / "tiny.yaml", ["train.global_batch_size=16"]), 2) == 2
 
@@ -101,9 +118,8 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
 
 def test_train_rejects_bad_config_before_any_process_group():
     """The CLI exits 2 with the message; nothing distributed has started (it would hang or warn)."""
-    proc = subprocess.run([sys.executable, "-m", "pretrain.train", "--config", str(ROOT / "configs" / "tiny.yaml"),
-                           "--set", "trian.max_steps=3"], cwd=ROOT, env=_env(), capture_output=True, text=True,
-                          timeout=120)
+    proc = run_module(["-m", "pretrain.train", "--config", str(ROOT / "configs" / "tiny.yaml"), "--set",
+                       "trian.max_steps=3"], timeout=120)  # fmt: skip
     assert proc.returncode == 2
     assert "trian: unknown section; did you mean 'train'?" in proc.stderr
     assert "DeepSpeed" not in proc.stdout + proc.stderr
@@ -114,9 +130,8 @@ def test_fp16_on_cpu_is_refused_before_start():
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: fp16 is allowed")
-    proc = subprocess.run([sys.executable, "-m", "pretrain.train", "--config", str(ROOT / "configs" / "tiny.yaml"),
-                           "--set", "train.precision=fp16"], cwd=ROOT, env=_env(), capture_output=True, text=True,
-                          timeout=120)
+    proc = run_module(["-m", "pretrain.train", "--config", str(ROOT / "configs" / "tiny.yaml"), "--set",
+                       "train.precision=fp16"], timeout=120)  # fmt: skip
     assert proc.returncode == 2 and "train.precision: 'fp16' needs a CUDA GPU" in proc.stderr
 
 
@@ -124,8 +139,11 @@ def test_pipeline_refuses_zero_2_and_3_and_world_sizes_must_divide():
     with pytest.raises(ConfigError, match=r"zero\.stage: 2 cannot be combined with pipeline parallelism"):
         load_config(ROOT / "configs" / "tiny.yaml", ["parallel.pp=2", "zero.stage=2"])
     cfg = load_config(ROOT / "configs" / "tiny.yaml", ["parallel.tp=2", "parallel.pp=2"])
-    with pytest.raises(ConfigError, match=r"world size 6 is not a multiple of parallel\.tp x parallel\.pp = 2 x 2 = 4; "
-                                          r"world sizes that work: 4, 8, 12"):
+    with pytest.raises(
+        ConfigError,
+        match=r"world size 6 is not a multiple of parallel\.tp x parallel\.pp = 2 x 2 = 4; "
+        r"world sizes that work: 4, 8, 12",
+    ):
         check_world(cfg, 6)
     assert check_world(cfg, 8) == 1  # dp 2: 8 sequences = micro 4 x dp 2
 

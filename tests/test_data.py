@@ -1,5 +1,6 @@
 """Data: the bundled corpus prepared for real, tokenizer round trips, split hygiene, deterministic
 and resumable sampling, in-order evaluation windows, user corpora."""
+
 from __future__ import annotations
 
 import json
@@ -7,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from pretrain.data import DataError, SampleStream, TokenStream, Tokenizer, build_train_dataset, micro_batch_start
+from pretrain.data import DataError, SampleStream, Tokenizer, TokenStream, build_train_dataset, micro_batch_start
 from pretrain.data.corpus import bundled_corpus
 from pretrain.data.indexed import open_indexed
 from pretrain.data.prepare import PrepareArgs, prepare, split_by_document
@@ -27,8 +28,12 @@ def test_round_trip_on_real_documents_and_awkward_text(tok, corpus):
     train, test = corpus
     for doc in train[:5] + train[-5:] + test[:3]:
         assert tok.decode(tok.encode(doc.text)) == doc.text
-    for text in ["  two leading spaces\n\n\ttab and trailing   ", "naïve café — “quotes” 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 漢字 🎭",
-                 "line one\r\nline two", "12345 67.89"]:
+    for text in [
+        "  two leading spaces\n\n\ttab and trailing   ",
+        "naïve café — “quotes” 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 漢字 🎭",
+        "line one\r\nline two",
+        "12345 67.89",
+    ]:
         expected = text.replace("\r\n", "\n") if "\r" in text else text
         assert tok.decode(tok.encode(expected)) == expected
 
@@ -52,6 +57,33 @@ def test_prepared_splits_hold_exactly_their_documents(bundled_dir, tok, corpus):
     # no test speech text leaks into training: a distinctive 2000s phrase is absent
     train_text = tok.decode(np.fromfile(bundled_dir / "train.bin", dtype=np.uint16)[:3_000_000])
     assert "Al Qaeda" not in train_text and "September the 11th" not in train_text
+
+
+def test_sotu_before_2000_is_training_text_with_its_own_validation_documents(bundled_dir, corpus):
+    """The State of the Union addresses before 2000 are training text (in the genre of the test set),
+    split by document like every source, so some are validation documents; from 2000 on they are the
+    test set and nothing else."""
+    train_docs, test_docs = corpus
+    speeches = [d for d in train_docs if d.source == "sotu"]
+    years = {int(d.id.split("/")[1][:4]) for d in speeches}
+    assert len(speeches) > 200 and min(years) == 1790 and max(years) == 1999
+    assert min(int(d.id.split("/")[1][:4]) for d in test_docs) == 2000
+    assert not {d.id for d in speeches} & {d.id for d in test_docs}
+    manifest = json.loads((bundled_dir / "manifest.json").read_text())
+    assert manifest["splits"]["valid"]["sources"]["sotu"] >= 2
+    sources = {split: manifest["splits"][split]["sources"]["sotu"] for split in ("train", "valid")}
+    assert sources["train"] + sources["valid"] == len(speeches)
+    valid_sotu = [i for i in manifest["documents"]["valid"] if i.startswith("sotu/")]
+    assert all(int(i.split("/")[1][:4]) < 2000 for i in valid_sotu)
+
+
+def test_a_change_of_the_bundled_corpus_makes_prepared_data_stale(monkeypatch):
+    import pretrain.data.prepare as prep
+
+    before = PrepareArgs(out="x").fingerprint()
+    monkeypatch.setattr(prep, "BUNDLED_CORPUS_VERSION", prep.BUNDLED_CORPUS_VERSION + 1)
+    assert PrepareArgs(out="x").fingerprint() != before
+    assert PrepareArgs(out="x", bundled=False).fingerprint() == PrepareArgs(out="y", bundled=False).fingerprint()
 
 
 def test_split_by_document_is_deterministic_and_per_source():
@@ -89,10 +121,13 @@ def test_sampling_is_deterministic_and_position_restorable(bundled_dir, tok, tmp
 def test_global_batch_is_independent_of_the_layout():
     """The samples of optimizer step s are the same set for any dp x accumulation split."""
     gbs = 16
+
     def step_samples(dp, micro):
         ga = gbs // (dp * micro)
-        return sorted(micro_batch_start(3, m, r, gbs, micro, dp) + j for m in range(ga) for r in range(dp)
-                      for j in range(micro))
+        return sorted(
+            micro_batch_start(3, m, r, gbs, micro, dp) + j for m in range(ga) for r in range(dp) for j in range(micro)
+        )
+
     assert step_samples(1, 16) == step_samples(2, 8) == step_samples(2, 2) == step_samples(4, 1) == list(range(48, 64))
 
 
@@ -130,9 +165,17 @@ def test_user_corpus_text_and_jsonl(tmp_path, corpus):
     with open(tmp_path / "held.jsonl", "w") as f:
         for d in test[:2]:
             f.write(json.dumps({"body": d.text}) + "\n")
-    out = prepare(PrepareArgs(out=str(tmp_path / "mine"), bundled=False, inputs=[str(src / "*.txt"), str(tmp_path / "more.jsonl")],
-                              test_inputs=[str(tmp_path / "held.jsonl")], jsonl_key="body", vocab_size=512,
-                              valid_fraction=0.1, workers=2), log=lambda *_: None)
+    args = PrepareArgs(
+        out=str(tmp_path / "mine"),
+        bundled=False,
+        inputs=[str(src / "*.txt"), str(tmp_path / "more.jsonl")],
+        test_inputs=[str(tmp_path / "held.jsonl")],
+        jsonl_key="body",
+        vocab_size=512,
+        valid_fraction=0.1,
+        workers=2,
+    )
+    out = prepare(args, log=lambda *_: None)
     m = json.loads((out / "manifest.json").read_text())
     assert m["splits"]["train"]["documents"] + m["splits"]["valid"]["documents"] == 80
     assert m["splits"]["test"]["documents"] == 2 and m["tokenizer"]["vocab_size"] == 512
@@ -140,9 +183,7 @@ def test_user_corpus_text_and_jsonl(tmp_path, corpus):
     held = open_indexed(str(out / "test"))  # keep it alive: its items are views into its mmap
     assert tok.decode(list(held[1])) == test[1].text
     # prepared again with the same settings: nothing is rebuilt
-    again = prepare(PrepareArgs(out=str(out), bundled=False, inputs=[str(src / "*.txt"), str(tmp_path / "more.jsonl")],
-                                test_inputs=[str(tmp_path / "held.jsonl")], jsonl_key="body", vocab_size=512,
-                                valid_fraction=0.1, workers=2), log=lambda *_: None)
+    again = prepare(args, log=lambda *_: None)
     assert json.loads((again / "manifest.json").read_text())["created"] == m["created"]
 
 
@@ -152,8 +193,10 @@ def test_user_corpus_errors_name_the_problem(tmp_path):
     with pytest.raises(DataError, match=r"bad.jsonl:2: no 'text' field \(has: content\); set --jsonl-key"):
         prepare(PrepareArgs(out=str(tmp_path / "o"), bundled=False, inputs=[str(bad)]), log=lambda *_: None)
     with pytest.raises(DataError, match=r"--input '.*nothing-\*.txt': no file matches"):
-        prepare(PrepareArgs(out=str(tmp_path / "o"), bundled=False, inputs=[str(tmp_path / "nothing-*.txt")]),
-                log=lambda *_: None)
+        prepare(
+            PrepareArgs(out=str(tmp_path / "o"), bundled=False, inputs=[str(tmp_path / "nothing-*.txt")]),
+            log=lambda *_: None,
+        )
     with pytest.raises(DataError, match=r"missing .*nope.bin"):
         open_indexed(str(tmp_path / "nope"))
 

@@ -1,4 +1,5 @@
 """Depth diagnostics against direct computations."""
+
 from __future__ import annotations
 
 import json
@@ -51,8 +52,9 @@ def test_activation_stats_equal_a_direct_computation(placement):
             hin = block.attn.in_norm(x_in)
             q, k, _ = block.attn.fn.split_qkv(hin)  # (T, B, H, hd)
             q, k = q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3)  # (B, H, T, hd)
-            att = torch.softmax((q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
-                                + torch.full((8, 8), float("-inf")).triu(1), dim=-1)
+            att = torch.softmax(
+                (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1]) + torch.full((8, 8), float("-inf")).triu(1), dim=-1
+            )
             direct_entropy.append(float(-(att * att.clamp_min(1e-30).log()).sum(-1).mean()))
     assert stats["var"] == pytest.approx([float(x.var()) for x in xs], rel=1e-5)
     assert stats["rms"] == pytest.approx([float(x.pow(2).mean().sqrt()) for x in xs], rel=1e-5)
@@ -76,11 +78,22 @@ def test_diagnostics_do_not_depend_on_the_layout(bundled_dir, tmp_path):
     records = {}
     for name, nproc, stage in (("one", 1, 0), ("two", 2, 2)):
         run_dir = tmp_path / name
-        proc = run_module(tiny_args(bundled_dir, run_dir, "train.max_steps=5", "train.warmup_steps=1",
-                                    "train.eval_every=0", "checkpoint.every=0", f"zero.stage={stage}"), nproc=nproc)
+        proc = run_module(
+            tiny_args(
+                bundled_dir,
+                run_dir,
+                "train.max_steps=5",
+                "train.warmup_steps=1",
+                "train.eval_every=0",
+                "checkpoint.every=0",
+                f"zero.stage={stage}",
+            ),
+            nproc=nproc,
+        )
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        records[name] = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-                         if "layer_grad_norm" in r]
+        records[name] = [
+            r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "layer_grad_norm" in r
+        ]
     (one,), (two,) = records["one"], records["two"]
     assert one["step"] == two["step"] == 5 and len(one["layer_grad_norm"]) == 2 and len(one["layer_var"]) == 3
     for key in ("layer_grad_norm", "layer_var", "layer_max_abs", "layer_attn_entropy"):

@@ -1,9 +1,9 @@
 """Faults, for real: kill -9 during saves, damaged checkpoints on disk, preemption signals and
 non-finite steps, each checked against an uninterrupted run of the same config (2 gloo processes
 under DeepSpeed on the bundled text)."""
+
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, _env, run_module, tiny_args
+from tests.conftest import ROOT, _env, check, run_module, tiny_args
+from tests.conftest import train_losses as losses
 
 pytestmark = pytest.mark.distributed
 
@@ -24,25 +25,12 @@ STEPS = 12
 BASE = [f"train.max_steps={STEPS}", "train.eval_every=0", "train.diagnostics_every=0"]
 
 
-def losses(run_dir: Path) -> dict[int, float]:
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if "lr" in r:
-            out[r["step"]] = r["loss"]
-    return out
-
-
-def check(proc):
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return proc
-
-
 def launch(args: list[str], nproc: int, log: Path) -> subprocess.Popen:
     """torchrun in its own process group (so a kill reaches the agent and every worker at once)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] + args
-    return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=_env(), stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def worker_pids(agent_pid: int) -> list[int]:
@@ -103,11 +91,12 @@ def test_kill_9_during_saves_never_loses_the_run(bundled_dir, reference, tmp_pat
         launched = time.time()
         proc = launch(args, 2, log)
 
-        def saving():  # a save of this attempt (not the .tmp-step_N a killed attempt left behind)
+        def saving(launched=launched):  # a save of this attempt (not the .tmp-step_N a killed one left)
             try:
                 return any(p.name.startswith(".tmp-step") and p.stat().st_mtime > launched for p in ckpts.iterdir())
             except FileNotFoundError:
                 return False
+
         if kills < 10 and wait_for(saving, 240, proc):
             time.sleep(rng.uniform(0, 0.15))  # somewhere inside the save: writing, hashing, renaming
             kill_job(proc.pid)
@@ -119,8 +108,9 @@ def test_kill_9_during_saves_never_loses_the_run(bundled_dir, reference, tmp_pat
             break
     assert kills == 10
     log_text = (run_dir / "train.log").read_text()
-    resumed_from = [line.split("resumed from", 1)[1].split()[0] for line in log_text.splitlines()
-                    if "resumed from" in line]
+    resumed_from = [
+        line.split("resumed from", 1)[1].split()[0] for line in log_text.splitlines() if "resumed from" in line
+    ]
     # every restart after a kill found a checkpoint (all but a kill during the very first save)
     assert len(resumed_from) >= 9 and "no complete checkpoint" not in log_text
     assert losses(run_dir) == reference
@@ -131,8 +121,14 @@ def test_damaged_checkpoints_are_named_and_auto_falls_back(bundled_dir, tmp_path
     """A flipped byte in the newest checkpoint and a truncated file in the one before: --resume auto
     names both and resumes from the one before them; --resume PATH on a damaged one refuses."""
     run_dir = tmp_path / "run"
-    check(run_module(tiny_args(bundled_dir, run_dir, *BASE, "checkpoint.every=2", "checkpoint.keep_last=0",
-                               "train.exit_at_step=6"), nproc=2))
+    check(
+        run_module(
+            tiny_args(
+                bundled_dir, run_dir, *BASE, "checkpoint.every=2", "checkpoint.keep_last=0", "train.exit_at_step=6"
+            ),
+            nproc=2,
+        )
+    )
     ckpts = run_dir / "checkpoints"
     newest, middle = ckpts / "step_000006", ckpts / "step_000004"
     model_file = next(newest.rglob("mp_rank_00_model_states.pt"))
@@ -143,8 +139,15 @@ def test_damaged_checkpoints_are_named_and_auto_falls_back(bundled_dir, tmp_path
     optim_file.write_bytes(optim_file.read_bytes()[:-100])
     kept = tmp_path / "kept" / middle.name  # the resume below re-saves step 4: keep the damaged one
     shutil.copytree(middle, kept)
-    proc = check(run_module(tiny_args(bundled_dir, run_dir, *BASE, "checkpoint.every=2", "checkpoint.keep_last=0",
-                                      "train.exit_at_step=8") + ["--resume", "auto"], nproc=2))
+    proc = check(
+        run_module(
+            tiny_args(
+                bundled_dir, run_dir, *BASE, "checkpoint.every=2", "checkpoint.keep_last=0", "train.exit_at_step=8"
+            )
+            + ["--resume", "auto"],
+            nproc=2,
+        )
+    )
     out = proc.stdout + proc.stderr
     rel_model = model_file.relative_to(newest)
     assert f"step_000006: file {rel_model} does not match its sha256" in out
@@ -154,8 +157,9 @@ def test_damaged_checkpoints_are_named_and_auto_falls_back(bundled_dir, tmp_path
     assert bad.returncode != 0 and "(truncated?)" in bad.stderr
 
 
-@pytest.mark.parametrize("sig,target", [("SIGTERM", "agent"),
-                                        pytest.param("SIGUSR1", "one-worker", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "sig,target", [("SIGTERM", "agent"), pytest.param("SIGUSR1", "one-worker", marks=pytest.mark.slow)]
+)
 def test_preemption_signal_saves_exits_0_and_resume_continues_exactly(bundled_dir, reference, tmp_path, sig, target):
     """A scheduler's signal mid-run: every rank saves at the end of the step, the job exits 0, and
     --resume auto continues the curve bit for bit. SIGTERM goes to torchrun (which forwards it to
@@ -210,8 +214,20 @@ def test_nonfinite_step_is_skipped_and_changes_nothing(bundled_dir, tmp_path):
     Adam moment and step counter saved after step 4 equal those saved after step 3; training goes on
     with finite losses. With bad_step_policy=stop the run stops there with exit code 4."""
     run_dir = tmp_path / "nan"
-    proc = check(run_module(tiny_args(bundled_dir, run_dir, *BASE, "train.max_steps=6", "checkpoint.every=1",
-                                      "checkpoint.keep_last=0", "train.inject_nonfinite_at=[4]"), nproc=2))
+    proc = check(
+        run_module(
+            tiny_args(
+                bundled_dir,
+                run_dir,
+                *BASE,
+                "train.max_steps=6",
+                "checkpoint.every=1",
+                "checkpoint.keep_last=0",
+                "train.inject_nonfinite_at=[4]",
+            ),
+            nproc=2,
+        )
+    )
     assert "[bad step] step 4: non-finite loss or gradient; the update was skipped" in proc.stdout + proc.stderr
     ckpts = run_dir / "checkpoints"
     (m3, o3), (m4, o4) = _module_and_adam_state(ckpts / "step_000003"), _module_and_adam_state(ckpts / "step_000004")
@@ -227,8 +243,10 @@ def test_nonfinite_step_is_skipped_and_changes_nothing(bundled_dir, tmp_path):
     curve = losses(run_dir)
     assert all(v == v for s, v in curve.items() if s != 4)  # finite (NaN != NaN)
 
-    stop = run_module(tiny_args(bundled_dir, tmp_path / "stop", *BASE, "train.inject_nonfinite_at=[3]",
-                                "train.bad_step_policy=stop"), nproc=1)
+    stop = run_module(
+        tiny_args(bundled_dir, tmp_path / "stop", *BASE, "train.inject_nonfinite_at=[3]", "train.bad_step_policy=stop"),
+        nproc=1,
+    )
     assert stop.returncode == 4, stop.stdout[-2000:] + stop.stderr[-2000:]
     assert "step 3: the loss or a gradient is not finite (train.bad_step_policy=stop)" in stop.stderr
 
@@ -238,11 +256,18 @@ def test_torchrun_max_restarts_resumes_after_a_killed_rank(bundled_dir, referenc
     --resume auto from the last checkpoint; the curve equals the uninterrupted one."""
     run_dir = tmp_path / "restarted"
     args = tiny_args(bundled_dir, run_dir, *BASE, "checkpoint.every=1") + ["--resume", "auto"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "--max-restarts=1"] + args
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "--max-restarts=1",
+    ] + args
     log = tmp_path / "restart.log"
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=_env(), stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True
+    )
     metrics = run_dir / "metrics.jsonl"
     assert wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 5, 240, proc, 0.05)
     victim = worker_pids(proc.pid)[-1]

@@ -1,6 +1,7 @@
 """Hugging Face interop, offline: export (Llama, OLMo 2, the custom remote-code model for every
 placement), import of Llama checkpoints, the tokenizer conversion, and the CLIs end to end on real
 checkpoints. Every model comparison is logits, fp32, within 1e-4."""
+
 from __future__ import annotations
 
 import os
@@ -15,14 +16,13 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from model import build_model  # noqa: E402
-from model.hf_convert import (ConversionError, auto_format, choose_format, custom_layer_slots,  # noqa: E402
-                              fuse_qkv, split_qkv)
-from model.placement import PLACEMENTS  # noqa: E402
-from pretrain import export as hf_export  # noqa: E402
-from pretrain import import_hf  # noqa: E402
-from tests.conftest import ROOT, run_module, tiny_args  # noqa: E402
-from tests.test_model import make_cfg, perturbed  # noqa: E402
+from model import build_model
+from model.hf_convert import ConversionError, auto_format, choose_format, custom_layer_slots, fuse_qkv, split_qkv
+from model.placement import PLACEMENTS
+from pretrain import export as hf_export
+from pretrain import import_hf
+from tests.conftest import ROOT, run_module, tiny_args
+from tests.test_model import make_cfg, perturbed
 
 ATOL = 1e-4
 IDS = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}
@@ -51,11 +51,19 @@ def max_diff(model, hf, tokens) -> float:
 def test_auto_format_rules():
     assert auto_format(make_cfg(placement="pre")) == "llama"
     assert auto_format(make_cfg(placement="reordered", qk_norm=True, qk_norm_scope="layer")) == "olmo2"
-    custom = [dict(placement="peri"), dict(placement="pre", bias=True), dict(placement="pre", zero_centered_gain=True),
-              dict(placement="lns"), dict(placement="pre", qk_norm=True), dict(placement="pre", norm="layernorm"),
-              dict(placement="pre", mlp="gelu"), dict(placement="pre", embedding_norm=True),
-              dict(placement="reordered"), dict(placement="reordered", qk_norm=True, qk_norm_scope="head"),
-              dict(placement="reordered", qk_norm=True, qk_norm_scope="layer", bias=True)]
+    custom = [
+        dict(placement="peri"),
+        dict(placement="pre", bias=True),
+        dict(placement="pre", zero_centered_gain=True),
+        dict(placement="lns"),
+        dict(placement="pre", qk_norm=True),
+        dict(placement="pre", norm="layernorm"),
+        dict(placement="pre", mlp="gelu"),
+        dict(placement="pre", embedding_norm=True),
+        dict(placement="reordered"),
+        dict(placement="reordered", qk_norm=True, qk_norm_scope="head"),
+        dict(placement="reordered", qk_norm=True, qk_norm_scope="layer", bias=True),
+    ]
     for kw in custom:
         assert auto_format(make_cfg(**kw)) == "custom", kw
 
@@ -76,7 +84,7 @@ def test_qkv_split_and_fuse_are_inverse_and_follow_the_grouped_layout():
     w = torch.arange((h + 2 * kv) * hd * d, dtype=torch.float32).view(-1, d)
     q, k, v = split_qkv(w, h, kv, hd)
     g = w.view(kv, h // kv + 2, hd, d)
-    torch.testing.assert_close(q[hd:2 * hd], g[0, 1])  # query head 1 = group 0, second query
+    torch.testing.assert_close(q[hd : 2 * hd], g[0, 1])  # query head 1 = group 0, second query
     torch.testing.assert_close(k[hd:], g[1, 2])  # key head of group 1
     torch.testing.assert_close(fuse_qkv(q, k, v, h, kv, hd), w)
     b = torch.arange((h + 2 * kv) * hd, dtype=torch.float32)
@@ -116,14 +124,26 @@ def test_custom_model_sees_a_wrong_slot():
 
 
 @pytest.mark.parametrize("placement", list(PLACEMENTS))
-def test_custom_config_defaults_reproduce_our_registry(placement):
-    from model.hf_custom.configuration_pretrain_gpt import PretrainGPTConfig
+def test_every_registry_entry_round_trips_through_the_export(tmp_path, placement):
+    """The exported code has no placement table of its own: config.json carries the registry's slots,
+    and the model loaded back from disk (remote code) gives our logits, for every registry entry."""
+    model, cfg = ours(placement=placement, num_layers=5)
+    out = tmp_path / "hf"
+    hf_export.export(model, cfg, out, "custom", sp_model=None, info={"step": 1, "tokens": 1})
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["layer_slots"] == custom_layer_slots(cfg)
+    assert saved["final_norm"] == PLACEMENTS[placement].final_norm and saved["embedding_norm"] == cfg.embedding_norm
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    assert max_diff(model, hf, tokens_for(cfg)) <= ATOL
 
-    cfg = make_cfg(placement=placement, num_layers=7)
-    hc = PretrainGPTConfig(placement=placement, num_hidden_layers=7, hidden_size=32, num_attention_heads=4)
-    assert hc.layer_slots == custom_layer_slots(cfg)  # same formulas, so equal floats
-    assert hc.final_norm == PLACEMENTS[placement].final_norm
-    assert hc.embedding_norm == bool(cfg.embedding_norm)
+
+def test_custom_config_without_slots_cannot_build_a_model():
+    from model.hf_custom.configuration_pretrain_gpt import PretrainGPTConfig
+    from model.hf_custom.modeling_pretrain_gpt import PretrainGPTForCausalLM
+
+    config = PretrainGPTConfig(placement="peri", num_hidden_layers=2, hidden_size=32, num_attention_heads=4)
+    with pytest.raises(ValueError, match="written by `python -m pretrain.export`"):
+        PretrainGPTForCausalLM(config)
 
 
 def test_custom_generate_with_and_without_cache_and_with_left_padding():
@@ -162,9 +182,15 @@ def test_custom_loss_uses_the_hf_shift_convention():
 # ------------------------------------------------------------------- export: Llama and OLMo 2
 
 
-@pytest.mark.parametrize("kw", [dict(placement="pre"), dict(placement="pre", tie_embeddings=True, num_kv_heads=1),
-                                dict(placement="lns", bias=True, zero_centered_gain=True)],
-                         ids=["pre-gqa-untied", "pre-mqa-tied", "lns-bias-zero_centered-folded"])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(placement="pre"),
+        dict(placement="pre", tie_embeddings=True, num_kv_heads=1),
+        dict(placement="lns", bias=True, zero_centered_gain=True),
+    ],
+    ids=["pre-gqa-untied", "pre-mqa-tied", "lns-bias-zero_centered-folded"],
+)
 def test_llama_export_matches_ours(kw):
     model, cfg = ours(**kw)
     hf = hf_export.build_hf_model(model, cfg, choose_format(cfg, "llama"), IDS)
@@ -179,13 +205,27 @@ def test_olmo2_export_with_zero_centred_gain_folded_matches_ours():
     assert max_diff(model, hf, tokens_for(cfg)) <= ATOL
 
 
-@pytest.mark.parametrize("kw, cls", [
-    (dict(placement="pre", num_kv_heads=1), "LlamaForCausalLM"),  # MQA: q, k, v are views of one weight
-    (dict(placement="reordered", qk_norm=True, qk_norm_scope="layer", tie_embeddings=True), "Olmo2ForCausalLM"),
-    (dict(placement="peri"), "PretrainGPTForCausalLM"),
-    (dict(placement="deepnorm", norm="layernorm", mlp="gelu", bias=True, zero_centered_gain=True, qk_norm=True,
-          qk_norm_scope="layer"), "PretrainGPTForCausalLM"),
-], ids=["pre-mqa-llama", "reordered-olmo2", "peri-custom", "deepnorm-custom-switches"])
+@pytest.mark.parametrize(
+    "kw, cls",
+    [
+        (dict(placement="pre", num_kv_heads=1), "LlamaForCausalLM"),  # MQA: q, k, v are views of one weight
+        (dict(placement="reordered", qk_norm=True, qk_norm_scope="layer", tie_embeddings=True), "Olmo2ForCausalLM"),
+        (dict(placement="peri"), "PretrainGPTForCausalLM"),
+        (
+            dict(
+                placement="deepnorm",
+                norm="layernorm",
+                mlp="gelu",
+                bias=True,
+                zero_centered_gain=True,
+                qk_norm=True,
+                qk_norm_scope="layer",
+            ),
+            "PretrainGPTForCausalLM",
+        ),
+    ],
+    ids=["pre-mqa-llama", "reordered-olmo2", "peri-custom", "deepnorm-custom-switches"],
+)
 def test_export_directory_loads_with_auto_classes(tmp_path, kw, cls):
     model, cfg = ours(**kw)
     out = tmp_path / "hf"
@@ -218,9 +258,18 @@ def test_custom_code_imports_nothing_from_the_project():
 def random_llama(tie: bool, num_kv_heads: int = 2, vocab: int = 128, **kw):
     torch.manual_seed(3)
     config = transformers.LlamaConfig(
-        vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=num_kv_heads, rms_norm_eps=1e-5, rope_theta=50000.0, max_position_embeddings=64,
-        tie_word_embeddings=tie, **kw)
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=num_kv_heads,
+        rms_norm_eps=1e-5,
+        rope_theta=50000.0,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
+        **kw,
+    )
     hf = transformers.LlamaForCausalLM(config).eval()
     with torch.no_grad():
         for p in hf.parameters():
@@ -229,13 +278,18 @@ def random_llama(tie: bool, num_kv_heads: int = 2, vocab: int = 128, **kw):
     return hf
 
 
-@pytest.mark.parametrize("tie, kv, bias", [(False, 2, False), (True, 2, False), (False, 1, True)],
-                         ids=["gqa-untied", "gqa-tied", "mqa-bias"])
+@pytest.mark.parametrize(
+    "tie, kv, bias", [(False, 2, False), (True, 2, False), (False, 1, True)], ids=["gqa-untied", "gqa-tied", "mqa-bias"]
+)
 def test_import_llama_matches_hf(tie, kv, bias):
     hf = random_llama(tie, kv, attention_bias=bias, mlp_bias=bias)
     m, section = import_hf.model_config(hf.config, None)
-    assert (section["placement"], section["vocab_size"], section["vocab_multiple"], section["rope_theta"]) == \
-        ("pre", 128, 1, 50000.0)
+    assert (section["placement"], section["vocab_size"], section["vocab_multiple"], section["rope_theta"]) == (
+        "pre",
+        128,
+        1,
+        50000.0,
+    )
     assert (m.tie_embeddings, m.num_kv_heads, m.bias, m.seq_len) == (tie, kv, bias, 64)
     state = import_hf.convert(hf, m)
     assert ("head.weight" in state) is not tie
@@ -244,34 +298,52 @@ def test_import_llama_matches_hf(tie, kv, bias):
     assert max_diff(model.eval(), hf, torch.randint(0, 128, (2, 48))) <= ATOL
 
 
-@pytest.mark.parametrize("kw, message", [
-    (dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}), "rope_type 'linear'"),
-    (dict(attention_bias=True, mlp_bias=False), "attention_bias=True, mlp_bias=False"),
-    (dict(hidden_act="gelu"), "hidden_act: 'gelu'"),
-    (dict(head_dim=32), "head_dim: 32"),
-])
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}), "rope_type 'linear'"),
+        (dict(attention_bias=True, mlp_bias=False), "attention_bias=True, mlp_bias=False"),
+        (dict(hidden_act="gelu"), "hidden_act: 'gelu'"),
+        (dict(head_dim=32), "head_dim: 32"),
+    ],
+)
 def test_import_rejects_what_our_model_cannot_express(kw, message):
     from model.hf_convert import llama_model_section
 
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
-                                      num_attention_heads=4, **kw)
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4, **kw
+    )
     with pytest.raises(ConversionError, match=message):
         llama_model_section(config)
 
 
 def test_import_cli_rejects_other_architectures(tmp_path, capsys):
-    config = transformers.Olmo2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                      num_attention_heads=2)
+    config = transformers.Olmo2Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
+    )
     config.save_pretrained(tmp_path / "olmo")
-    assert import_hf.main(["--model", str(tmp_path / "olmo"), "--out", str(tmp_path / "out")]) == 2
+    from pretrain.cli import run
+
+    assert run(import_hf.main, ["--model", str(tmp_path / "olmo"), "--out", str(tmp_path / "out")]) == 2
     assert "only Llama" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
 # ------------------------------------------------------------------------------------ tokenizer
 
-EDGE_TEXTS = ["", " ", "\n", "\nLeading newline", "  two spaces\n\n  indented", "trailing  \n\n", "tabs\tand\r\nCRLF",
-              "ünïcödé 中文 😀 emoji", "1234567 3.14159", "<s> </s> <pad> <unk> written out", "a\n b\n\n\nc"]
+EDGE_TEXTS = [
+    "",
+    " ",
+    "\n",
+    "\nLeading newline",
+    "  two spaces\n\n  indented",
+    "trailing  \n\n",
+    "tabs\tand\r\nCRLF",
+    "ünïcödé 中文 😀 emoji",
+    "1234567 3.14159",
+    "<s> </s> <pad> <unk> written out",
+    "a\n b\n\n\nc",
+]
 
 
 def test_tokenizer_encodes_real_text_like_ours(bundled_dir, tmp_path):
@@ -303,8 +375,8 @@ def _checkpoint(run_dir: Path) -> Path:
 @pytest.mark.slow  # 40 s; test_cli_import_train_export_round_trip covers the CLI by default
 def test_cli_export_of_a_trained_peri_checkpoint(bundled_dir, tmp_path):
     """configs/tiny.yaml (peri) trained 2 steps -> export (auto = custom) -> transformers, offline."""
+    from pretrain.checkpoint.consolidate import load_checkpoint_model
     from pretrain.data import Tokenizer
-    from pretrain.eval import load_checkpoint_model
 
     run = tmp_path / "run"
     proc = run_module(tiny_args(bundled_dir, run, "train.max_steps=2", "train.warmup_steps=1", "train.eval_every=0"))
@@ -329,8 +401,9 @@ def test_cli_export_of_a_trained_peri_checkpoint(bundled_dir, tmp_path):
     summary = json.loads((out / "export.json").read_text())
     assert summary["format"] == "custom" and summary["step"] == 2
 
-    proc = run_module(["-m", "pretrain.export", "--checkpoint", str(run), "--out", str(tmp_path / "x"),
-                       "--format", "llama"])
+    proc = run_module(
+        ["-m", "pretrain.export", "--checkpoint", str(run), "--out", str(tmp_path / "x"), "--format", "llama"]
+    )
     assert proc.returncode == 2 and "model.placement='peri'" in proc.stderr and "model.embedding_norm" in proc.stderr
     proc = run_module(["-m", "pretrain.export", "--checkpoint", str(run), "--out", str(out)])
     assert proc.returncode == 2 and "--force" in proc.stderr
@@ -342,16 +415,44 @@ def test_cli_import_train_export_round_trip(bundled_dir, tmp_path):
     original = random_llama(tie=False, vocab=2048)  # the bundled fixture's tokenizer has 2048 tokens
     original.save_pretrained(tmp_path / "llama")
     imported = tmp_path / "imported"
-    proc = run_module(["-m", "pretrain.import_hf", "--model", str(tmp_path / "llama"), "--out", str(imported),
-                       "--base", str(ROOT / "configs" / "tiny.yaml")])
+    proc = run_module(
+        [
+            "-m",
+            "pretrain.import_hf",
+            "--model",
+            str(tmp_path / "llama"),
+            "--out",
+            str(imported),
+            "--base",
+            str(ROOT / "configs" / "tiny.yaml"),
+        ]
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (imported / "model.pt").is_file() and "verified" in proc.stdout
 
     run = tmp_path / "run"
-    proc = run_module(["-m", "pretrain.train", "--config", str(imported / "config.yaml"),
-                       "--set", f"checkpoint.init_from={imported / 'model.pt'}", "--set", f"data.dir={bundled_dir}",
-                       "--set", f"run.dir={run}", "--set", "train.max_steps=2", "--set", "train.warmup_steps=1",
-                       "--set", "train.lr=1e-9", "--set", "train.eval_every=0"])
+    proc = run_module(
+        [
+            "-m",
+            "pretrain.train",
+            "--config",
+            str(imported / "config.yaml"),
+            "--set",
+            f"checkpoint.init_from={imported / 'model.pt'}",
+            "--set",
+            f"data.dir={bundled_dir}",
+            "--set",
+            f"run.dir={run}",
+            "--set",
+            "train.max_steps=2",
+            "--set",
+            "train.warmup_steps=1",
+            "--set",
+            "train.lr=1e-9",
+            "--set",
+            "train.eval_every=0",
+        ]
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "initialised the model from" in (run / "train.log").read_text()
 
@@ -365,4 +466,5 @@ def test_cli_import_train_export_round_trip(bundled_dir, tmp_path):
         assert (exported(tokens).logits - original(tokens).logits).abs().max().item() <= ATOL
     tok = transformers.AutoTokenizer.from_pretrained(out)
     assert tok.encode("Speak, speak.\n") == hf_export.build_hf_tokenizer(bundled_dir / "tokenizer.model").encode(
-        "Speak, speak.\n")
+        "Speak, speak.\n"
+    )

@@ -2,18 +2,20 @@
 addresses) parse to the hand-listed hosts; bad ones (no slots, a host twice, slots=0, garbage) are
 rejected with an error that names the file, the line number and the offending value; the CLI's
 `check` and `get` and the check of a config against the hostfile's world size."""
+
 from __future__ import annotations
 
 import pytest
 
-from launch.hostfile import (Host, HostfileError, main, master_addr, parse_hostfile, read_hostfile,
-                             world_size)
+from launch.hostfile import Host, HostfileError, main, master_addr, parse_hostfile, read_hostfile, world_size
+from pretrain.cli import run
 from tests.conftest import ROOT
 
 TINY = str(ROOT / "configs" / "tiny.yaml")
 
 
 # ------------------------------------------------------------------------------ good files
+
 
 def test_plain_two_nodes():
     hosts = parse_hostfile("node01 slots=8\nnode02 slots=8\n")
@@ -23,14 +25,16 @@ def test_plain_two_nodes():
 
 
 def test_comments_blank_lines_and_trailing_comments():
-    text = ("# two H100 nodes\n"
-            "\n"
-            "   \n"
-            "node01 slots=8\n"
-            "\t# indented comment\n"
-            "node02.cluster.local   slots=4   # rack 2\n"
-            "\n"
-            "10.0.0.7 slots=2\n")
+    text = (
+        "# two H100 nodes\n"
+        "\n"
+        "   \n"
+        "node01 slots=8\n"
+        "\t# indented comment\n"
+        "node02.cluster.local   slots=4   # rack 2\n"
+        "\n"
+        "10.0.0.7 slots=2\n"
+    )
     hosts = parse_hostfile(text, "hosts.txt")
     # line numbers are the file's (1-based, counting comments and blanks)
     assert hosts == [Host("node01", 8, 4), Host("node02.cluster.local", 4, 6), Host("10.0.0.7", 2, 8)]
@@ -87,20 +91,27 @@ def test_missing_file(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ CLI
+# `run(main, argv)` is what `python -m launch.hostfile` does: errors become `error: ...` and exit codes.
+
 
 def test_cli_get(tmp_path, capsys):
     f = tmp_path / "hosts"
     f.write_text("# cluster\nnode01 slots=8\nnode02 slots=8  # second\n")
-    for what, want in [("master", "node01"), ("world", "16"), ("hosts", "node01 node02"), ("slots", "8 8"),
-                       ("local", "0")]:
-        assert main(["get", str(f), what]) == 0
+    for what, want in [
+        ("master", "node01"),
+        ("world", "16"),
+        ("hosts", "node01 node02"),
+        ("slots", "8 8"),
+        ("local", "0"),
+    ]:
+        assert run(main, ["get", str(f), what]) == 0
         assert capsys.readouterr().out.strip() == want
 
 
 def test_cli_check_bad_file_exit_2(tmp_path, capsys):
     f = tmp_path / "hosts"
     f.write_text("node01 slots=8\nnode02 slots=0\n")
-    assert main(["check", str(f)]) == 2
+    assert run(main, ["check", str(f)]) == 2
     err = capsys.readouterr().err
     assert f"{f}:2: slots=0 for node02" in err
 
@@ -111,9 +122,9 @@ def test_cli_check_config_world_size(tmp_path, capsys):
     good, bad = tmp_path / "good", tmp_path / "bad"
     good.write_text("localhost slots=2\n")
     bad.write_text("localhost slots=3\n")
-    assert main(["check", str(good), "--config", TINY, "--vocab-size", "2048"]) == 0
+    assert run(main, ["check", str(good), "--config", TINY, "--vocab-size", "2048"]) == 0
     capsys.readouterr()
-    assert main(["check", str(bad), "--config", TINY, "--vocab-size", "2048"]) == 2
+    assert run(main, ["check", str(bad), "--config", TINY, "--vocab-size", "2048"]) == 2
     err = capsys.readouterr().err
     assert "3 slots" in err and "global_batch_size: 8" in err and "4 x 3 = 12" in err
     assert "12, 24, 36" in err

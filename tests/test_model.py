@@ -1,5 +1,6 @@
 """The GPT against independent references: Hugging Face's Llama for `pre`, and for every placement
 the formula of DESIGN.md §4 written out here in plain torch (same weights, same sublayers F)."""
+
 from __future__ import annotations
 
 import math
@@ -10,12 +11,13 @@ import torch.nn.functional as F
 
 from model import build_model
 from model.placement import PLACEMENTS
-from pretrain.config import ModelConfig, resolve, Config
+from pretrain.config import Config, ModelConfig, resolve
 
 
 def make_cfg(**kw) -> ModelConfig:
-    base = dict(vocab_size=96, hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=2, seq_len=16,
-                tie_embeddings=False)
+    base = dict(
+        vocab_size=96, hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=2, seq_len=16, tie_embeddings=False
+    )
     base.update(kw)
     cfg = Config()
     cfg.model = ModelConfig(**base)
@@ -26,7 +28,7 @@ def perturbed(model):
     """Random gains and biases so a misplaced or missing norm shows in the output."""
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.ndim == 1:
                 p.add_(0.3 * torch.randn(p.shape, generator=g))
     return model
@@ -44,7 +46,7 @@ def ref_norm(norm_module, x, kind, eps):
 
 def reference_forward(model, tokens, placement, cfg):
     """DESIGN.md §4, one line per placement; F = the model's attention / MLP modules."""
-    N = lambda mod, x: ref_norm(mod, x, cfg.norm, cfg.norm_eps)  # noqa: E731
+    N = lambda mod, x: ref_norm(mod, x, cfg.norm, cfg.norm_eps)
     L = cfg.num_layers
     x = model.embed(tokens.t())  # the model's sublayers work sequence-first, (T, B, d)
     if cfg.embedding_norm:
@@ -137,36 +139,55 @@ def test_state_dict_keys_equal_for_placements_with_the_same_norms():
     keys = {p: set(build_model(make_cfg(placement=p), "torch")[0].state_dict()) for p in PLACEMENTS}
     assert keys["pre"] == keys["lns"]
     assert keys["post"] == keys["deepnorm"]
-    assert keys["peri"] - keys["pre"] == {f"blocks.{i}.{s}.out_norm.weight" for i in range(4) for s in ("attn", "mlp")} | {"embed_norm.weight"}
+    assert keys["peri"] - keys["pre"] == {
+        f"blocks.{i}.{s}.out_norm.weight" for i in range(4) for s in ("attn", "mlp")
+    } | {"embed_norm.weight"}
 
 
 def test_pre_equals_huggingface_llama():
     transformers = pytest.importorskip("transformers")
-    cfg = make_cfg(placement="pre", vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                   seq_len=32)
+    cfg = make_cfg(
+        placement="pre", vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, seq_len=32
+    )
     torch.manual_seed(0)
     model, _ = build_model(cfg, "torch")
     perturbed(model)
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=cfg.ffn_hidden_size, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
-        max_position_embeddings=64, tie_word_embeddings=False)).eval()
+    hf = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=128,
+            hidden_size=64,
+            intermediate_size=cfg.ffn_hidden_size,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rms_norm_eps=cfg.norm_eps,
+            rope_theta=cfg.rope_theta,
+            max_position_embeddings=64,
+            tie_word_embeddings=False,
+        )
+    ).eval()
     hd, g = 16, 2
-    sd = {"model.embed_tokens.weight": model.embed.weight, "model.norm.weight": model.final_norm.weight,
-          "lm_head.weight": model.head.weight}
+    sd = {
+        "model.embed_tokens.weight": model.embed.weight,
+        "model.norm.weight": model.final_norm.weight,
+        "lm_head.weight": model.head.weight,
+    }
     for i, b in enumerate(model.blocks):
         w = b.attn.fn.qkv.weight.view(2, g + 2, hd, 64)  # Megatron grouped layout -> q, k, v
         gate, up = b.mlp.fn.fc1.weight.chunk(2, 0)
-        sd.update({
-            f"model.layers.{i}.self_attn.q_proj.weight": w[:, :g].reshape(-1, 64),
-            f"model.layers.{i}.self_attn.k_proj.weight": w[:, g].reshape(-1, 64),
-            f"model.layers.{i}.self_attn.v_proj.weight": w[:, g + 1].reshape(-1, 64),
-            f"model.layers.{i}.self_attn.o_proj.weight": b.attn.fn.proj.weight,
-            f"model.layers.{i}.mlp.gate_proj.weight": gate, f"model.layers.{i}.mlp.up_proj.weight": up,
-            f"model.layers.{i}.mlp.down_proj.weight": b.mlp.fn.fc2.weight,
-            f"model.layers.{i}.input_layernorm.weight": b.attn.in_norm.weight,
-            f"model.layers.{i}.post_attention_layernorm.weight": b.mlp.in_norm.weight,
-        })
+        sd.update(
+            {
+                f"model.layers.{i}.self_attn.q_proj.weight": w[:, :g].reshape(-1, 64),
+                f"model.layers.{i}.self_attn.k_proj.weight": w[:, g].reshape(-1, 64),
+                f"model.layers.{i}.self_attn.v_proj.weight": w[:, g + 1].reshape(-1, 64),
+                f"model.layers.{i}.self_attn.o_proj.weight": b.attn.fn.proj.weight,
+                f"model.layers.{i}.mlp.gate_proj.weight": gate,
+                f"model.layers.{i}.mlp.up_proj.weight": up,
+                f"model.layers.{i}.mlp.down_proj.weight": b.mlp.fn.fc2.weight,
+                f"model.layers.{i}.input_layernorm.weight": b.attn.in_norm.weight,
+                f"model.layers.{i}.post_attention_layernorm.weight": b.mlp.in_norm.weight,
+            }
+        )
     result = hf.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=False)
     assert not result.missing_keys and not result.unexpected_keys
     tokens = torch.randint(0, 128, (2, 32))

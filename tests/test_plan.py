@@ -2,17 +2,17 @@
 hand-computed ZeRO 0-3 and activation figures, divisibility errors with the sizes that would work,
 every cluster preset planned on its suggested layout, and the estimate against the bytes a live
 2-process DeepSpeed engine holds on CPU for ZeRO 0-3 (and the tp / pp shards)."""
+
 from __future__ import annotations
 
 import json
-import random
 import subprocess
 import sys
 
 import pytest
 
-from launch.plan import (PlanError, estimate, inventory, load_plan_config, make_plan, parse_memory,
-                         partition_balanced, with_changes)
+from launch.plan import PlanError, estimate, load_plan_config, make_plan, parse_memory, with_changes
+from model.inventory import model_inventory
 from pretrain.config import ConfigError
 from pretrain.memory import BlockShape, activation_bytes, expected_bytes, korthikanti_bytes, zero_state_bytes
 from tests.conftest import ROOT, _env, run_module, tiny_args
@@ -65,11 +65,14 @@ def test_zero_state_details_by_hand():
 GPT3_BLOCK = BlockShape(hidden=2048, heads=16, kv_heads=16, ffn=4 * 2048, mlp="gelu", norms=2, dropout=True)
 
 
-@pytest.mark.parametrize("tp, sp, want", [
-    (1, False, 2048 * 2048 * 114),  # s b h (34 + 5 a s / h) = 34 + 5*16*2048/2048 = 114
-    (2, False, 2048 * 2048 * 62),   # s b h (10 + 24/t + 5 a s / (h t)) = 10 + 12 + 40
-    (2, True, 2048 * 2048 * 57),    # s b h (34 + 5 a s / h) / t = 114 / 2
-])
+@pytest.mark.parametrize(
+    "tp, sp, want",
+    [
+        (1, False, 2048 * 2048 * 114),  # s b h (34 + 5 a s / h) = 34 + 5*16*2048/2048 = 114
+        (2, False, 2048 * 2048 * 62),  # s b h (10 + 24/t + 5 a s / (h t)) = 10 + 12 + 40
+        (2, True, 2048 * 2048 * 57),  # s b h (34 + 5 a s / h) / t = 114 / 2
+    ],
+)
 def test_activations_reproduce_korthikanti(tp, sp, want):
     """Korthikanti et al. (2022), GPT-3 block, s=2048, b=1, h=2048, a=16, 16-bit: the paper's numbers."""
     got = activation_bytes(GPT3_BLOCK, 2048, 1, tp=tp, sequence_parallel=sp, act_bytes=2, scores="materialized")
@@ -101,8 +104,14 @@ def test_parse_memory():
 
 
 def plan_cli(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "launch.plan", *args], cwd=ROOT, env=_env(), capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "launch.plan", *args],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 # -------------------------------------------------------------------------------- presets
@@ -130,7 +139,7 @@ def test_preset_validates_and_fits_its_suggested_layout(name):
     cfg = load_plan_config(str(CONFIGS / f"{name}.yaml"), [])
     m = cfg.model
     n = hand_params(m.hidden_size, m.num_layers, m.ffn_hidden_size, m.vocab_size)
-    assert inventory(m).total == n
+    assert model_inventory(m).total == n
     assert abs(n - paper) / paper < 0.06, f"{name}: {n:,} parameters vs the paper's {paper:,.0f}"
     assert m.hidden_size // m.num_heads in (64, 96, 128)
     plan = make_plan(cfg, nodes, gpus, 80 * GIB)
@@ -164,8 +173,9 @@ def test_planner_output_for_1_3b_on_two_nodes_by_hand():
 
 
 def test_tp_that_does_not_divide_the_heads_lists_the_sizes_that_would():
-    proc = plan_cli("--config", str(CONFIGS / "gpt-1.3b.yaml"), "--nodes", "2", "--gpus-per-node", "8",
-                    "--set", "parallel.tp=3")
+    proc = plan_cli(
+        "--config", str(CONFIGS / "gpt-1.3b.yaml"), "--nodes", "2", "--gpus-per-node", "8", "--set", "parallel.tp=3"
+    )
     assert proc.returncode == 2
     assert "parallel.tp: 3 does not divide model.num_heads=16" in proc.stderr
     assert "sizes that would: 1, 2, 4, 8, 16" in proc.stderr
@@ -188,7 +198,9 @@ def test_batch_that_does_not_divide_over_dp_lists_batches_and_node_counts():
     with pytest.raises(PlanError) as e:
         make_plan(cfg, 3, 8, 80 * GIB)  # dp = 24 / 2 = 12; micro 8 x 12 = 96 does not divide 512
     text = str(e.value)
-    assert "train.global_batch_size: 512 is not a multiple of micro_batch_size x data-parallel size = 8 x 12 = 96" in text
+    assert (
+        "train.global_batch_size: 512 is not a multiple of micro_batch_size x data-parallel size = 8 x 12 = 96" in text
+    )
     assert "valid sizes include 96, 192, 288, 384, 480" in text
     assert "node counts of 8 GPUs that work as configured: 1, 2, 4, 8, 16" in text  # dp 4..64: 512/(8 dp) whole
 
@@ -211,8 +223,18 @@ def test_pipeline_that_does_not_divide_the_layers():
 
 
 def test_a_job_that_does_not_fit_lists_changes_that_do():
-    proc = plan_cli("--config", str(CONFIGS / "gpt-6.7b.yaml"), "--nodes", "1", "--gpus-per-node", "8",
-                    "--gpu-memory", "40GB", "--set", "train.micro_batch_size=8")
+    proc = plan_cli(
+        "--config",
+        str(CONFIGS / "gpt-6.7b.yaml"),
+        "--nodes",
+        "1",
+        "--gpus-per-node",
+        "8",
+        "--gpu-memory",
+        "40GB",
+        "--set",
+        "train.micro_batch_size=8",
+    )
     assert proc.returncode == 1, proc.stderr
     assert "DOES NOT FIT" in proc.stdout and "changes that would" in proc.stdout
     cfg = load_plan_config(str(CONFIGS / "gpt-6.7b.yaml"), ["train.micro_batch_size=8"])
@@ -227,19 +249,102 @@ def test_rank_map_is_pp_dp_tp_with_tp_fastest():
     cfg = load_plan_config(str(CONFIGS / "tiny.yaml"), ["parallel.tp=2", "parallel.pp=2"], vocab_size=2048)
     plan = make_plan(cfg, 2, 4, 80 * GIB)
     ranks = plan.to_dict()["ranks"]
-    want = [(0, 0, 0, 0), (0, 0, 0, 1), (0, 0, 1, 0), (0, 0, 1, 1),   # (node, pp, dp, tp)
-            (1, 1, 0, 0), (1, 1, 0, 1), (1, 1, 1, 0), (1, 1, 1, 1)]
+    want = [
+        (0, 0, 0, 0),
+        (0, 0, 0, 1),
+        (0, 0, 1, 0),
+        (0, 0, 1, 1),  # (node, pp, dp, tp)
+        (1, 1, 0, 0),
+        (1, 1, 0, 1),
+        (1, 1, 1, 0),
+        (1, 1, 1, 1),
+    ]
     assert [(r["node"], r["pp"], r["dp"], r["tp"]) for r in ranks] == want
 
 
-def test_pipeline_partition_is_deepspeeds():
-    from deepspeed.runtime.utils import partition_balanced as ds_partition
+# ---------------------------------------------- pipeline stages against DeepSpeed's PipelineModule
 
-    rng = random.Random(0)
-    for _ in range(200):
-        weights = [rng.choice([0, 1, 64, 1000, 53504, 131136]) for _ in range(rng.randint(1, 30))]
-        parts = rng.randint(1, 8)
-        assert partition_balanced(weights, parts) == ds_partition(weights, parts), (weights, parts)
+
+PIPE_WORLD = 6  # one process group serves pp 2, 3 and 6 and tp 2 x pp 3
+# (overrides of configs/tiny.yaml, vocabulary, tp, pp): tied and untied embeddings, an embedding heavier
+# than a block (vocab 4096) and lighter (vocab 256), uneven stages, both partition methods, tp shards.
+PIPELINES = [
+    (["model.num_layers=4"], 2048, 1, 2),
+    (["model.num_layers=7"], 4096, 1, 3),
+    (["model.num_layers=7", "parallel.pp_partition=layers"], 4096, 1, 3),
+    (["model.num_layers=6", "model.tie_embeddings=false", "model.placement=post"], 2048, 1, 6),
+    (["model.num_layers=5", "model.tie_embeddings=false", "model.placement=pre", "model.mlp=gelu"], 256, 1, 2),
+    (["model.num_layers=6", "model.tie_embeddings=false"], 4096, 2, 3),
+    (["model.num_layers=12", "model.qk_norm=true", "parallel.pp_partition=layers"], 2048, 1, 6),
+    (["model.num_layers=9", "model.placement=lns"], 1024, 1, 2),
+]
+
+
+def _pipeline_config(sets: list[str], vocab: int, tp: int, pp: int):
+    return load_plan_config(
+        str(CONFIGS / "tiny.yaml"), [*sets, f"parallel.tp={tp}", f"parallel.pp={pp}"], vocab_size=vocab
+    )
+
+
+def _real_pipeline_stages(out_path: str) -> None:
+    """Run under torchrun with PIPE_WORLD processes: builds every PIPELINES case the way training
+    does (plain model, tensor-parallel shard, model.pipeline.build_pipeline -> DeepSpeed's
+    PipelineModule) and writes DeepSpeed's stage boundaries and each stage's parameters."""
+    from pretrain.distributed import prefer_cpu_accelerator_if_no_gpu
+
+    prefer_cpu_accelerator_if_no_gpu()
+    import deepspeed
+    import torch
+
+    from model import build_model
+    from model.parallelize import apply_tensor_parallel
+    from model.pipeline import build_pipeline
+    from pretrain.parallel import Layout
+
+    torch.distributed.init_process_group("gloo")
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    rank = torch.distributed.get_rank()
+    results = []
+    for sets, vocab, tp, pp in PIPELINES:
+        cfg = _pipeline_config(sets, vocab, tp, pp)
+        layout = Layout(tp=tp, pp=pp, dp=PIPE_WORLD // (tp * pp))
+        gpt, _ = build_model(cfg.model, "torch", "cpu")
+        apply_tensor_parallel(gpt, tp, layout.coords(rank)[2], False)
+        pipe = build_pipeline(gpt, layout, cfg.parallel.pp_partition)
+        held = sum(p.numel() for p in {id(p): p for p in pipe.parameters()}.values())
+        per_rank = [None] * PIPE_WORLD
+        torch.distributed.all_gather_object(per_rank, (pipe.stage_id, held))
+        results.append({"parts": [int(x) for x in pipe.parts], "ranks": per_rank})
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(results, f)
+    torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def real_pipeline_stages(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pipelines") / "stages.json"
+    proc = run_module(["-m", "tests.test_plan", "--real-pipeline-stages", str(out)], nproc=PIPE_WORLD, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(
+    "case", range(len(PIPELINES)), ids=[" ".join(s) + f" vocab{v} tp{t} pp{p}" for s, v, t, p in PIPELINES]
+)
+def test_planner_stages_are_deepspeeds(case, real_pipeline_stages):
+    """The planner's stage boundaries and per-stage parameters against the PipelineModule that
+    training builds for the same config, in a real process group (DeepSpeed partitions, not us)."""
+    sets, vocab, tp, pp = PIPELINES[case]
+    cfg = _pipeline_config(sets, vocab, tp, pp)
+    real = real_pipeline_stages[case]
+    stages = estimate(cfg, PIPE_WORLD)
+    parts = [0]
+    for s in stages:
+        parts.append(parts[-1] + len(s.layers))
+    assert parts == real["parts"]
+    assert [stages[stage].params for stage, _ in real["ranks"]] == [held for _, held in real["ranks"]]
 
 
 # ------------------------------------------------------- the estimate against a live engine
@@ -248,8 +353,8 @@ def test_pipeline_partition_is_deepspeeds():
 # Tiny model (d 64, L 2, 4 heads, SwiGLU 192, vocab 2048, Peri-LN: 4 norms per block + embedding norm),
 # by hand: block = qkv 64*192 + proj 64*64 + fc1 64*384 + fc2 192*64 + 4*64 norms = 53,504;
 # embedding 2048*64 = 131,072; plus the embedding norm and the final norm.
-TINY_TOTAL = 131_072 + 2 * 53_504 + 64 + 64                      # 238,208
-TINY_TP2 = 131_072 // 2 + 2 * (53_504 - 4 * 64) // 2 + 2 * 4 * 64 + 64 + 64   # norms replicated
+TINY_TOTAL = 131_072 + 2 * 53_504 + 64 + 64  # 238,208
+TINY_TP2 = 131_072 // 2 + 2 * (53_504 - 4 * 64) // 2 + 2 * 4 * 64 + 64 + 64  # norms replicated
 # pp 2 by parameters: [embed+embed norm | block 1] and [block 2 | final norm | tied head]; the tied
 # head is DeepSpeed's second copy of the whole EmbeddingStage (TiedLayerSpec builds the module), so
 # the last stage also holds the embedding norm (unused there): 64 more than embedding + final norm.
@@ -271,8 +376,18 @@ def measured(bundled_dir, tmp_path_factory):
         key = (name, tuple(extra))
         if key not in cache:
             nproc, sets = MEASURED.get(name, (2, []))
-            sets = sets + list(extra) + ["train.max_steps=1", "train.warmup_steps=0", "train.schedule=constant",
-                                         "checkpoint.every=0", "train.eval_every=0", "train.diagnostics_every=0"]
+            sets = (
+                sets
+                + list(extra)
+                + [
+                    "train.max_steps=1",
+                    "train.warmup_steps=0",
+                    "train.schedule=constant",
+                    "checkpoint.every=0",
+                    "train.eval_every=0",
+                    "train.diagnostics_every=0",
+                ]
+            )
             run_dir = tmp_path_factory.mktemp(name)
             proc = run_module(tiny_args(bundled_dir, run_dir, *sets), nproc=nproc, timeout=300)
             assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -284,7 +399,9 @@ def measured(bundled_dir, tmp_path_factory):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("stage", [0, pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow), 3])
+@pytest.mark.parametrize(
+    "stage", [0, pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow), 3]
+)
 def test_estimate_matches_measured_bytes_for_each_zero_stage(stage, measured):
     """Parameter and optimizer-state bytes of every rank of a real 2-process run (memory.json, from
     the live tensors) against the planner's estimate, and both against the hand formula."""
@@ -307,17 +424,25 @@ def test_estimate_matches_measured_bytes_for_each_zero_stage(stage, measured):
 
 @pytest.mark.distributed
 @pytest.mark.slow
-@pytest.mark.parametrize("name, sets, want", [
-    ("tp2", ["parallel.tp=2", "train.micro_batch_size=8"], [TINY_TP2, TINY_TP2]),
-    ("pp2", ["parallel.pp=2"], TINY_PP2),
-])
+@pytest.mark.parametrize(
+    "name, sets, want",
+    [
+        ("tp2", ["parallel.tp=2", "train.micro_batch_size=8"], [TINY_TP2, TINY_TP2]),
+        ("pp2", ["parallel.pp=2"], TINY_PP2),
+    ],
+)
 def test_estimate_matches_measured_shards_under_tp_and_pp(name, sets, want, measured):
     """The planner's tensor-parallel shards and DeepSpeed pipeline stages against the parameters each
     rank of a real run holds (ZeRO-1, dp 1)."""
     report, cfg = measured(name, sets)
     stages = estimate(cfg, 2)
     per_rank = [stages[0], stages[0]] if name == "tp2" else stages
-    for rank, est, expected in zip(report["ranks"], per_rank, want):
+    for rank, est, expected in zip(report["ranks"], per_rank, want, strict=True):
         assert rank["local_params"] == est.params == expected
         assert rank["held"]["parameters"] == pytest.approx(est.parameters, rel=2e-3)
         assert rank["held"]["optimizer"] == pytest.approx(est.optimizer, rel=2e-3)
+
+
+if __name__ == "__main__":  # the worker of test_planner_stages_are_deepspeeds, started by torchrun
+    if sys.argv[1:2] == ["--real-pipeline-stages"]:
+        _real_pipeline_stages(sys.argv[2])

@@ -2,29 +2,19 @@
 is converted to DeepSpeed's universal format and loaded under another; the losses after the
 resume must match a single-process run of the same config (every layout computes the same
 global batch, so they agree to float rounding)."""
-from __future__ import annotations
 
-import json
+from __future__ import annotations
 
 import pytest
 
-from tests.conftest import run_module, tiny_args
+from tests.conftest import check, run_module, tiny_args
+from tests.conftest import train_losses as losses
 
 pytestmark = pytest.mark.distributed
 
 STEPS, STOP = 10, 5
 BASE = [f"train.max_steps={STEPS}", "checkpoint.every=5", "train.eval_every=0", "train.diagnostics_every=0"]
 TOLERANCE = 1e-4  # measured differences are ~1e-6 (float summation order)
-
-
-def losses(run_dir) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-            if "lr" in r}
-
-
-def check(proc):
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return proc
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """Last-word passages on real tokenizer output, and their scoring with stub models whose greedy
 prediction the test controls."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -9,8 +10,10 @@ import torch
 from pretrain.data import Tokenizer
 from pretrain.scaling.lastword import PieceBytes, build_passages, score, sentence_final_words
 
-TEXT = ("Mr. Smith went to Washington. The U.S. economy grew! Did the harvest grow? Yes, said the "
-        "farmer, and we will win.\nThe committee adjourned early. Everyone went home to their families.")
+TEXT = (
+    "Mr. Smith went to Washington. The U.S. economy grew! Did the harvest grow? Yes, said the "
+    "farmer, and we will win.\nThe committee adjourned early. Everyone went home to their families."
+)
 EXPECTED = ["Washington", "grew", "grow", "win", "early", "families"]  # not "Mr", "U", "S"
 
 
@@ -46,7 +49,7 @@ def test_build_passages_is_deterministic_and_keeps_full_contexts(tok):
     assert passages == build_passages([doc, doc], pieces, 6, 5, seed=7)[0]
     for p in passages:
         assert len(p.context) == 6
-        assert p.context == tuple(int(t) for t in doc[p.position - 6:p.position])
+        assert p.context == tuple(int(t) for t in doc[p.position - 6 : p.position])
         assert pieces.text(p.target_tokens) == " " + p.target
     everything, _ = build_passages([doc], pieces, 6, 1000)
     assert [p.target for p in everything] == [w for j, _, w in sentence_final_words(doc, pieces) if j >= 6]
@@ -64,7 +67,7 @@ class Stub:
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         self.calls += 1
         logits = torch.zeros(tokens.shape[0], self.vocab + self.padded)
-        logits[:, self.vocab:] = 1e9  # padded vocabulary rows must never be emitted
+        logits[:, self.vocab :] = 1e9  # padded vocabulary rows must never be emitted
         for row, seq in enumerate(tokens.tolist()):
             n = len(next(iter(self.by_context)))
             p = self.by_context[tuple(seq[:n])]
@@ -98,15 +101,16 @@ def test_oracle_continuation_scores_every_passage(tok, setup):
 
 def test_same_word_in_other_tokens_counts_and_a_longer_word_does_not(tok, setup):
     doc, pieces, passages = setup
-    spelled = lambda p: [_byte_id(tok, b) for b in (" " + p.target + ".").encode()]  # noqa: E731
+    spelled = lambda p: [_byte_id(tok, b) for b in (" " + p.target + ".").encode()]
     by_bytes = Stub(passages, tok.vocab_size, lambda p, gen: spelled(p)[len(gen)])
     assert score(by_bytes, passages, pieces, max_new_tokens=16)["accuracy"] == 1.0
     # ... within the token cap: one byte per character does not fit 8 tokens for the long words
     capped = score(by_bytes, passages, pieces, max_new_tokens=8)
     assert capped["correct"] == sum(len(p.target) + 2 <= 8 for p in passages) < len(passages)
     extra = _letters_piece(tok)  # the target, then more letters: a different (longer) word
-    longer = Stub(passages, tok.vocab_size,
-                  lambda p, gen: p.target_tokens[len(gen)] if len(gen) < len(p.target_tokens) else extra)
+    longer = Stub(
+        passages, tok.vocab_size, lambda p, gen: p.target_tokens[len(gen)] if len(gen) < len(p.target_tokens) else extra
+    )
     result = score(longer, passages, pieces, examples=2)
     assert result["accuracy"] == 0.0
     assert result["examples"][0]["prediction"].startswith(passages[0].target)
@@ -116,12 +120,14 @@ def test_same_word_in_other_tokens_counts_and_a_longer_word_does_not(tok, setup)
 def test_end_of_document_and_no_space_are_wrong_and_half_right_is_half(tok, setup):
     doc, pieces, passages = setup
     assert score(Stub(passages, tok.vocab_size, lambda p, gen: tok.eod), passages, pieces)["accuracy"] == 0.0
-    no_space = Stub(passages, tok.vocab_size,
-                    lambda p, gen: [_byte_id(tok, b) for b in (p.target + ".").encode()][len(gen)])
+    no_space = Stub(
+        passages, tok.vocab_size, lambda p, gen: [_byte_id(tok, b) for b in (p.target + ".").encode()][len(gen)]
+    )
     assert score(no_space, passages, pieces)["accuracy"] == 0.0
     right = {p.context for i, p in enumerate(passages) if i % 2 == 0}
-    half = Stub(passages, tok.vocab_size,
-                lambda p, gen: int(doc[p.position + len(gen)]) if p.context in right else tok.eod)
+    half = Stub(
+        passages, tok.vocab_size, lambda p, gen: int(doc[p.position + len(gen)]) if p.context in right else tok.eod
+    )
     result = score(half, passages, pieces, batch_size=2)
     assert result["correct"] == len(right)
 

@@ -1,6 +1,7 @@
 """A 2-cell sweep end to end with real processes: train + evaluate, an interruption (the sweep and its
 training process killed while the second cell is half done), a rerun that skips the finished cell and
 resumes the other from its checkpoint, then `fit` and `report` with their plots."""
+
 from __future__ import annotations
 
 import json
@@ -18,28 +19,36 @@ from tests.conftest import ROOT, _env
 MAX_STEPS = 12
 
 
-def write_sweep(tmp_path: Path, data_dir: Path) -> Path:
-    path = tmp_path / "two.yaml"
-    path.write_text(f"""name: two
-base: {ROOT / 'configs' / 'tiny.yaml'}
-out: {tmp_path / 'cells'}
+def tiny_sweep_head(name: str, tmp_path: Path, data_dir: Path, max_steps: int) -> str:
+    """The top of a sweep file of tiny cells (32 wide, 32 tokens, no evaluation during training)."""
+    return f"""name: {name}
+base: {ROOT / "configs" / "tiny.yaml"}
+out: {tmp_path / "cells"}
 set:
   data.dir: {data_dir}
   model.hidden_size: 32
   model.num_heads: 2
   model.seq_len: 32
-  train.max_steps: {MAX_STEPS}
+  train.max_steps: {max_steps}
   train.eval_every: 0
   train.diagnostics_every: 0
   eval.max_tokens: 4096
   zero.stage: 0
-axes:
+"""
+
+
+def write_sweep(tmp_path: Path, data_dir: Path) -> Path:
+    path = tmp_path / "two.yaml"
+    path.write_text(
+        tiny_sweep_head("two", tmp_path, data_dir, MAX_STEPS)
+        + """axes:
   size:
-    a: {{model.num_layers: 2}}
-    b: {{model.num_layers: 3}}
+    a: {model.num_layers: 2}
+    b: {model.num_layers: 3}
   model.placement: [pre]
 checkpoints_per_cell: 3
-""")
+"""
+    )
     return path
 
 
@@ -61,8 +70,9 @@ def checkpoint_steps(cell: Path) -> list[int]:
 def kill_when_checkpointed(cmd: list[str], cell: Path, timeout: float = 240) -> None:
     """Starts the sweep in its own process group and SIGKILLs the group (sweep and training process,
     as a lost node would) once `cell` has a checkpoint short of the end."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
     deadline = time.time() + timeout
     try:
         while time.time() < deadline:
@@ -113,8 +123,11 @@ def test_two_cell_sweep_interrupted_resumed_fitted_and_reported(tmp_path, bundle
     assert (a / "sweep_train.log").read_text().count("\n# ") == 1  # trained once
     log_b = (b / "train.log").read_text()
     assert f"resumed from {b / 'checkpoints' / f'step_{interrupted_at:06d}'} at step {interrupted_at}" in log_b
-    steps = [json.loads(line)["step"] for line in (b / "metrics.jsonl").read_text().splitlines()
-             if line.strip() and "lr" in json.loads(line)]
+    steps = [
+        json.loads(line)["step"]
+        for line in (b / "metrics.jsonl").read_text().splitlines()
+        if line.strip() and "lr" in json.loads(line)
+    ]
     assert steps == list(range(1, MAX_STEPS + 1))  # every step once: the killed tail was dropped on resume
     assert json.loads((b / "eval" / "scaling_eval.json").read_text())["step"] == MAX_STEPS
     status = json.loads((cells / "sweep_status.json").read_text())
@@ -126,12 +139,31 @@ def test_two_cell_sweep_interrupted_resumed_fitted_and_reported(tmp_path, bundle
     out = run([sys.executable, "-m", "pretrain.scaling", "fit", str(sweep_file), "--bootstrap", "10"]).stdout
     assert "not fitted: 2 distinct model sizes" in out
     report_dir = tmp_path / "report"
-    run([sys.executable, "-m", "pretrain.scaling", "report", str(sweep_file), "--out-dir", str(report_dir),
-         "--bootstrap", "10"])
+    run(
+        [
+            sys.executable,
+            "-m",
+            "pretrain.scaling",
+            "report",
+            str(sweep_file),
+            "--out-dir",
+            str(report_dir),
+            "--bootstrap",
+            "10",
+        ]
+    )
     report = (report_dir / "REPORT.md").read_text()
     images = [line.split("](")[1].rstrip(")") for line in report.splitlines() if line.startswith("![")]
-    expected = {"loss_vs_params.png", "metrics_vs_params.png", "loss_curves.png", "depth_variance.png",
-                "depth_max_activation.png", "depth_angular_distance.png", "depth_layer_removal.png"}
+    expected = {
+        "loss_vs_params.png",
+        "metrics_vs_params.png",
+        "loss_curves.png",
+        "depth_variance.png",
+        "depth_growth_vs_size.png",
+        "depth_max_activation.png",
+        "depth_angular_distance.png",
+        "depth_layer_removal.png",
+    }
     assert set(images) == expected
     for name in images:
         data = (report_dir / name).read_bytes()
@@ -140,3 +172,5 @@ def test_two_cell_sweep_interrupted_resumed_fitted_and_reported(tmp_path, bundle
         assert cell in report
     assert f"{first['test']['loss']:.4f}" in report  # the summary table shows the measured test loss
     assert json.loads((report_dir / "fit.json").read_text())["cells"]["evaluated"] == 2
+    summary = json.loads((report_dir / "summary.json").read_text())
+    assert [c["name"] for c in summary["cells"]] == ["size-a_placement-pre", "size-b_placement-pre"]

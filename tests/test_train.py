@@ -1,5 +1,6 @@
 """Training for real: 2 gloo processes under DeepSpeed on the bundled text; exact resume against an
 uninterrupted run; the held-out evaluation against a direct computation."""
+
 from __future__ import annotations
 
 import json
@@ -12,25 +13,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import run_module, tiny_args
+from pretrain.data.indexed import open_indexed
+from tests.conftest import check, run_module, tiny_args
+from tests.conftest import train_losses as losses
 
 pytestmark = pytest.mark.distributed
-
-
-def losses(run_dir) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-            if "lr" in r}
 
 
 def bundled_dir_of(run_dir):
     import yaml
 
     return Path(yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["dir"])
-
-
-def check(proc):
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return proc
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +38,13 @@ def test_two_process_training_lowers_the_loss(uninterrupted):
     curve = losses(uninterrupted)
     assert sorted(curve) == list(range(1, 21))
     assert curve[1] == pytest.approx(math.log(2048), abs=0.15)  # uniform over the 2,048-token vocabulary
-    assert np.mean([curve[s] for s in (18, 19, 20)]) < curve[1] - 1.0
+    # After 20 steps the model has learned most of the token frequencies: its loss is within 0.5 nats of
+    # the unigram entropy of the training split (6.3 nats here; uniform is 7.6).
+    train = open_indexed(str(bundled_dir_of(uninterrupted) / "train"))
+    counts = np.bincount(np.concatenate([train[i] for i in range(len(train))]), minlength=2048).astype(float)
+    p = counts[counts > 0] / counts.sum()
+    unigram_entropy = float(-(p * np.log(p)).sum())
+    assert np.mean([curve[s] for s in (18, 19, 20)]) < unigram_entropy + 0.5
     log = (uninterrupted / "train.log").read_text()
     assert "world 2 = pp 1 x dp 2 x tp 1" in log and "world 2 (gloo); ZeRO-1" in log
     assert (uninterrupted / "config.yaml").is_file() and list((uninterrupted / "tb").iterdir())
@@ -57,10 +56,17 @@ def test_two_process_training_lowers_the_loss(uninterrupted):
     assert json.loads((saved / "meta.json").read_text())["consumed_samples"] == 20 * 8
 
 
-@pytest.mark.parametrize("layout", [[], pytest.param(["zero.stage=2"], marks=pytest.mark.slow), ["zero.stage=3"],
-                                    ["parallel.tp=2", "parallel.sequence_parallel=true", "train.micro_batch_size=8"],
-                                    ["parallel.pp=2"]],
-                         ids=["dp2-zero1", "dp2-zero2", "dp2-zero3", "tp2-sp", "pp2"])
+@pytest.mark.parametrize(
+    "layout",
+    [
+        [],
+        pytest.param(["zero.stage=2"], marks=pytest.mark.slow),
+        ["zero.stage=3"],
+        ["parallel.tp=2", "parallel.sequence_parallel=true", "train.micro_batch_size=8"],
+        ["parallel.pp=2"],
+    ],
+    ids=["dp2-zero1", "dp2-zero2", "dp2-zero3", "tp2-sp", "pp2"],
+)
 def test_stop_and_resume_reproduces_the_uninterrupted_losses(bundled_dir, uninterrupted, tmp_path, layout):
     run_dir = tmp_path / "resumed"
     if not layout:
@@ -100,8 +106,8 @@ def test_eval_matches_a_direct_computation(bundled_dir, uninterrupted):
     assert {"loss", "perplexity", "bits_per_byte", "checkpoint", "step", "tokens", "bytes"} <= set(result)
     assert result["step"] == 20 and result["checkpoint"].endswith("step_000020")
 
+    from pretrain.checkpoint.consolidate import load_checkpoint_model
     from pretrain.data.corpus import bundled_corpus
-    from pretrain.eval import load_checkpoint_model
 
     model, cfg, _ = load_checkpoint_model(uninterrupted / "checkpoints" / "step_000020")
     tokens = torch.from_numpy(np.fromfile(bundled_dir / "test.bin", dtype=np.uint16).astype(np.int64))
@@ -119,7 +125,9 @@ def test_eval_matches_a_direct_computation(bundled_dir, uninterrupted):
             count += y.numel()
             if n and n < len(chunk) - 1:  # the ragged tail of this chunk
                 x, y = chunk[n:-1][None], chunk[n + 1 :][None]
-                nll += F.cross_entropy(model(x).reshape(-1, model.cfg.vocab_size), y.reshape(-1), reduction="sum").item()
+                nll += F.cross_entropy(
+                    model(x).reshape(-1, model.cfg.vocab_size), y.reshape(-1), reduction="sum"
+                ).item()
                 count += y.numel()
     assert result["tokens"] == count == len(tokens) - 1
     assert result["loss"] == pytest.approx(nll / count, rel=1e-5)

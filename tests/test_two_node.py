@@ -2,6 +2,7 @@
 (launch/torchrun.sh) per "node", the c10d rendezvous on node 0's veth address and gloo bound to the
 veth interface. The losses must equal those of the same job on one node (2 processes), since the
 data-parallel reduction is the same; only the transport differs."""
+
 from __future__ import annotations
 
 import json
@@ -13,18 +14,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, _env, run_module, tiny_args
+from tests.conftest import ROOT, _env, run_module, tiny_args, train_losses
 
 pytestmark = pytest.mark.distributed
 
 STEPS = 6
-SETS = [f"train.max_steps={STEPS}", "train.warmup_steps=2", "train.eval_every=0", "train.diagnostics_every=0",
-        "checkpoint.every=3"]
-
-
-def _losses(run_dir: Path) -> dict[int, float]:
-    rows = (json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines())
-    return {r["step"]: r["loss"] for r in rows if "lr" in r}
+SETS = [
+    f"train.max_steps={STEPS}",
+    "train.warmup_steps=2",
+    "train.eval_every=0",
+    "train.diagnostics_every=0",
+    "checkpoint.every=3",
+]
 
 
 def _sh(*cmd: str) -> subprocess.CompletedProcess:
@@ -40,13 +41,18 @@ class VethPair:
         self.addrs = (f"10.231.{subnet}.1", f"10.231.{subnet}.2")
 
     def up(self) -> None:
-        steps = [("ip", "netns", "add", self.ns[0]), ("ip", "netns", "add", self.ns[1]),
-                 ("ip", "link", "add", self.ifs[0], "type", "veth", "peer", "name", self.ifs[1])]
+        steps = [
+            ("ip", "netns", "add", self.ns[0]),
+            ("ip", "netns", "add", self.ns[1]),
+            ("ip", "link", "add", self.ifs[0], "type", "veth", "peer", "name", self.ifs[1]),
+        ]
         for i in (0, 1):
-            steps += [("ip", "link", "set", self.ifs[i], "netns", self.ns[i]),
-                      ("ip", "-n", self.ns[i], "addr", "add", f"{self.addrs[i]}/24", "dev", self.ifs[i]),
-                      ("ip", "-n", self.ns[i], "link", "set", self.ifs[i], "up"),
-                      ("ip", "-n", self.ns[i], "link", "set", "lo", "up")]
+            steps += [
+                ("ip", "link", "set", self.ifs[i], "netns", self.ns[i]),
+                ("ip", "-n", self.ns[i], "addr", "add", f"{self.addrs[i]}/24", "dev", self.ifs[i]),
+                ("ip", "-n", self.ns[i], "link", "set", self.ifs[i], "up"),
+                ("ip", "-n", self.ns[i], "link", "set", "lo", "up"),
+            ]
         for step in steps:
             proc = _sh(*step)
             if proc.returncode != 0:
@@ -87,10 +93,29 @@ def test_two_namespaces_over_veth_train_like_one_node(bundled_dir, tmp_path, vet
     endpoint = f"{veth.addrs[0]}:29611"
     procs, logs = [], []
     for node in (0, 1):
-        cmd = veth.exec_prefix(node) + [
-            "bash", str(ROOT / "launch" / "torchrun.sh"), "--nnodes", "2", "--nproc-per-node", "1",
-            "--rdzv-endpoint", endpoint, "--rdzv-id", f"two-node-{os.getpid()}", "--rdzv-timeout", "120",
-            "--local-addr", veth.addrs[node], "--socket-ifname", veth.ifs[node], "--"] + tiny_args(bundled_dir, two_dir, *SETS)
+        cmd = (
+            veth.exec_prefix(node)
+            + [
+                "bash",
+                str(ROOT / "launch" / "torchrun.sh"),
+                "--nnodes",
+                "2",
+                "--nproc-per-node",
+                "1",
+                "--rdzv-endpoint",
+                endpoint,
+                "--rdzv-id",
+                f"two-node-{os.getpid()}",
+                "--rdzv-timeout",
+                "120",
+                "--local-addr",
+                veth.addrs[node],
+                "--socket-ifname",
+                veth.ifs[node],
+                "--",
+            ]
+            + tiny_args(bundled_dir, two_dir, *SETS)
+        )
         log = tmp_path / f"node{node}.log"
         logs.append(log)
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT))
@@ -108,7 +133,7 @@ def test_two_namespaces_over_veth_train_like_one_node(bundled_dir, tmp_path, vet
         assert f"GLOO_SOCKET_IFNAME={veth.ifs[node]}" in text[node] and f"rendezvous c10d at {endpoint}" in text[node]
     assert "world 2 = pp 1 x dp 2 x tp 1" in text[0] + text[1]
 
-    one, two = _losses(one_dir), _losses(two_dir)
+    one, two = train_losses(one_dir), train_losses(two_dir)
     assert sorted(two) == list(range(1, STEPS + 1))
     assert two == one, {s: (one[s], two[s]) for s in one}
     # both nodes wrote their part of the checkpoint into the shared run directory

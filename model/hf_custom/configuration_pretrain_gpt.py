@@ -8,55 +8,18 @@ Every placement is one sublayer shape with optional slots (DESIGN.md §4, §9):
 
     y = post_norm(alpha * x + out_norm(F(in_norm(x) * in_scale)))
 
-The exporter writes the slots of every layer into `layer_slots`, so the modeling code never needs
-to know a placement's rules; `placement` is then informational. A config built by hand without
-`layer_slots` gets them from the placement name (`default_layer_slots`).
+The exporter writes the slots of every layer into `layer_slots` (and `final_norm`, `embedding_norm`),
+generated from the project's placement registry (model/placement.py) at export time, so this code
+never needs to know a placement's rules and there is one registry, not two; `placement` is
+informational. A config without `layer_slots` (e.g. transformers' default instance) is valid but
+cannot build a model.
 """
-from __future__ import annotations
 
-import math
+from __future__ import annotations
 
 from transformers import PretrainedConfig
 
 SLOT_KEYS = ("in_norm", "out_norm", "post_norm", "in_scale", "residual_alpha")
-PLACEMENTS = ("pre", "post", "peri", "lns", "mix", "deepnorm", "reordered")
-# Placement -> (final norm, embedding norm by default, input norms exist)
-_PLACEMENT_FACTS = {
-    "pre": (True, False, True), "post": (False, False, False), "peri": (True, True, True),
-    "lns": (True, False, True), "mix": (True, False, True), "deepnorm": (False, False, False),
-    "reordered": (True, False, False),
-}
-
-
-def _slot(in_norm=False, out_norm=False, post_norm=False, in_scale=1.0, residual_alpha=1.0) -> dict:
-    return {"in_norm": in_norm, "out_norm": out_norm, "post_norm": post_norm, "in_scale": float(in_scale),
-            "residual_alpha": float(residual_alpha)}
-
-
-def default_layer_slots(placement: str, num_layers: int, mix_alpha: float = 0.25,
-                        depth_scale: str | None = None) -> list[dict]:
-    """The per-layer slots of a named placement (l is 1-based and global)."""
-    if placement not in PLACEMENTS:
-        raise ValueError(f"placement: '{placement}' is unknown; allowed: {', '.join(PLACEMENTS)}")
-    if depth_scale is None:
-        depth_scale = "inv_sqrt_layer" if placement == "lns" else "none"
-    n_post = int(math.floor(mix_alpha * num_layers + 0.5))
-    layers = []
-    for l in range(1, num_layers + 1):
-        if placement in ("post",) or (placement == "mix" and l <= n_post):
-            s = _slot(post_norm=True)
-        elif placement == "deepnorm":
-            s = _slot(post_norm=True, residual_alpha=(2 * num_layers) ** 0.25)
-        elif placement == "peri":
-            s = _slot(in_norm=True, out_norm=True)
-        elif placement == "reordered":
-            s = _slot(out_norm=True)
-        else:  # pre, lns, mix's upper blocks
-            s = _slot(in_norm=True)
-        if depth_scale == "inv_sqrt_layer" and s["in_norm"]:
-            s["in_scale"] = 1.0 / math.sqrt(l)
-        layers.append({"attn": dict(s), "mlp": dict(s)})
-    return layers
 
 
 class PretrainGPTConfig(PretrainedConfig):
@@ -97,15 +60,14 @@ class PretrainGPTConfig(PretrainedConfig):
         _check_choice("mlp", mlp, ("swiglu", "gelu"))
         _check_choice("norm", norm, ("rmsnorm", "layernorm"))
         _check_choice("qk_norm_scope", qk_norm_scope, ("head", "layer"))
-        _check_choice("placement", placement, PLACEMENTS)
         num_key_value_heads = num_key_value_heads or num_attention_heads
         if hidden_size % num_attention_heads or num_attention_heads % num_key_value_heads:
-            raise ValueError(f"num_attention_heads={num_attention_heads} must divide hidden_size={hidden_size} "
-                             f"and be a multiple of num_key_value_heads={num_key_value_heads}")
-        final_default, embed_default, _ = _PLACEMENT_FACTS[placement]
-        if layer_slots is None:
-            layer_slots = default_layer_slots(placement, num_hidden_layers, mix_alpha, depth_scale)
-        _check_slots(layer_slots, num_hidden_layers)
+            raise ValueError(
+                f"num_attention_heads={num_attention_heads} must divide hidden_size={hidden_size} "
+                f"and be a multiple of num_key_value_heads={num_key_value_heads}"
+            )
+        if layer_slots is not None:
+            _check_slots(layer_slots, num_hidden_layers)
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
@@ -119,8 +81,8 @@ class PretrainGPTConfig(PretrainedConfig):
         self.zero_centered_gain = zero_centered_gain
         self.placement = placement
         self.layer_slots = layer_slots
-        self.final_norm = final_default if final_norm is None else final_norm
-        self.embedding_norm = embed_default if embedding_norm is None else embedding_norm
+        self.final_norm = final_norm
+        self.embedding_norm = embedding_norm
         self.depth_scale = depth_scale
         self.mix_alpha = mix_alpha
         self.qk_norm = qk_norm
@@ -130,8 +92,13 @@ class PretrainGPTConfig(PretrainedConfig):
         self.max_position_embeddings = max_position_embeddings
         self.initializer_range = initializer_range
         self.use_cache = use_cache
-        super().__init__(tie_word_embeddings=tie_word_embeddings, bos_token_id=bos_token_id,
-                         eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs)
+        super().__init__(
+            tie_word_embeddings=tie_word_embeddings,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            **kwargs,
+        )
 
 
 def _check_choice(name: str, value, allowed) -> None:
@@ -149,4 +116,4 @@ def _check_slots(layer_slots: list, num_layers: int) -> None:
                 raise ValueError(f"layer_slots[{i}].{sub}: expected the keys {', '.join(SLOT_KEYS)}, got {slot!r}")
 
 
-__all__ = ["PretrainGPTConfig", "default_layer_slots"]
+__all__ = ["PretrainGPTConfig"]

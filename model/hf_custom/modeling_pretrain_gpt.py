@@ -12,6 +12,7 @@ in_scale (LayerNorm Scaling's 1/sqrt(l)) is a plain float applied after the gain
 Attention: RoPE (rotate-half), grouped-query heads, optional QK-norm (before RoPE) per head or over
 all heads of the layer; SwiGLU or tanh-GELU MLP. Weight names follow Llama where there is one.
 """
+
 from __future__ import annotations
 
 import torch
@@ -58,8 +59,9 @@ class PretrainGPTNorm(nn.Module):
         return y.to(x.dtype)
 
     def extra_repr(self) -> str:
-        return (f"{self.kind}, dim={self.weight.shape[0]}, eps={self.eps}, scale={self.scale:.4g}"
-                + (", zero_centered" if self.zero_centered_gain else ""))
+        return f"{self.kind}, dim={self.weight.shape[0]}, eps={self.eps}, scale={self.scale:.4g}" + (
+            ", zero_centered" if self.zero_centered_gain else ""
+        )
 
 
 def _norm(config: PretrainGPTConfig, dim: int, scale: float = 1.0) -> PretrainGPTNorm:
@@ -211,6 +213,11 @@ class PretrainGPTPreTrainedModel(PreTrainedModel):
 class PretrainGPTModel(PretrainGPTPreTrainedModel):
     def __init__(self, config: PretrainGPTConfig):
         super().__init__(config)
+        if config.layer_slots is None or config.final_norm is None or config.embedding_norm is None:
+            raise ValueError(
+                "this config has no layer_slots / final_norm / embedding_norm: they are written by "
+                "`python -m pretrain.export` from the project's placement registry"
+            )
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.embed_norm = _norm(config, config.hidden_size) if config.embedding_norm else None
         self.layers = nn.ModuleList(PretrainGPTDecoderLayer(config, i) for i in range(config.num_hidden_layers))
@@ -223,8 +230,18 @@ class PretrainGPTModel(PretrainGPTPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, output_hidden_states=None, return_dict=None, **kwargs):
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        use_cache=None,
+        output_hidden_states=None,
+        return_dict=None,
+        **kwargs,
+    ):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -249,8 +266,11 @@ class PretrainGPTModel(PretrainGPTPreTrainedModel):
             x = self.norm(x)
         if hidden is not None:
             hidden.append(x)
-        return BaseModelOutputWithPast(last_hidden_state=x, past_key_values=past_key_values,
-                                       hidden_states=tuple(hidden) if hidden is not None else None)
+        return BaseModelOutputWithPast(
+            last_hidden_state=x,
+            past_key_values=past_key_values,
+            hidden_states=tuple(hidden) if hidden is not None else None,
+        )
 
 
 def _attention_mask(attention_mask, b: int, t: int, past: int, device) -> torch.Tensor | None:
@@ -292,22 +312,43 @@ class PretrainGPTForCausalLM(PretrainGPTPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.lm_head = value
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=None, return_dict=None,
-                logits_to_keep: int = 0, **kwargs) -> CausalLMOutputWithPast:
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                         output_hidden_states=output_hidden_states)
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        output_hidden_states=None,
+        return_dict=None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+        )
         h = out.last_hidden_state
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             h = h[:, -logits_to_keep:]
         logits = self.lm_head(h)
         loss = None
         if labels is not None:  # Hugging Face's convention: position t predicts labels[t + 1]
-            loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                   labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
-                                      hidden_states=out.hidden_states)
+            loss = F.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                labels[:, 1:].reshape(-1).to(logits.device),
+                ignore_index=-100,
+            )
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states
+        )
 
 
 __all__ = ["PretrainGPTForCausalLM", "PretrainGPTModel", "PretrainGPTPreTrainedModel"]

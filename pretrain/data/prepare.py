@@ -3,9 +3,11 @@
 The output directory is what `data.dir` points at:
     tokenizer.model, train.bin/.idx, valid.bin/.idx, test.bin/.idx, manifest.json
 Validation documents are held out of the training sources by document (a deterministic
-hash order per source), the test set comes from separate documents (SOTU 2000-2026 for the bundled
+hash order per source, so every source, the pre-2000 State of the Union addresses included, has
+validation documents), the test set comes from separate documents (SOTU 2000-2026 for the bundled
 corpus) and is never trained on; the tokenizer is trained on the training split only.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -17,7 +19,15 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pretrain.data.corpus import PACKAGES, SOTU_TEST_FROM_YEAR, DataError, Document, bundled_corpus, user_documents
+from pretrain.data.corpus import (
+    BUNDLED_CORPUS_VERSION,
+    PACKAGES,
+    SOTU_TEST_FROM_YEAR,
+    DataError,
+    Document,
+    bundled_corpus,
+    user_documents,
+)
 from pretrain.data.indexed import write_indexed
 from pretrain.data.tokenizer import Tokenizer, train_tokenizer
 from pretrain.fsutil import atomic_write_text
@@ -45,6 +55,8 @@ class PrepareArgs:
         d = asdict(self)
         d.pop("out"), d.pop("workers")
         d["packages"] = {k: v.sha256 for k, v in PACKAGES.items()} if self.bundled else {}
+        if self.bundled:  # a change of what the bundled corpus trains on makes old prepared data stale
+            d["bundled_corpus"] = BUNDLED_CORPUS_VERSION
         d["format"] = FORMAT_VERSION
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -58,7 +70,7 @@ def split_by_document(docs: list[Document], fraction: float, seed: int) -> tuple
     for d in docs:
         by_source[d.source].append(d)
     held = set()
-    for source, group in by_source.items():
+    for group in by_source.values():
         if len(group) < 2:
             continue
         order = sorted(group, key=lambda d: hashlib.sha256(f"{seed}:{d.id}".encode()).hexdigest())
@@ -80,8 +92,10 @@ def prepare(args: PrepareArgs, force: bool = False, log=print) -> Path:
     if manifest_path.exists() and not force:
         old = json.loads(manifest_path.read_text())
         if old.get("fingerprint") == args.fingerprint():
-            log(f"[data] {out} is already prepared with these settings ({old['splits']['train']['tokens']:,} "
-                "training tokens); use --force to rebuild")
+            log(
+                f"[data] {out} is already prepared with these settings ({old['splits']['train']['tokens']:,} "
+                "training tokens); use --force to rebuild"
+            )
             return out
         raise DataError(f"{out} holds data prepared with other settings; use another --out or --force")
     if not args.bundled and not args.inputs:
@@ -102,8 +116,10 @@ def prepare(args: PrepareArgs, force: bool = False, log=print) -> Path:
     train, valid = split_by_document(pool, args.valid_fraction, args.seed)
     if not train:
         raise DataError("no training documents left after the validation split")
-    log(f"[data] documents: train {len(train)} {_summary(train)}, valid {len(valid)} {_summary(valid)}, "
-        f"test {len(test)} {_summary(test)}")
+    log(
+        f"[data] documents: train {len(train)} {_summary(train)}, valid {len(valid)} {_summary(valid)}, "
+        f"test {len(test)} {_summary(test)}"
+    )
 
     out.mkdir(parents=True, exist_ok=True)
     if manifest_path.exists():
@@ -133,20 +149,30 @@ def prepare(args: PrepareArgs, force: bool = False, log=print) -> Path:
         "args": asdict(args),
         "packages": {k: asdict(v) for k, v in PACKAGES.items()} if args.bundled else {},
         "test_set": f"SOTU {SOTU_TEST_FROM_YEAR}-" if args.bundled and not args.test_inputs else "user",
-        "tokenizer": {"path": "tokenizer.model", "vocab_size": tokenizer.vocab_size, "sha256": tokenizer.sha256,
-                      "eod": tokenizer.eod, "pad": tokenizer.pad},
+        "bundled_corpus": BUNDLED_CORPUS_VERSION if args.bundled else None,
+        "tokenizer": {
+            "path": "tokenizer.model",
+            "vocab_size": tokenizer.vocab_size,
+            "sha256": tokenizer.sha256,
+            "eod": tokenizer.eod,
+            "pad": tokenizer.pad,
+        },
         "splits": splits,
         "documents": {"valid": [d.id for d in valid], "test": [d.id for d in test]},
     }
     atomic_write_text(manifest_path, json.dumps(manifest, indent=2))
-    log(f"[data] prepared {out} in {time.time() - t0:.1f}s: " + ", ".join(
-        f"{k} {v['tokens']:,} tokens" for k, v in splits.items()))
+    log(
+        f"[data] prepared {out} in {time.time() - t0:.1f}s: "
+        + ", ".join(f"{k} {v['tokens']:,} tokens" for k, v in splits.items())
+    )
     return out
 
 
 def read_manifest(directory: str | Path) -> dict:
     path = Path(directory) / MANIFEST
     if not path.is_file():
-        raise DataError(f"'{directory}' is not a prepared dataset (no {MANIFEST}); run "
-                        f"`python -m pretrain.data prepare --out {directory}`")
+        raise DataError(
+            f"'{directory}' is not a prepared dataset (no {MANIFEST}); run "
+            f"`python -m pretrain.data prepare --out {directory}`"
+        )
     return json.loads(path.read_text())

@@ -15,6 +15,7 @@ skipped block's h is dropped and the block after it computes its own from x (Blo
 when the last block is skipped the final norm is applied to x here. `run_blocks` mirrors GPT.forward
 for the plain (single-process) model, and `depth_profile` checks that it still does.
 """
+
 from __future__ import annotations
 
 import math
@@ -45,8 +46,9 @@ def run_blocks(model, tokens: torch.Tensor, skip: int | None = None, keep: bool 
     return h, xs
 
 
-def probe_loss(model, tokens: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None,
-               skip: int | None = None) -> tuple[float, float]:
+def probe_loss(
+    model, tokens: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None, skip: int | None = None
+) -> tuple[float, float]:
     """(summed token NLL, number of tokens) of the probe, optionally with one block removed."""
     h, _ = run_blocks(model, tokens, skip)
     losses = token_losses(model.head(h), labels.t())
@@ -58,7 +60,7 @@ def angular_distances(xs: list[torch.Tensor]) -> tuple[list[float], int]:
     """Per consecutive pair (x_l, x_{l+1}): the sum over tokens of arccos(cosine)/pi, and the token count.
     Float64: arccos is steep near cosine 1, where deep layers of a trained model sit."""
     sums = []
-    for a, b in zip(xs[:-1], xs[1:]):
+    for a, b in zip(xs[:-1], xs[1:], strict=True):
         cos = torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1).clamp(-1.0, 1.0)
         sums.append(float(torch.arccos(cos).sum()) / math.pi)
     return sums, xs[0].shape[0] * xs[0].shape[1]
@@ -81,10 +83,10 @@ def depth_profile(model, tokens: torch.Tensor, labels: torch.Tensor, batch_size:
     count = 0.0
     reference = 0.0
     for start in range(0, tokens.shape[0], batch_size):
-        tok, lab = tokens[start:start + batch_size], labels[start:start + batch_size]
+        tok, lab = tokens[start : start + batch_size], labels[start : start + batch_size]
         h, xs = run_blocks(model, tok, keep=True)
         sums, n = angular_distances(xs)
-        ang = [a + s for a, s in zip(ang, sums)]
+        ang = [a + s for a, s in zip(ang, sums, strict=True)]
         ang_tokens += n
         losses = token_losses(model.head(h), lab.t())
         nll[0] += float(losses.sum())
@@ -94,14 +96,17 @@ def depth_profile(model, tokens: torch.Tensor, labels: torch.Tensor, batch_size:
             nll[layer] += probe_loss(model, tok, lab, skip=layer)[0]
     base = nll[0] / count
     if not math.isclose(base, reference / count, rel_tol=1e-4, abs_tol=1e-5):
-        raise RuntimeError(f"depth_profile: the layer-skipping forward gives loss {base:.6f} but the model's own "
-                           f"forward {reference / count:.6f}; pretrain/scaling/depth.py:run_blocks no longer mirrors "
-                           "GPT.forward")
+        raise RuntimeError(
+            f"depth_profile: the layer-skipping forward gives loss {base:.6f} but the model's own "
+            f"forward {reference / count:.6f}; pretrain/scaling/depth.py:run_blocks no longer mirrors "
+            "GPT.forward"
+        )
     without = [v / count for v in nll[1:]]
     return {
-        "var": stats["var"], "rms": stats["rms"], "max_abs": stats["max_abs"],
+        "var": stats["var"],
+        "rms": stats["rms"],
+        "max_abs": stats["max_abs"],
         "attn_entropy": stats["attn_entropy"],
         "angular_distance": [a / ang_tokens for a in ang],
         "removal": {"base_loss": base, "loss": without, "increase": [w - base for w in without]},
     }
-

@@ -21,6 +21,7 @@ whose continuation can no longer become the target is stopped early; that change
 Unlike LAMBADA, passages are not filtered for needing the broad context, so part of the score is
 local (n-gram-like) prediction; it compares models on the same passages, which is what a sweep needs.
 """
+
 from __future__ import annotations
 
 import random
@@ -34,8 +35,10 @@ import torch
 MAX_NEW_TOKENS = 8
 MAX_TARGET_TOKENS = 6  # targets the cap leaves room for (the word's own tokens + the one ending it)
 # Words that are followed by a period without ending a sentence.
-ABBREVIATIONS = frozenset("Mr Mrs Ms Dr St Jr Sr Sen Rep Gov Gen Lt Col Capt Sgt Prof Rev Hon Mt Ft No vs "
-                          "etc Inc Co Corp Ltd Jan Feb Mar Apr Jun Jul Aug Sep Sept Oct Nov Dec".split())
+ABBREVIATIONS = frozenset(
+    "Mr Mrs Ms Dr St Jr Sr Sen Rep Gov Gen Lt Col Capt Sgt Prof Rev Hon Mt Ft No vs "
+    "etc Inc Co Corp Ltd Jan Feb Mar Apr Jun Jul Aug Sep Sept Oct Nov Dec".split()
+)
 SENTENCE_END = re.compile(r"[.!?][\"'\u201d\u2019)\]]*(\s|$)")
 WORD_EXTRA = "'\u2019-\ufffd"  # apostrophes, hyphen, and an incomplete UTF-8 byte sequence (still pending)
 
@@ -93,7 +96,7 @@ def sentence_final_words(doc: np.ndarray, pieces: PieceBytes) -> list[tuple[int,
         if len(word) < 2 or word in ABBREVIATIONS:
             continue
         after = b""
-        for piece in b[k:k + 3]:  # the punctuation and what follows it, up to an end-of-document token
+        for piece in b[k : k + 3]:  # the punctuation and what follows it, up to an end-of-document token
             if piece is None:
                 break
             after += piece
@@ -102,8 +105,9 @@ def sentence_final_words(doc: np.ndarray, pieces: PieceBytes) -> list[tuple[int,
     return out
 
 
-def build_passages(docs: list[np.ndarray], pieces: PieceBytes, context_tokens: int, count: int,
-                   seed: int = 1234) -> tuple[list[Passage], int]:
+def build_passages(
+    docs: list[np.ndarray], pieces: PieceBytes, context_tokens: int, count: int, seed: int = 1234
+) -> tuple[list[Passage], int]:
     """`count` passages (fewer if there are fewer candidates) in document order, and the number of
     candidates they were drawn from."""
     candidates = []
@@ -116,8 +120,9 @@ def build_passages(docs: list[np.ndarray], pieces: PieceBytes, context_tokens: i
     for i in chosen:
         d, j, k, word = candidates[i]
         doc = docs[d]
-        passages.append(Passage(d, j, tuple(int(t) for t in doc[j - context_tokens:j]), word,
-                                tuple(int(t) for t in doc[j:k])))
+        passages.append(
+            Passage(d, j, tuple(int(t) for t in doc[j - context_tokens : j]), word, tuple(int(t) for t in doc[j:k]))
+        )
     return passages, len(candidates)
 
 
@@ -139,9 +144,15 @@ def _judge(text: str, ended: bool, target: str) -> tuple[str, str]:
 
 
 @torch.no_grad()
-def score(next_token_logits: Callable[[torch.Tensor], torch.Tensor], passages: list[Passage], pieces: PieceBytes,
-          batch_size: int = 16, max_new_tokens: int = MAX_NEW_TOKENS, examples: int = 8,
-          device: torch.device | str = "cpu") -> dict:
+def score(
+    next_token_logits: Callable[[torch.Tensor], torch.Tensor],
+    passages: list[Passage],
+    pieces: PieceBytes,
+    batch_size: int = 16,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    examples: int = 8,
+    device: torch.device | str = "cpu",
+) -> dict:
     """next_token_logits(tokens (B, T)) -> logits (B, V) of the token after each row. All contexts have
     the same length, so rows are batched without padding. The first `examples` passages are decoded to
     the end of their word (for the report); the others stop as soon as they are decided."""
@@ -155,14 +166,15 @@ def score(next_token_logits: Callable[[torch.Tensor], torch.Tensor], passages: l
         for _ in range(max_new_tokens):
             if not active:
                 break
-            tokens = torch.tensor([list(passages[r].context) + generated[r] for r in active], dtype=torch.long,
-                                  device=device)
+            tokens = torch.tensor(
+                [list(passages[r].context) + generated[r] for r in active], dtype=torch.long, device=device
+            )
             logits = next_token_logits(tokens).float()
             if logits.shape[-1] > pieces.vocab_size:  # padded vocabulary rows are no tokens
-                logits[:, pieces.vocab_size:] = float("-inf")
+                logits[:, pieces.vocab_size :] = float("-inf")
             nxt = logits.argmax(-1).tolist()
             still = []
-            for r, t in zip(active, nxt):
+            for r, t in zip(active, nxt, strict=True):
                 generated[r].append(int(t))
                 ended = pieces[int(t)] is None  # end-of-document (or another control token)
                 texts[r] = pieces.text(generated[r])
@@ -179,15 +191,25 @@ def score(next_token_logits: Callable[[torch.Tensor], torch.Tensor], passages: l
     correct = sum(v == "correct" for v in verdicts)
     return {
         "accuracy": correct / len(passages) if passages else float("nan"),
-        "correct": correct, "passages": len(passages),
-        "examples": [{"context_end": pieces.text(p.context)[-160:], "target": p.target, "prediction": words[i],
-                      "continuation": texts[i], "correct": verdicts[i] == "correct"}
-                     for i, p in enumerate(passages[:examples])],
+        "correct": correct,
+        "passages": len(passages),
+        "examples": [
+            {
+                "context_end": pieces.text(p.context)[-160:],
+                "target": p.target,
+                "prediction": words[i],
+                "continuation": texts[i],
+                "correct": verdicts[i] == "correct",
+            }
+            for i, p in enumerate(passages[:examples])
+        ],
     }
 
 
-METHOD = ("LAMBADA-style last-word prediction: passages cut from the held-out split's documents, ending "
-          "just before a sentence-final word (followed by . ! or ?, abbreviations excluded); context = the "
-          "{context_tokens} preceding tokens of the same document; correct iff the greedy (argmax) "
-          "continuation, at most {max_new_tokens} tokens, spells exactly ' ' + the word followed by a "
-          "non-word character; {count} passages drawn with seed {seed} from {candidates} candidates.")
+METHOD = (
+    "LAMBADA-style last-word prediction: passages cut from the held-out split's documents, ending "
+    "just before a sentence-final word (followed by . ! or ?, abbreviations excluded); context = the "
+    "{context_tokens} preceding tokens of the same document; correct iff the greedy (argmax) "
+    "continuation, at most {max_new_tokens} tokens, spells exactly ' ' + the word followed by a "
+    "non-word character; {count} passages drawn with seed {seed} from {candidates} candidates."
+)

@@ -1,27 +1,34 @@
-"""`python -m pretrain.scaling report`: REPORT.md and its PNGs for a sweep, in one directory that can
-be committed as it is (images referenced by relative paths).
+"""`python -m pretrain.scaling report`: REPORT.md, its PNGs and summary.json for a sweep, in one
+directory that can be committed as it is (images referenced by relative paths).
 
-What it shows: a summary table of every cell; the scaling-law fits (from pretrain/scaling/fit.py,
-recomputed here and written next to the report as fit.json) with the held-out prediction; training
-loss curves; and the depth diagnostics at the final checkpoint (residual variance and largest
-activation per layer, angular distance between consecutive layers, loss increase when each block is
-removed). Cells not evaluated yet are listed, not silently dropped.
+What it shows, in order: the headline table (each placement at its best learning rate, validation
+loss as mean +- sd over seeds per size, test bits per byte as a second figure); the claims' verdicts;
+the learning-rate sweep (plot, chosen rates, LR sensitivity); the scaling-law fits with the held-out
+prediction next to the 2-parameter power law and the naive baseline; the depth diagnostics (variance
+at initialization and at the end, its growth through depth and across sizes, angular distance,
+removal cost); training curves; the recipe of every cell; every cell's figures; the compute it took.
+Cells not evaluated yet are listed, not silently dropped.
 """
+
 from __future__ import annotations
 
+import json
+import math
 import time
 from pathlib import Path
 
+import numpy as np
+
 from pretrain.config import ConfigError
 from pretrain.fsutil import atomic_write_text
-from pretrain.scaling import claims, plots
-from pretrain.scaling.fit import FIT_FILE, fit_sweep, write_fit
-from pretrain.scaling.results import METRICS, CellResult, collect, size_label, size_order
-from pretrain.scaling.spec import Sweep
+from pretrain.scaling import claims, lrsearch, plots, summary
+from pretrain.scaling.fit import DEFAULT_METRIC, FIT_FILE, fit_sweep, held_out_summary, write_fit
+from pretrain.scaling.growth import growth_summary
+from pretrain.scaling.results import METRICS, CellResult, collect, group_label, seed_noise, size_label, size_order
 
 
 def _f(v, digits: int = 4) -> str:
-    if v is None:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "–"
     if isinstance(v, int) or (isinstance(v, float) and abs(v) >= 1e4):
         return plots._human(v)
@@ -29,216 +36,588 @@ def _f(v, digits: int = 4) -> str:
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return (["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-            + ["| " + " | ".join(r) + " |" for r in rows])
-
-
-def summary_rows(results: list[CellResult], size_of) -> list[list[str]]:
-    rows = []
-    for r in results:
-        ev = r.evaluation
-        name = r.name + (" (held out)" if r.held_out else "")
-        if ev is None:
-            rows.append([name, r.label, size_of(r)] + ["–"] * 9 + [r.why_missing])
-            continue
-        d = ev.get("depth", {})
-        acc = lambda key: (f"{100 * ev[key]['accuracy']:.1f}%"  # noqa: E731
-                           if ev.get(key, {}).get("accuracy") is not None else "–")
-        rows.append([name, r.label, size_of(r), _f(r.N), _f(r.D), f"{ev['test']['loss']:.4f}",
-                     f"{ev['test']['bits_per_byte']:.4f}", f"{ev['valid']['loss']:.4f}", acc("last_word"),
-                     acc("last_word_valid"), _f(max(d["max_abs"]), 3) if d.get("max_abs") else "–",
-                     _f(claims.variance_growth(d.get("var") or []), 3), ""])
-    return rows
-
-
-def fit_rows(fit: dict) -> list[list[str]]:
-    rows = []
-    for f in fit["fits"] + fit["fits_nd"]:
-        law = "L(N, D)" if "B" in (f.get("params") or {}) or f in fit["fits_nd"] else "L(N)"
-        label = f["label"] + (f" ({', '.join(f'{k}={v}' for k, v in f['tokens'].items())})" if f.get("tokens") else "")
-        if not f.get("params"):
-            rows.append([label, law, "–", "–", "–", f["status"], "–", f["note"]])
-            continue
-        ci = f.get("ci95") or {}
-
-        def with_ci(k):
-            c = ci.get(k)
-            return _f(f["params"][k], 3) + (f" [{_f(c[0], 3)}, {_f(c[1], 3)}]" if c else "")
-
-        held = []
-        for h in f.get("held_out", []):
-            if h.get("predicted") is None:
-                held.append(f"{h['cell']}: no prediction")
-                continue
-            ci_h = h.get("ci95")
-            txt = f"{h['cell']}: predicted {h['predicted']:.4f}" + (f" [{ci_h[0]:.4f}, {ci_h[1]:.4f}]" if ci_h else "")
-            if h.get("actual") is not None:
-                txt += f", actual {h['actual']:.4f} ({100 * h['relative_error']:+.2f}%)"
-            held.append(txt)
-        extra = ", ".join(f"{k} = {with_ci(k)}" for k in ("B", "beta") if k in f["params"])
-        rows.append([label, law, with_ci("E"), with_ci("A"), with_ci("alpha") + (f"; {extra}" if extra else ""),
-                     f["status"], "<br>".join(held) or "–", f["note"]])
-    return rows
-
-
-def write_report(sweep: Sweep, out_dir: Path, metric: str = "test_loss", resamples: int = 1000, seed: int = 0,
-                 delta: float = 1e-3) -> Path:
-    out_dir = Path(out_dir)
-    results = collect(sweep)
-    if not any(r.evaluation or r.curve for r in results):
-        raise ConfigError(f"sweep '{sweep.name}': no cell in {sweep.out} has trained or been evaluated yet; nothing "
-                          f"to report (run `python -m pretrain.scaling sweep {sweep.path}`)")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    sizes = size_order(sweep) or sorted({size_label(sweep, r.cell) for r in results})
-    size_of = lambda r: size_label(sweep, r.cell)  # noqa: E731
-    groups = list(dict.fromkeys(r.label for r in results))
-    evaluated = [r for r in results if r.evaluation]
-    fit = None
-    if evaluated:
-        fit = fit_sweep(sweep, metric, resamples, seed, delta, results)
-        write_fit(fit, out_dir / FIT_FILE)
-    metric_label = METRICS[metric][1]
-    figs = {
-        "loss_vs_params": plots.loss_vs_params(results, fit, groups, metric, metric_label,
-                                               out_dir / "loss_vs_params.png"),
-        "metrics_vs_params": plots.metrics_vs_params(results, groups, out_dir / "metrics_vs_params.png"),
-        "loss_curves": plots.loss_curves(results, groups, sizes, size_of, out_dir / "loss_curves.png"),
-        "variance": plots.depth_panels(
-            results, groups, sizes, size_of, lambda e: e["depth"]["var"], out_dir / "depth_variance.png",
-            title="Residual-stream variance after each block (final checkpoint, validation probe)",
-            ylabel="variance (log scale)", first_layer=0, yscale="log"),
-        "max_abs": plots.depth_panels(
-            results, groups, sizes, size_of, lambda e: e["depth"]["max_abs"], out_dir / "depth_max_activation.png",
-            title="Largest |activation| of the residual stream per layer (final checkpoint)",
-            ylabel="max |x| (log scale)", first_layer=0, yscale="log"),
-        "angular": plots.depth_panels(
-            results, groups, sizes, size_of, lambda e: e["depth"]["angular_distance"],
-            out_dir / "depth_angular_distance.png",
-            title="Angular distance between the residual stream entering and leaving each block "
-                  "(arccos(cos)/π, token mean)", ylabel="angular distance (0 = unchanged)", first_layer=1),
-        "removal": plots.depth_panels(
-            results, groups, sizes, size_of, lambda e: e["depth"]["removal"]["increase"],
-            out_dir / "depth_layer_removal.png",
-            title="Loss increase when one block is removed (validation probe)",
-            ylabel="loss increase (nats/token, symlog)", first_layer=1, yscale="symlog", hline=0.0),
-    }
-    lines = [f"# Scaling report: {sweep.name}", "",
-             f"Generated {time.strftime('%Y-%m-%d %H:%M')} from `{sweep.path}` with cells in `{sweep.out}`: "
-             f"{len(evaluated)} of {len(results)} cells evaluated. "
-             f"N = non-embedding parameters, D = trained tokens; losses in nats per token on the held-out test split "
-             f"unless said otherwise.", ""]
-    missing = [r for r in results if r.evaluation is None]
-    if missing:
-        lines += ["Not in the fits and depth plots yet: " + ", ".join(f"`{r.name}` ({r.why_missing})" for r in missing),
-                  ""]
-    lines += ["## Setup: model sizes and token budgets", ""]
-    lines += _table(["size", "hidden", "layers", "heads", "N (non-embedding)", "all parameters", "steps",
-                     "tokens D", "D / N", "batch x seq"], setup_rows(results, sizes, size_of))
-    lines += ["", "N differs slightly between placements (Peri-LN has twice the norms); the range is shown.", ""]
-    lines += ["## Summary", ""]
-    lines += _table(["cell", "group", "size", "N", "D", "test loss", "test bpb", "valid loss", "last word (test)",
-                     "last word (valid)", "max |x|", "var growth (last/first block)", "note"],
-                    summary_rows(results, size_of))
-    lines += ["", "Variance growth = residual variance after the last block / after the first block. Max |x| = "
-              "largest residual-stream activation over all layers. Last word: LAMBADA-style accuracy (see the end).",
-              ""]
-    lines += ["## Scaling-law fits", ""]
-    if fit is None:
-        lines += ["No cell is evaluated yet: nothing to fit.", ""]
-    else:
-        held = held_out_rows(fit)
-        if held:
-            lines += ["### Held-out prediction", "",
-                      "Each placement's law is fitted without the held-out cells and predicts them; error = "
-                      "(predicted - actual) / actual.", ""]
-            lines += _table(["group", "held-out cell", "N", "predicted", "95% interval", "actual", "error",
-                             "actual inside interval", "fit status"], held) + [""]
-        lines += [f"Fitted to **{fit['metric_description']}**. {fit['method']}.", ""]
-        lines += _table(["group", "law", "E", "A", "alpha", "status", "held-out prediction vs actual", "note"],
-                        fit_rows(fit))
-        lines += [""]
-        if fit["nd_note"]:
-            lines += [fit["nd_note"] + ".", ""]
-    captions = {
-        "loss_vs_params": "Final loss against model size with the fitted laws; the held-out cell is predicted "
-                          "from the others.",
-        "metrics_vs_params": "Bits per byte and last-word accuracy against model size, on the test split (solid) "
-                             "and the validation split (dashed).",
-        "loss_curves": "Training loss (lines) and validation loss (circles) against tokens.",
-        "variance": "Residual-stream variance per layer at the final checkpoint, one panel per size.",
-        "max_abs": "Largest activation of the residual stream per layer.",
-        "angular": "How far each block turns the residual stream (Gromov et al. 2024); 0 = direction unchanged.",
-        "removal": "How much the probe loss rises when one block is skipped; near 0 = the block is redundant, "
-                   "below 0 = the model is better without it.",
-    }
-    for key in ("loss_vs_params", "metrics_vs_params"):
-        lines += _figure(figs, key, captions[key])
-    checked = claims.check(results, size_of, sizes)
-    if checked:
-        lines += ["## The placement papers' claims at this scale", "",
-                  "Verdicts from the rules stated with each claim, applied to the measured numbers (final checkpoint; "
-                  "variance on the validation probe). One seed per cell: loss differences of a few hundredths "
-                  "may be within seed-to-seed noise, which this sweep does not measure.", ""]
-        for c in checked:
-            lines += [f"**{c['claim']}**: {c['verdict']}. Rule: {c['rule']}.", ""]
-            lines += _table(c["header"], c["rows"]) + [""]
-    if figs.get("loss_curves") is not None:
-        lines += ["## Training", ""] + _figure(figs, "loss_curves", captions["loss_curves"])
-    if any(figs.get(k) is not None for k in ("variance", "max_abs", "angular", "removal")):
-        lines += ["## Depth diagnostics (final checkpoint)", ""]
-        for key in ("variance", "max_abs", "angular", "removal"):
-            lines += _figure(figs, key, captions[key])
-    for key, split in (("last_word_valid", "validation"), ("last_word", "test")):
-        examples = _last_word_examples(evaluated, key)
-        if examples:
-            if key == "last_word_valid" or not _last_word_examples(evaluated, "last_word_valid"):
-                lines += ["## Last-word prediction", ""]
-            lines += [f"**{split.capitalize()} split.** " + examples[0], ""]
-            lines += _table(["passage ends with …", "target", "greedy continuation", "correct"], examples[1]) + [""]
-    path = out_dir / "REPORT.md"
-    atomic_write_text(path, "\n".join(lines))
-    return path
+    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"] + [
+        "| " + " | ".join(r) + " |" for r in rows
+    ]
 
 
 def _figure(figs: dict, key: str, caption: str) -> list[str]:
     return [] if figs.get(key) is None else [f"![{caption}]({figs[key].name})", "", caption, ""]
 
 
-def setup_rows(results: list[CellResult], sizes: list[str], size_of) -> list[list[str]]:
-    """One row per size: shape, parameters (range over the groups), steps and token budget."""
+def _mean_sd(values: list[float]) -> str:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.4f} (1 seed)"
+    return f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"
+
+
+def headline_rows(study: list[CellResult], sizes: list[str], size_of, groups: list[str], metric: str) -> list:
     rows = []
     for size in sizes:
-        cells = [r for r in results if size_of(r) == size]
+        cells = [r for r in study if size_of(r) == size]
+        usable = [r for r in cells if r.usable]
         if not cells:
             continue
-        m, t = cells[0].cell.config.model, cells[0].cell.config.train
-        ns = sorted({r.N for r in cells if r.evaluation})
-        totals = sorted({r.evaluation["parameters"] for r in cells if r.evaluation})
-        span = lambda v: "–" if not v else _f(v[0]) if v[0] == v[-1] else f"{_f(v[0])}–{_f(v[-1])}"  # noqa: E731
-        budgets = sorted({r.cell.tokens for r in cells})
-        steps = sorted({r.cell.max_steps for r in cells})
-        ratio = f"{budgets[0] / ns[0]:.2g}" if ns and len(budgets) == 1 else "–"
-        rows.append([size, str(m.hidden_size), str(m.num_layers), str(m.num_heads), span(ns), span(totals),
-                     ", ".join(map(str, steps)), ", ".join(f"{b:,}" for b in budgets), ratio,
-                     f"{t.global_batch_size} x {m.seq_len}"])
+        row = [
+            size + (" (held out)" if any(r.held_out for r in cells) else ""),
+            _f(usable[0].N) if usable else "–",
+            f"{usable[0].D / usable[0].N:.1f}" if usable else "–",
+        ]
+        for g in groups:
+            mine = [r for r in cells if r.label == g]
+            diverged = sum(r.diverged for r in mine)
+            text = _mean_sd([r.metric(metric) for r in mine if r.usable])
+            row.append(text + (f", {diverged} diverged" if diverged else ""))
+        rows.append(row)
     return rows
+
+
+def recipe_rows(study: list[CellResult], sizes: list[str], size_of, groups: list[str]) -> list:
+    """One row per (size, group): every seed of it shares the recipe (checked: a difference is shown)."""
+    rows = []
+    for size in sizes:
+        for g in groups:
+            cells = [r for r in study if size_of(r) == size and r.label == g]
+            if not cells:
+                continue
+            recipes = [summary.recipe(r.cell) for r in cells]
+            rec = recipes[0]
+            same = all(x == rec for x in recipes)
+            emb = rec["embedding_weight_decay"]
+            n = cells[0].N if cells[0].evaluation else None
+            rows.append(
+                [
+                    size,
+                    g,
+                    ", ".join(str(r.seed) for r in cells),
+                    f"{rec['lr']:.3g}",
+                    str(rec["warmup_steps"]),
+                    f"{rec['schedule']} to {rec['min_lr_ratio']:g}x",
+                    f"{rec['global_batch_size']} x {rec['seq_len']}",
+                    str(rec["steps"]),
+                    f"{rec['tokens']:,}",
+                    f"{rec['tokens'] / n:.1f}" if n else "–",
+                    f"{rec['weight_decay']:g}",
+                    "–" if emb is None else "yes" if emb else "no",
+                    f"{rec['grad_clip']:g}",
+                    f"{rec['betas'][0]:g}/{rec['betas'][1]:g}",
+                    rec["precision"] + ("" if same else " (seeds differ!)"),
+                ]
+            )
+    return rows
+
+
+def growth_rows(study: list[CellResult], sizes: list[str], size_of, groups: list[str]) -> list:
+    """Per size and group (seed means): ln-variance slope and growth relative to linear, at
+    initialization and at the end, and the last layer's variance."""
+    rows = []
+    for size in sizes:
+        for g in groups:
+            cells = [r for r in study if size_of(r) == size and r.label == g and r.usable and r.evaluation.get("depth")]
+            if not cells:
+                continue
+            final = [growth_summary(r.evaluation["depth"]["var"]) for r in cells]
+            init = [
+                growth_summary(r.evaluation["init"]["depth"]["var"])
+                for r in cells
+                if (r.evaluation.get("init") or {}).get("depth")
+            ]
+
+            def mean(items, key):
+                v = [x[key] for x in items if x.get(key) is not None]
+                return float(np.mean(v)) if v else None
+
+            rows.append(
+                [
+                    size,
+                    g,
+                    str(cells[0].evaluation["num_layers"]),
+                    _f(mean(init, "log_slope"), 3),
+                    _f(mean(final, "log_slope"), 3),
+                    _f(mean(init, "linear_ratio"), 3),
+                    _f(mean(final, "linear_ratio"), 3),
+                    _f(mean(init, "last"), 3),
+                    _f(mean(final, "last"), 3),
+                ]
+            )
+    return rows
+
+
+def cell_rows(results: list[CellResult], size_of) -> list[list[str]]:
+    rows = []
+    for r in results:
+        ev = r.evaluation
+        role = "study" if r.cell.study else "LR search"
+        name = f"`{r.name}`" + (" (held out)" if r.held_out else "")
+        head = [name, role, r.label, size_of(r), f"{r.lr:.3g}"]
+        if ev is None:
+            rows.append(head + ["–"] * 6 + [r.why_missing])
+        elif r.diverged and not ev.get("valid"):
+            why = f"diverged: {ev.get('diverged_reason', '')}"
+            rows.append(head + [_f(r.N), "–", "–", "–", "–", _f(r.initial_loss), why])
+        else:
+            losses = [f"{r.metric(m):.4f}" for m in ("valid_loss", "test_loss", "test_bpb")]
+            why = "diverged: " + ev.get("diverged_reason", "") if r.diverged else ""
+            rows.append(head + [_f(r.N), _f(r.D), *losses, _f(r.initial_loss), why])
+    return rows
+
+
+def fit_rows(fit: dict) -> list[list[str]]:
+    rows = []
+    for f in fit["fits"] + fit["fits_nd"]:
+        law = "L(N, D)" if f in fit["fits_nd"] else "L(N)"
+        if not f.get("params"):
+            rows.append([f["label"], law, "–", "–", "–", f["status"], f["note"]])
+            continue
+        with_ci = lambda k, f=f: _with_ci(f, k)
+        extra = ", ".join(f"{k} = {with_ci(k)}" for k in ("B", "beta") if k in f["params"])
+        rows.append(
+            [
+                f["label"],
+                law,
+                with_ci("E"),
+                with_ci("A"),
+                with_ci("alpha") + (f"; {extra}" if extra else ""),
+                f["status"] + (f" (at bound: {', '.join(f['at_bound'])})" if f.get("at_bound") else ""),
+                f["note"],
+            ]
+        )
+    return rows
+
+
+def _with_ci(f: dict, k: str) -> str:
+    c = (f.get("ci95") or {}).get(k)
+    return _f(f["params"][k], 3) + (f" [{_f(c[0], 3)}, {_f(c[1], 3)}]" if c else "")
 
 
 def held_out_rows(fit: dict) -> list[list[str]]:
     rows = []
-    for f in fit["fits"] + fit["fits_nd"]:
+    for f in fit["fits"]:
         for h in f.get("held_out", []):
-            if h.get("predicted") is None:
-                rows.append([f["label"], h["cell"], "–", "–", "–", "–", "–", "–", f["status"]])
+            if h.get("actual") is None:
+                rows.append([f["label"], h["size"], "–", "–", "–", "–", "–", "–", h.get("note", "")])
                 continue
             ci = h.get("ci95")
-            actual = h.get("actual")
-            rows.append([f["label"] + (" (N, D)" if f in fit["fits_nd"] else ""), h["cell"], _f(h["N"]),
-                         f"{h['predicted']:.4f}", f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "–",
-                         "–" if actual is None else f"{actual:.4f}",
-                         "–" if actual is None else f"{100 * h['relative_error']:+.2f}%",
-                         "–" if h.get("inside_ci") is None else "yes" if h["inside_ci"] else "no", f["status"]])
+            pct = lambda v: f"{100 * v:+.2f}%"
+            winner = {"law": "law", "power_law": "power law", "naive": "naive"}[h["winner"]]
+            if h.get("winner_resolved") is False:
+                winner += " (not resolved)"
+            rows.append(
+                [
+                    f["label"] + (f" (at bound: {', '.join(f['at_bound'])})" if f.get("at_bound") else ""),
+                    h["size"],
+                    _mean_sd(h["actual_seeds"]),
+                    f"{h['predicted']:.4f}" + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""),
+                    pct(h["relative_error"]),
+                    pct(h["power_law"]["relative_error"]) if h.get("power_law") else "–",
+                    pct(h["naive"]["relative_error"]) if h.get("naive") else "–",
+                    winner,
+                    "yes" if h.get("inside_ci") else "no" if h.get("inside_ci") is False else "–",
+                ]
+            )
     return rows
+
+
+def train_seconds(cell_dir: Path) -> float:
+    """Seconds spent in training steps (metrics.jsonl: step_time x steps per logged interval)."""
+    path = cell_dir / "metrics.jsonl"
+    if not path.is_file():
+        return 0.0
+    steps: dict[int, float] = {}
+    for line in path.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "lr" in r and r.get("step_time") is not None:
+            steps[int(r["step"])] = float(r["step_time"])  # a resumed run logs some steps twice: the last wins
+    total, previous = 0.0, 0
+    for step in sorted(steps):
+        total += steps[step] * (step - previous)
+        previous = step
+    return total
+
+
+def _vocabulary(results: list[CellResult]) -> str:
+    sizes = sorted({r.evaluation["vocab_size"] for r in results if r.evaluation and "vocab_size" in r.evaluation})
+    return f" of a {', '.join(map(str, sizes))}-token vocabulary" if sizes else ""
+
+
+def compute_line(sweep, results: list[CellResult]) -> str:
+    cpus = sweep.resources.cell_cpus()
+    train = sum(train_seconds(r.dir) for r in results) * cpus / 3600
+    evaluation = sum((r.evaluation or {}).get("seconds", 0.0) for r in results) * cpus / 3600
+    return (
+        f"Compute: {train:.2f} CPU-hours of training steps and {evaluation:.2f} of evaluation "
+        f"({cpus} CPU(s) per cell; process start-up and checkpointing not counted)."
+    )
+
+
+def lr_section(
+    sweep, results: list[CellResult], sizes: list[str], size_of, groups: list[str], out_dir: Path, figs: dict
+) -> tuple[list[str], dict]:
+    table = lrsearch.sensitivity_table(results, size_of)
+    choices = lrsearch.choice_record(sweep.lr_choices)
+    record = {"choices": choices, "sensitivity": table, "source": str(sweep.lr_from.sweep) if sweep.lr_from else None}
+    if not choices:
+        return [], record
+    chosen = {group_label(tuple(c["group"].items())): c["lr"] for c in choices}
+    figs["lr_sweep"] = plots.lr_sweep(table, groups, sizes, chosen, out_dir / "lr_sweep.png")
+    lines = ["## Learning rates", ""]
+    if sweep.lr_from:
+        lines += [f"Each placement trains at the best learning rate of the LR search of `{sweep.lr_from.sweep}`.", ""]
+    else:
+        s = sweep.lr_search
+        lines += [
+            f"LR search: `train.lr` in {', '.join(f'{v:g}' for v in s.values)} at "
+            + ", ".join(f"{a} in {{{', '.join(v)}}}" for a, v in s.at.items())
+            + f"; one best learning rate per {', '.join(s.per) or 'sweep'}: the grid value with the lowest "
+            "mean of min(final validation loss, L0) over the searched cells (a diverged run counts as L0, "
+            "the loss at initialization). Every study cell then trains at its group's best rate; the "
+            "searched cells at that rate are study cells too (their loss is slightly favoured by the "
+            "selection).",
+            "",
+        ]
+    rows = []
+    for c in choices:
+        best = next((t for t in c["table"] if t["lr"] == c["lr"]), None)
+        rows.append(
+            [
+                c["label"],
+                "pending: " + c["pending"] if c["pending"] else f"{c['lr']:.3g}",
+                "yes: widen the grid" if c["at_edge"] else "no",
+                f"{best['mean_capped_loss']:.4f}" if best else "–",
+                ", ".join(
+                    f"{t['lr']:.3g}: {t['mean_capped_loss']:.4f}"
+                    + (f" ({t['diverged']} diverged)" if t["diverged"] else "")
+                    for t in c["table"]
+                ),
+            ]
+        )
+    lines += _table(
+        ["group", "best lr", "at the grid's edge", "mean capped loss", "every lr: mean capped loss"], rows
+    ) + [""]
+    if table:
+        lines += _figure(
+            figs,
+            "lr_sweep",
+            "Final validation loss against the learning rate, per searched size; x = "
+            "diverged (counted at L0, dotted); circled: the study's rate.",
+        )
+        sens_rows = []
+        for size in [s for s in sizes if any(t["size"] == s for t in table)]:
+            by_group = {t["group"]: t for t in table if t["size"] == size}
+            sens_rows.append(
+                [size]
+                + [
+                    f"{by_group[g]['sensitivity']:.4f} (best {by_group[g]['best_lr']:.3g})"
+                    if g in by_group and by_group[g]["best_lr"]
+                    else "–"
+                    for g in groups
+                ]
+            )
+        lines += [
+            "LR sensitivity (Wortsman et al. 2023): E over the grid of [min(L(lr), L0) - min_lr L(lr)], "
+            "in nats; 0 = every rate of the grid is as good as the best.",
+            "",
+        ]
+        lines += _table(["size"] + groups, sens_rows) + [""]
+    return lines, record
+
+
+def write_report(
+    sweep, out_dir: Path, metric: str = DEFAULT_METRIC, resamples: int = 1000, seed: int = 0, delta: float = 1e-3
+) -> Path:
+    out_dir = Path(out_dir)
+    results = collect(sweep)
+    if not any(r.evaluation or r.curve for r in results):
+        raise ConfigError(
+            f"sweep '{sweep.name}': no cell in {sweep.out} has trained or been evaluated yet; nothing "
+            f"to report (run `python -m pretrain.scaling sweep {sweep.path}`)"
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sizes = size_order(sweep) or sorted({size_label(sweep, r.cell) for r in results})
+    size_of = lambda r: size_label(sweep, r.cell)
+    study = [r for r in results if r.cell.study]
+    groups = list(dict.fromkeys(r.label for r in results))
+    evaluated = [r for r in study if r.evaluation]
+    metric_label = METRICS[metric][1]
+    fit = None
+    if evaluated and sweep.kind == "scaling":
+        fit = fit_sweep(sweep, metric, resamples, seed, delta, results)
+        write_fit(fit, out_dir / FIT_FILE)
+    checked = claims.check(results, size_of, sizes, metric)
+    noise = seed_noise(results, metric, size_of)
+    figs: dict = {}
+    lr_lines, lr_record = lr_section(sweep, results, sizes, size_of, groups, out_dir, figs)
+    var = lambda e: e["depth"]["var"]
+    figs.update(
+        {
+            "loss_vs_params": plots.loss_vs_params(
+                study, fit, groups, metric, metric_label, out_dir / "loss_vs_params.png"
+            )
+            if fit
+            else None,
+            "metrics_vs_params": plots.metrics_vs_params(study, groups, out_dir / "metrics_vs_params.png"),
+            "loss_curves": plots.loss_curves(study, groups, sizes, size_of, out_dir / "loss_curves.png"),
+            "variance": plots.depth_panels(
+                study,
+                groups,
+                sizes,
+                size_of,
+                var,
+                out_dir / "depth_variance.png",
+                title="Residual-stream variance after each block: final checkpoint (solid), initialization (dashed)",
+                ylabel="variance (log scale)",
+                first_layer=0,
+                yscale="log",
+                init_key=lambda e: ((e.get("init") or {}).get("depth") or {}).get("var"),
+            ),
+            "growth": plots.growth_across_sizes(study, groups, out_dir / "depth_growth_vs_size.png"),
+            "max_abs": plots.depth_panels(
+                study,
+                groups,
+                sizes,
+                size_of,
+                lambda e: e["depth"]["max_abs"],
+                out_dir / "depth_max_activation.png",
+                title="Largest |activation| of the residual stream per layer (final checkpoint)",
+                ylabel="max |x| (log scale)",
+                first_layer=0,
+                yscale="log",
+            ),
+            "angular": plots.depth_panels(
+                study,
+                groups,
+                sizes,
+                size_of,
+                lambda e: e["depth"]["angular_distance"],
+                out_dir / "depth_angular_distance.png",
+                title="Angular distance between the residual stream entering and leaving each block "
+                "(arccos(cos)/π, token mean)",
+                ylabel="angular distance (0 = unchanged)",
+                first_layer=1,
+            ),
+            "removal": plots.depth_panels(
+                study,
+                groups,
+                sizes,
+                size_of,
+                lambda e: e["depth"]["removal"]["increase"],
+                out_dir / "depth_layer_removal.png",
+                title="Loss increase when one block is removed (validation probe)",
+                ylabel="loss increase (nats/token, symlog)",
+                first_layer=1,
+                yscale="symlog",
+                hline=0.0,
+            ),
+        }
+    )
+    seeds = sorted({r.seed for r in study})
+    lines = [
+        f"# {'Depth' if sweep.kind == 'depth' else 'Scaling'} report: {sweep.name}",
+        "",
+        f"Generated {time.strftime('%Y-%m-%d %H:%M')} from `{sweep.path}` with cells in `{sweep.out}`: "
+        f"{len(evaluated)} of {len(study)} study cells evaluated"
+        + (
+            f", {sum(1 for r in results if r.cell.search and r.evaluation)} of "
+            f"{sum(1 for r in results if r.cell.search)} LR-search cells"
+            if any(r.cell.search for r in results)
+            else ""
+        )
+        + f"; seeds {', '.join(map(str, seeds))}. N = non-embedding parameters, D = trained tokens; losses "
+        f"in nats per token{_vocabulary(results)}. " + compute_line(sweep, results),
+        "",
+    ]
+    missing = [r for r in study if r.evaluation is None]
+    if missing:
+        lines += ["Not evaluated yet: " + ", ".join(f"`{r.name}` ({r.why_missing})" for r in missing), ""]
+    if sweep.waiting:
+        lines += [
+            "Waiting for their best learning rate: "
+            + ", ".join(f"{', '.join(f'{a}={v}' for a, v in k)} ({n} cells)" for k, n in sweep.waiting.items()),
+            "",
+        ]
+    lines += [
+        "## Headline: each placement at its best learning rate",
+        "",
+        f"{metric_label.capitalize()}, mean ± sd over seeds (the held-out size is not in the fits):",
+        "",
+    ]
+    header = ["size", "N", "D/N"] + groups
+    lines += _table(header, headline_rows(study, sizes, size_of, groups, metric)) + [""]
+    lines += ["Test split (State of the Union 2000-2026, never trained on), bits per byte:", ""]
+    lines += _table(header, headline_rows(study, sizes, size_of, groups, "test_bpb")) + [""]
+    lines += [
+        (
+            "Seed-to-seed spread: pooled sd of the " + metric_label + f" {noise.sd:.4f} ({noise.dof} degrees of "
+            f"freedom over {noise.cells} cells); a difference between two cells' means of n seeds is resolved when "
+            f"it exceeds 2 x sd x sqrt(2/n) = {2 * noise.sd * math.sqrt(2 / max(1, len(seeds))):.4f} "
+            f"for n = {len(seeds)}."
+        )
+        if noise.sd is not None
+        else "One seed per cell: the seed-to-seed spread is not measured and no difference is resolved.",
+        "",
+    ]
+    lines += [
+        "## The papers' claims at this scale",
+        "",
+        "Each verdict follows the rule stated with it (pretrain/scaling/claims.py): a difference counts only "
+        "when it exceeds 2 standard errors from the seed-to-seed spread of the same number.",
+        "",
+    ]
+    lines += _table(
+        ["claim", "source", "verdict", "decided by"],
+        [[c["claim"], c["source"], f"**{c['verdict']}**", c["decided_by"]] for c in checked],
+    ) + [""]
+    lines += lr_lines
+    if fit is not None:
+        lines += fit_section(fit, figs)
+    lines += depth_section(study, sizes, size_of, groups, figs)
+    lines += ["## Evidence for each claim", ""]
+    for c in checked:
+        lines += [f"**{c['claim']}** ({c['source']}): {c['verdict']}. Rule: {c['rule']}. {c['spread']}.", ""]
+        if c["rows"]:
+            lines += _table(c["header"], c["rows"]) + [""]
+    if figs.get("loss_curves") is not None:
+        lines += ["## Training", ""] + _figure(
+            figs, "loss_curves", "Training loss (lines) and validation loss (circles) against tokens, every seed."
+        )
+    lines += [
+        "## Recipe of every cell",
+        "",
+        "One row per size and placement (its seeds share it). Warmup is linear; the schedule decays to the "
+        "given fraction of the peak; embedding decay: whether weight decay applies to the token embedding "
+        "(– = this version of the trainer has no such switch).",
+        "",
+    ]
+    lines += _table(
+        [
+            "size",
+            "group",
+            "seeds",
+            "lr",
+            "warmup",
+            "schedule",
+            "batch x seq",
+            "steps",
+            "tokens",
+            "D/N",
+            "weight decay",
+            "embedding decay",
+            "grad clip",
+            "betas",
+            "precision",
+        ],
+        recipe_rows(study, sizes, size_of, groups),
+    ) + [""]
+    lines += ["## Every cell", ""]
+    lines += _table(
+        ["cell", "role", "group", "size", "lr", "N", "D", "valid loss", "test loss", "test bpb", "L0", "note"],
+        cell_rows(results, size_of),
+    ) + [""]
+    for key, split in (("last_word_valid", "validation"), ("last_word", "test")):
+        examples = _last_word_examples([r for r in evaluated if r.usable], key)
+        if examples:
+            if key == "last_word_valid" or not _last_word_examples(
+                [r for r in evaluated if r.usable], "last_word_valid"
+            ):
+                lines += ["## Last-word prediction", ""]
+            lines += [f"**{split.capitalize()} split.** " + examples[0], ""]
+            lines += _table(["passage ends with …", "target", "greedy continuation", "correct"], examples[1]) + [""]
+    path = out_dir / "REPORT.md"
+    atomic_write_text(path, "\n".join(lines))
+    summary.write(summary.build(results, size_of, fit, checked, lr_record), out_dir)
+    return path
+
+
+def fit_section(fit: dict, figs: dict) -> list[str]:
+    lines = ["## Scaling-law fits", "", f"Fitted to **{fit['metric_description']}**. {fit['method']}.", ""]
+    held = held_out_rows(fit)
+    if held:
+        lines += [
+            "### Held-out size: the law against the 2-parameter power law and the naive baseline",
+            "",
+            "Relative error = (predicted - actual) / actual, actual = the mean of the held-out size's seeds. "
+            "Naive: the largest fitted size's loss. Best: the smallest |error|; not resolved when the two "
+            "best differ by less than 2 standard errors of the actual mean.",
+            "",
+        ]
+        lines += _table(
+            [
+                "placement",
+                "held-out size",
+                "actual (mean ± sd)",
+                "law [95% interval]",
+                "law error",
+                "power-law error",
+                "naive error",
+                "best",
+                "actual inside interval",
+            ],
+            held,
+        ) + [""]
+        lines += [f"- {f['label']}: " + held_out_summary(h) for f in fit["fits"] for h in f["held_out"]] + [""]
+    lines += _table(["group", "law", "E", "A", "alpha", "status", "note"], fit_rows(fit)) + [""]
+    if fit["nd_note"]:
+        lines += [fit["nd_note"] + ".", ""]
+    lines += _figure(
+        figs,
+        "loss_vs_params",
+        "Final loss against size with the fitted laws; the held-out size is predicted from the others.",
+    )
+    lines += _figure(
+        figs,
+        "metrics_vs_params",
+        "Bits per byte and last-word accuracy against size (seed means), "
+        "test split (solid) and validation split (dashed).",
+    )
+    return lines
+
+
+def depth_section(study, sizes, size_of, groups, figs) -> list[str]:
+    lines = [
+        "## Depth",
+        "",
+        "Residual-stream variance after each block on a fixed validation probe, at initialization (the "
+        "cell's model rebuilt from its config and seed) and at the final checkpoint. Growth through depth: "
+        "the slope of ln(variance) over blocks 1..L (the growth rate per block) and var_L / (var_0 + L (var_1 - "
+        "var_0)), the last layer against linear growth at the first block's increment, "
+        "which is 1 for linear growth (Peri-LN adds one normalized output per block, so about linear is its "
+        "expectation), above 1 for faster growth (the papers' claim for Pre-LN), below for slower (LNS). Seed "
+        "means.",
+        "",
+    ]
+    rows = growth_rows(study, sizes, size_of, groups)
+    if rows:
+        lines += _table(
+            [
+                "size",
+                "group",
+                "layers",
+                "ln-var slope (init)",
+                "ln-var slope (final)",
+                "vs linear (init)",
+                "vs linear (final)",
+                "last-layer var (init)",
+                "last-layer var (final)",
+            ],
+            rows,
+        ) + [""]
+    captions = {
+        "variance": "Residual-stream variance per layer, one panel per size: final (solid), initialization (dashed).",
+        "growth": "Across sizes: the last layer's variance and the growth relative to linear, per placement.",
+        "max_abs": "Largest activation of the residual stream per layer.",
+        "angular": "How far each block turns the residual stream (Gromov et al. 2024); 0 = direction unchanged.",
+        "removal": "How much the probe loss rises when one block is skipped; near 0 = the block is redundant, "
+        "below 0 = the model is better without it.",
+    }
+    for key in ("variance", "growth", "angular", "removal", "max_abs"):
+        lines += _figure(figs, key, captions[key])
+    return lines
 
 
 def _last_word_examples(evaluated: list[CellResult], key: str = "last_word"):
@@ -253,5 +632,8 @@ def _last_word_examples(evaluated: list[CellResult], key: str = "last_word"):
         context = e["context_end"][-70:].replace("\n", " ").replace("|", "\\|")
         cont = e.get("continuation", e.get("prediction", "")).replace("\n", "\\n").replace("|", "\\|")
         rows.append([f"…{context}", f"`{e['target']}`", f"`{cont}`", "yes" if e["correct"] else "no"])
-    return (f"{lw['method']} Best: `{r.name}`, {100 * lw['accuracy']:.1f}% ({lw['correct']}/{lw['passages']}); "
-            "its first passages:", rows)
+    return (
+        f"{lw['method']} Best: `{r.name}`, {100 * lw['accuracy']:.1f}% ({lw['correct']}/{lw['passages']}); "
+        "its first passages:",
+        rows,
+    )

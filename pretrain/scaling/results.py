@@ -7,18 +7,35 @@ Every axis of the grid gets a role:
   group   anything else (placement, learning rate, norm, ...): one scaling curve per combination
 N is the number of non-embedding parameters, D the number of trained tokens, both read from the
 cell's evaluation (what was actually trained, not what the grid asked for).
+
+With an LR search (pretrain/scaling/lrsearch.py) every cell also carries its learning rate (a label,
+not an axis: a recipe setting chosen per group) and whether it belongs to the study proper
+(`cell.study`) or is only a point of the search. `seed_noise` pools the seed-to-seed spread of the
+study cells: what decides whether a difference between two cells is resolved.
 """
+
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pretrain.scaling.evaluate import EVAL_FILE, EVAL_VERSION
+import numpy as np
+
+from pretrain.scaling.cell_files import EVAL_FILE, EVAL_VERSION
 from pretrain.scaling.spec import Cell, Sweep
 
-SIZE_KEYS = {"model.hidden_size", "model.num_layers", "model.num_heads", "model.num_kv_heads",
-             "model.ffn_hidden_size", "model.ffn_multiple", "model.mlp", "model.vocab_size"}
+SIZE_KEYS = {
+    "model.hidden_size",
+    "model.num_layers",
+    "model.num_heads",
+    "model.num_kv_heads",
+    "model.ffn_hidden_size",
+    "model.ffn_multiple",
+    "model.mlp",
+    "model.vocab_size",
+}
 TOKEN_KEYS = {"tokens", "train.max_steps"}
 SEED_KEYS = {"run.seed"}
 METRICS = {  # --metric name -> (path in scaling_eval.json, what it is)
@@ -71,9 +88,32 @@ class CellResult:
     def D(self) -> int:
         return self.evaluation["trained_tokens"]
 
+    @property
+    def diverged(self) -> bool:
+        return bool(self.evaluation and self.evaluation.get("diverged"))
+
+    @property
+    def usable(self) -> bool:
+        """Evaluated, trained to the end without diverging: a point for tables and fits."""
+        return self.evaluation is not None and not self.diverged
+
+    @property
+    def lr(self) -> float:
+        return self.cell.config.train.lr
+
+    @property
+    def seed(self) -> int:
+        return self.cell.config.run.seed
+
+    @property
+    def initial_loss(self) -> float | None:
+        return ((self.evaluation or {}).get("init") or {}).get("loss")
+
     def metric(self, name: str) -> float:
+        """The metric's value; NaN for a cell that diverged (it has no final figures)."""
         (section, key), _ = METRICS[name]
-        return float(self.evaluation[section][key])
+        value = (self.evaluation.get(section) or {}).get(key)
+        return float("nan") if value is None else float(value)
 
 
 def group_label(group: tuple) -> str:
@@ -101,8 +141,10 @@ def _read_curves(cell_dir: Path, tokens_per_step: int) -> tuple[list, list]:
             train[int(r["step"])] = float(r["loss"])  # a resumed run logs some steps twice: the last wins
         elif "perplexity" in r and "loss" in r:
             valid[int(r["step"])] = float(r["loss"])
-    return ([(s * tokens_per_step, v) for s, v in sorted(train.items())],
-            [(s * tokens_per_step, v) for s, v in sorted(valid.items())])
+    return (
+        [(s * tokens_per_step, v) for s, v in sorted(train.items())],
+        [(s * tokens_per_step, v) for s, v in sorted(valid.items())],
+    )
 
 
 def collect(sweep: Sweep) -> list[CellResult]:
@@ -123,14 +165,55 @@ def collect(sweep: Sweep) -> list[CellResult]:
                 ev = None
                 r.why_missing = f"{path} is not valid JSON"
             if ev is not None and ev.get("version") != EVAL_VERSION:
-                r.why_missing = (f"evaluated by an older version ({ev.get('version')} != {EVAL_VERSION}); "
-                                 "re-run the sweep to re-evaluate")
+                r.why_missing = (
+                    f"evaluated by an older version ({ev.get('version')} != {EVAL_VERSION}); "
+                    "re-run the sweep to re-evaluate"
+                )
             elif ev is not None:
                 r.evaluation = ev
         tokens_per_step = cell.config.train.global_batch_size * cell.config.model.seq_len
         r.curve, r.valid_curve = _read_curves(d, tokens_per_step)
         out.append(r)
     return out
+
+
+@dataclass
+class SeedNoise:
+    """The seed-to-seed spread of a metric, pooled over every (group, size) with two or more seeds:
+    sd = sqrt(sum of squared deviations from each cell's mean / sum of (seeds - 1))."""
+
+    sd: float | None
+    dof: int
+    cells: int  # (group, size) combinations that contributed
+    ranges: dict  # (group label, size) -> max - min over the seeds
+
+    def difference_threshold(self, n_a: int, n_b: int, k: float = 2.0) -> float | None:
+        """The smallest difference between two means (of n_a and n_b seeds) that is resolved: k standard
+        errors of the difference."""
+        if self.sd is None:
+            return None
+        return k * self.sd * math.sqrt(1 / max(1, n_a) + 1 / max(1, n_b))
+
+
+def seed_noise(results: list[CellResult], metric: str, size_of, value=None) -> SeedNoise:
+    """Pooled seed-to-seed spread of `metric` (or of value(cell) when given: any per-cell number, e.g. a
+    log variance growth) over the usable study cells."""
+    value = value or (lambda r: r.metric(metric))
+    by_cell: dict[tuple, list[float]] = {}
+    for r in results:
+        if not (r.cell.study and r.usable):
+            continue
+        v = value(r)
+        if v is not None and math.isfinite(v):
+            by_cell.setdefault((r.label, size_of(r)), []).append(v)
+    ss, dof, ranges = 0.0, 0, {}
+    for key, values in by_cell.items():
+        if len(values) >= 2:
+            v = np.asarray(values)
+            ss += float(((v - v.mean()) ** 2).sum())
+            dof += len(v) - 1
+            ranges[key] = float(v.max() - v.min())
+    return SeedNoise(math.sqrt(ss / dof) if dof else None, dof, len(ranges), ranges)
 
 
 def size_order(sweep: Sweep) -> list[str]:

@@ -9,7 +9,13 @@ then evaluated by `python -m pretrain.scaling evaluate`.
   directory (e.g. one per node of a shared filesystem) share the work instead of doubling it.
 - Progress across the whole sweep (cells done, tokens, FLOPs-weighted ETA) is printed every
   `--progress-every` seconds and written to <out>/sweep_status.json.
+- A cell whose training stops on non-finite losses (pretrain.train exits with 4, "training stopped")
+  has diverged: that is a result, not a failure (an LR search expects it at its largest learning
+  rates). <cell>/diverged.json records it and the evaluation records the cell as diverged.
+- Cells that are only points of an LR search get a light evaluation (held-out losses and the loss at
+  initialization); cells of the study proper the full one (pretrain/scaling/cell_eval.py).
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -26,7 +32,7 @@ from pathlib import Path
 from pretrain.checkpoint import META, complete_checkpoints, verify
 from pretrain.fsutil import atomic_write_text
 from pretrain.metrics import format_duration
-from pretrain.scaling.evaluate import EVAL_FILE, EVAL_VERSION
+from pretrain.scaling.cell_files import DIVERGED_FILE, diverged, evaluation_current
 from pretrain.scaling.spec import Cell, Sweep
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,14 +52,15 @@ def trained_step(cell_dir: Path) -> int:
     return 0
 
 
-def evaluation_current(cell_dir: Path) -> bool:
-    path = cell_dir / "eval" / EVAL_FILE
-    if not path.is_file():
-        return False
-    try:
-        return json.loads(path.read_text()).get("version") == EVAL_VERSION
-    except json.JSONDecodeError:
-        return False
+TRAINING_STOPPED_EXIT = 4  # pretrain.train's exit status for TrainingStopped (kernels/errors.py family)
+
+
+def stopped_by_divergence(rc: int, log_tail: str) -> str | None:
+    """Why training stopped, when it stopped because its losses were not finite (else None)."""
+    lines = [line for line in log_tail.splitlines() if "training stopped:" in line]
+    if rc == TRAINING_STOPPED_EXIT or lines:
+        return lines[-1].split("training stopped:", 1)[1].strip() if lines else f"exit status {rc}"
+    return None
 
 
 def steps_logged(cell_dir: Path) -> int:
@@ -127,8 +134,11 @@ def train_command(sweep: Sweep, cell: Cell) -> tuple[list[str], dict]:
 
 
 def eval_command(sweep: Sweep, cell: Cell) -> tuple[list[str], dict]:
-    return ([sys.executable, "-m", "pretrain.scaling", "evaluate", "--cell", str(sweep.out / cell.name)],
-            {"OMP_NUM_THREADS": str(sweep.resources.cell_cpus())})
+    light = [] if cell.study else ["--light"]
+    return (
+        [sys.executable, "-m", "pretrain.scaling", "evaluate", "--cell", str(sweep.out / cell.name)] + light,
+        {"OMP_NUM_THREADS": str(sweep.resources.cell_cpus())},
+    )
 
 
 # ----------------------------------------------------------------------------------- running
@@ -144,6 +154,7 @@ class Job:
     phase: str = ""
     started: float = 0.0
     log_path: Path | None = None
+    log_offset: int = 0  # where this phase's output starts in log_path
 
 
 class SweepRunner:
@@ -160,9 +171,9 @@ class SweepRunner:
     def phases_needed(self, cell: Cell) -> list[str]:
         d = self.sweep.out / cell.name
         phases = []
-        if trained_step(d) < cell.max_steps:
+        if not diverged(d) and trained_step(d) < cell.max_steps:
             phases.append("train")
-        if self.evaluate and ("train" in phases or not evaluation_current(d)):
+        if self.evaluate and ("train" in phases or not evaluation_current(d, full=cell.study)):
             phases.append("evaluate")
         return phases
 
@@ -176,10 +187,12 @@ class SweepRunner:
         cells = [c for c in self.sweep.cells if not only or any(pat in c.name for pat in only)]
         todo = [(c, p) for c in self.ordered(cells) if (p := self.phases_needed(c))]
         skipped = len(cells) - len(todo)
-        self.log(f"[sweep] {self.sweep.name}: {len(cells)} cells in {self.sweep.out}; {skipped} finished, "
-                 f"{len(todo)} to run; budget {self.sweep.resources.cpus} CPUs, {self.sweep.resources.gpus} GPUs; "
-                 f"{self.sweep.resources.nproc_per_cell} process(es) x {self.sweep.resources.threads_per_proc} "
-                 f"thread(s) per cell")
+        self.log(
+            f"[sweep] {self.sweep.name}: {len(cells)} cells in {self.sweep.out}; {skipped} finished, "
+            f"{len(todo)} to run; budget {self.sweep.resources.cpus} CPUs, {self.sweep.resources.gpus} GPUs; "
+            f"{self.sweep.resources.nproc_per_cell} process(es) x {self.sweep.resources.threads_per_proc} "
+            f"thread(s) per cell"
+        )
         pending: list[tuple[Cell, list[str]]] = list(todo)
         running: list[Job] = []
         free_gpus = list(range(self.sweep.resources.gpus))
@@ -226,8 +239,12 @@ class SweepRunner:
                     if rc is None:
                         continue
                     took = time.time() - job.started
+                    why = self._divergence(job, rc) if rc != 0 and job.phase == "train" else None
                     if rc == 0:
                         self.log(f"[sweep] {job.cell.name}: {job.phase} done in {format_duration(took)}")
+                        job.phases.pop(0)
+                    elif why:
+                        self.log(f"[sweep] {job.cell.name}: diverged ({why}); recorded as a result")
                         job.phases.pop(0)
                     else:
                         self.failed[job.cell.name] = f"{job.phase} exited with {rc}; log: {job.log_path}"
@@ -273,17 +290,51 @@ class SweepRunner:
             env.setdefault("DS_ACCELERATOR", "cpu")
         cell_dir = self.sweep.out / job.cell.name
         job.log_path = cell_dir / f"sweep_{job.phase}.log"
-        (cell_dir / "sweep_cell.json").write_text(json.dumps(
-            {"name": job.cell.name, "labels": job.cell.labels, "overrides": list(job.cell.overrides),
-             "base": str(self.sweep.base), "max_steps": job.cell.max_steps, "tokens": job.cell.tokens,
-             "flops_per_token": self.flops[job.cell.name], "held_out": self.sweep.is_held_out(job.cell)}, indent=1))
+        (cell_dir / "sweep_cell.json").write_text(
+            json.dumps(
+                {
+                    "name": job.cell.name,
+                    "labels": job.cell.labels,
+                    "overrides": list(job.cell.overrides),
+                    "base": str(self.sweep.base),
+                    "max_steps": job.cell.max_steps,
+                    "tokens": job.cell.tokens,
+                    "flops_per_token": self.flops[job.cell.name],
+                    "held_out": self.sweep.is_held_out(job.cell),
+                },
+                indent=1,
+            )
+        )
         with open(job.log_path, "ab") as log_file:
             log_file.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
             log_file.flush()
+            job.log_offset = log_file.tell()
             job.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
         job.started = time.time()
         what = f"from step {trained_step(cell_dir)}" if job.phase == "train" else ""
         self.log(f"[sweep] {job.cell.name}: {job.phase} started {what}".rstrip())
+
+    def _divergence(self, job: Job, rc: int) -> str | None:
+        """Records a training phase that stopped on non-finite losses (<cell>/diverged.json)."""
+        with open(job.log_path, "rb") as f:
+            f.seek(job.log_offset)
+            tail = f.read().decode(errors="replace")
+        why = stopped_by_divergence(rc, tail)
+        if why:
+            cell_dir = self.sweep.out / job.cell.name
+            atomic_write_text(
+                cell_dir / DIVERGED_FILE,
+                json.dumps(
+                    {
+                        "step": steps_logged(cell_dir),
+                        "max_steps": job.cell.max_steps,
+                        "reason": why,
+                        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                    },
+                    indent=1,
+                ),
+            )
+        return why
 
     # -- progress
     def progress(self, running: list[Job]) -> dict:
@@ -294,7 +345,7 @@ class SweepRunner:
             d = self.sweep.out / cell.name
             job = next((j for j in running if j.cell.name == cell.name), None)
             step = steps_logged(d) if job and job.phase == "train" else trained_step(d)
-            step = min(step, cell.max_steps)
+            step = cell.max_steps if diverged(d) else min(step, cell.max_steps)
             per_step = cell.tokens / cell.max_steps
             tokens_done += int(step * per_step)
             tokens_total += cell.tokens
@@ -304,31 +355,44 @@ class SweepRunner:
                 state = "failed"
             elif job:
                 state = job.phase + "ing" if job.phase == "train" else "evaluating"
-            elif step >= cell.max_steps and (not self.evaluate or evaluation_current(d)):
+            elif step >= cell.max_steps and (not self.evaluate or evaluation_current(d, full=cell.study)):
                 state = "done"
             else:
                 state = "pending"
-            cells.append({"name": cell.name, "state": state, "step": step, "max_steps": cell.max_steps,
-                          "labels": cell.labels})
+            cells.append(
+                {"name": cell.name, "state": state, "step": step, "max_steps": cell.max_steps, "labels": cell.labels}
+            )
         if self.done_flops_at_start is None:
             self.done_flops_at_start = done_flops
         elapsed = time.time() - self.t0
         rate = (done_flops - self.done_flops_at_start) / elapsed if elapsed > 0 else 0.0
         eta = (total_flops - done_flops) / rate if rate > 0 else None
-        counts = {s: sum(c["state"] == s for c in cells) for s in ("done", "training", "evaluating", "pending", "failed")}
-        status = {"sweep": self.sweep.name, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "counts": counts,
-                  "tokens_done": tokens_done, "tokens_total": tokens_total,
-                  "fraction_of_flops_done": done_flops / total_flops if total_flops else 1.0,
-                  "elapsed_s": round(elapsed), "eta_s": None if eta is None else round(eta), "cells": cells}
+        counts = {
+            s: sum(c["state"] == s for c in cells) for s in ("done", "training", "evaluating", "pending", "failed")
+        }
+        status = {
+            "sweep": self.sweep.name,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "counts": counts,
+            "tokens_done": tokens_done,
+            "tokens_total": tokens_total,
+            "fraction_of_flops_done": done_flops / total_flops if total_flops else 1.0,
+            "elapsed_s": round(elapsed),
+            "eta_s": None if eta is None else round(eta),
+            "cells": cells,
+        }
         self.sweep.out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.sweep.out / "sweep_status.json", json.dumps(status, indent=1))
-        active = ", ".join(f"{c['name']} {100 * c['step'] / c['max_steps']:.0f}%" for c in cells
-                           if c["state"] == "training")
-        self.log(f"[sweep] {counts['done']}/{len(cells)} done, {counts['training'] + counts['evaluating']} running"
-                 f"{' (' + active + ')' if active else ''}, {counts['pending']} pending, {counts['failed']} failed | "
-                 f"{tokens_done / 1e6:.2f}M/{tokens_total / 1e6:.2f}M tokens, {100 * status['fraction_of_flops_done']:.0f}%"
-                 f" of FLOPs | elapsed {format_duration(elapsed)} | ETA "
-                 f"{format_duration(eta) if eta is not None else 'n/a'}")
+        active = ", ".join(
+            f"{c['name']} {100 * c['step'] / c['max_steps']:.0f}%" for c in cells if c["state"] == "training"
+        )
+        self.log(
+            f"[sweep] {counts['done']}/{len(cells)} done, {counts['training'] + counts['evaluating']} running"
+            f"{' (' + active + ')' if active else ''}, {counts['pending']} pending, {counts['failed']} failed | "
+            f"{tokens_done / 1e6:.2f}M/{tokens_total / 1e6:.2f}M tokens, {100 * status['fraction_of_flops_done']:.0f}%"
+            f" of FLOPs | elapsed {format_duration(elapsed)} | ETA "
+            f"{format_duration(eta) if eta is not None else 'n/a'}"
+        )
         return status
 
 

@@ -5,6 +5,7 @@ TRITON_INTERPRET at import time), so the variable is set here, before any test m
 kernels.triton_*. kernels/__init__ and kernels.backend never import them, so importing
 `kernels` elsewhere first is harmless.
 """
+
 import os
 import sys
 from pathlib import Path
@@ -23,7 +24,7 @@ for _p in (str(Path(__file__).resolve().parents[2]), str(Path(__file__).resolve(
         sys.path.insert(0, _p)
 
 if not HAS_CUDA and "kernels.triton_norm" in sys.modules:
-    from kernels.triton_common import interpreter_active
+    from kernels.triton_norm import interpreter_active
 
     if not interpreter_active():
         raise RuntimeError(

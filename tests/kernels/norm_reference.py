@@ -3,6 +3,7 @@
 The reference runs in float64 on the same (already rounded) inputs, so the only differences a
 correct backend shows are its fp32 arithmetic and the final rounding to the activation dtype.
 """
+
 import math
 
 import torch
@@ -14,6 +15,18 @@ LNS_SCALE = 1.0 / math.sqrt(3.0)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Relative tolerance per dtype (errors are measured against the reference's largest magnitude).
+# (op, norm kind, bias): every fused op in both norm kinds, with and without a LayerNorm bias
+CASES = [
+    ("norm", "rmsnorm", False),
+    ("norm", "layernorm", True),
+    ("norm", "layernorm", False),
+    ("add_norm", "rmsnorm", False),
+    ("add_norm", "layernorm", True),
+    ("peri", "rmsnorm", False),
+    ("peri", "layernorm", True),
+]
+CASE_IDS = [f"{o}-{k}-{'bias' if b else 'nobias'}" for o, k, b in CASES]
+
 TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
 
@@ -112,5 +125,3 @@ def check_op(backend, op, kind, bias, rows, hidden, dtype, scale, device, ops=No
         assert_close(o.detach(), r.detach(), dtype, f"{backend} {op}/{kind} output {name}")
     for k, v in t.items():
         assert_close(v.grad, ref_t[k].grad, dtype, f"{backend} {op}/{kind} grad of {k}")
-
-

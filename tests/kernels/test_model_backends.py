@@ -1,21 +1,29 @@
 """The model trained for a few steps on the Triton kernels (interpreted on CPU, compiled on a GPU)
 matches the same model on the plain torch backend, for placements that exercise every junction
 kind (peri_junction, add_norm, add_norm on a post norm, the plain composition)."""
+
 from __future__ import annotations
 
 import pytest
 import torch
+from conftest import DEVICE
 
 from model import build_model
 from pretrain.config import Config, ModelConfig, resolve
 
-from conftest import DEVICE
-
 
 def train_losses(placement: str, norm: str, backend: str, steps: int = 3) -> tuple[list[float], list[str]]:
     cfg = Config()
-    cfg.model = ModelConfig(vocab_size=64, hidden_size=48, num_layers=2, num_heads=4, seq_len=12,
-                            placement=placement, norm=norm, qk_norm=True)
+    cfg.model = ModelConfig(
+        vocab_size=64,
+        hidden_size=48,
+        num_layers=2,
+        num_heads=4,
+        seq_len=12,
+        placement=placement,
+        norm=norm,
+        qk_norm=True,
+    )
     m = resolve(cfg).model
     torch.manual_seed(0)
     model, reason = build_model(m, backend, DEVICE)
@@ -33,12 +41,16 @@ def train_losses(placement: str, norm: str, backend: str, steps: int = 3) -> tup
     return losses, model.junction_kinds()
 
 
-@pytest.mark.parametrize("placement, norm", [
-    ("peri", "rmsnorm"), ("peri", "layernorm"),  # peri_junction
-    ("lns", "rmsnorm"),  # add_norm with the 1/sqrt(l) scale
-    ("post", "layernorm"),  # add_norm on the post norm
-    ("reordered", "rmsnorm"),  # the plain composition
-])
+@pytest.mark.parametrize(
+    "placement, norm",
+    [
+        ("peri", "rmsnorm"),
+        ("peri", "layernorm"),  # peri_junction
+        ("lns", "rmsnorm"),  # add_norm with the 1/sqrt(l) scale
+        ("post", "layernorm"),  # add_norm on the post norm
+        ("reordered", "rmsnorm"),  # the plain composition
+    ],
+)
 def test_triton_backend_trains_like_torch(placement, norm):
     reference, kinds = train_losses(placement, norm, "torch")
     fused, kinds_fused = train_losses(placement, norm, "triton")

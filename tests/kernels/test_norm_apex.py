@@ -3,20 +3,17 @@
   and Peri compositions) is tested against a stand-in apex module implemented in torch;
 - its real numerics run only where apex and a GPU exist, and skip with the reason otherwise.
 """
+
 import sys
 import types
 
 import pytest
 import torch
+from norm_reference import CASE_IDS, CASES, LNS_SCALE, check_op
 
-from kernels import backend as backend_mod
 from kernels import apex_ops
+from kernels import backend as backend_mod
 from kernels.backend import NormOps, resolve_backend
-from norm_reference import LNS_SCALE, check_op
-
-CASES = [("norm", "rmsnorm", False), ("norm", "layernorm", True), ("norm", "layernorm", False),
-         ("add_norm", "rmsnorm", False), ("peri", "layernorm", True)]
-CASE_IDS = [f"{o}-{k}-{'bias' if b else 'nobias'}" for o, k, b in CASES]
 
 
 @pytest.fixture
@@ -39,6 +36,7 @@ def fake_apex(monkeypatch):
             assert x.dtype == w.dtype, "apex's plain forms need gain dtype == input dtype"
             b, (shape, eps) = (None, rest) if rms else (rest[0], rest[1:])
             return _norm(x, w, b, shape, eps, rms).to(w.dtype)
+
         return fn
 
     def mixed(rms):
@@ -46,6 +44,7 @@ def fake_apex(monkeypatch):
             calls.append(("rms" if rms else "ln", "mixed"))
             b, (shape, eps) = (None, rest) if rms else (rest[0], rest[1:])
             return _norm(x, w, b, shape, eps, rms).to(x.dtype)
+
         return fn
 
     fln = types.ModuleType("apex.normalization.fused_layer_norm")
@@ -53,8 +52,12 @@ def fake_apex(monkeypatch):
     fln.fused_layer_norm_affine, fln.mixed_dtype_fused_layer_norm_affine = plain(False), mixed(False)
     apex, norm = types.ModuleType("apex"), types.ModuleType("apex.normalization")
     apex.normalization, norm.fused_layer_norm = norm, fln
-    for name, mod in (("apex", apex), ("apex.normalization", norm), ("apex.normalization.fused_layer_norm", fln),
-                      ("fused_layer_norm_cuda", types.ModuleType("fused_layer_norm_cuda"))):
+    for name, mod in (
+        ("apex", apex),
+        ("apex.normalization", norm),
+        ("apex.normalization.fused_layer_norm", fln),
+        ("fused_layer_norm_cuda", types.ModuleType("fused_layer_norm_cuda")),
+    ):
         monkeypatch.setitem(sys.modules, name, mod)
     return calls
 

@@ -1,5 +1,6 @@
 """Backend selection: auto picks and explains; an explicit request that cannot run is a clear
 error naming the backend, the device and what is missing; unknown names list the choices."""
+
 import os
 import subprocess
 import sys
@@ -9,8 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import BACKEND_CHOICES, BackendUnavailableError, NormOps, resolve_backend
-from kernels import triton_common
+from kernels import BACKEND_CHOICES, BackendUnavailableError, NormOps, resolve_backend, triton_common, triton_norm
 
 ROOT = Path(__file__).resolve().parents[2]
 OP_NAMES = ("rms_norm", "layer_norm", "add_norm", "peri_junction")
@@ -68,13 +68,13 @@ def test_torch_requested():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU interpreter path")
 def test_triton_on_cpu_under_the_interpreter():
-    assert triton_common.interpreter_active()
+    assert triton_norm.interpreter_active()
     ops, reason = resolve_backend("triton", "cpu")
     assert ops.name == "triton" and "interpreted" in reason
 
 
 def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(triton_common, "interpreter_active", lambda: False)
+    monkeypatch.setattr(triton_norm, "interpreter_active", lambda: False)
     msg = r"'triton' cannot run on device 'cpu'.*CUDA GPU.*TRITON_INTERPRET"
     with pytest.raises(BackendUnavailableError, match=msg):
         resolve_backend("triton", "cpu")

@@ -1,5 +1,6 @@
 """bench/kernels.py runs and prints one valid JSON object (on CPU: the no-GPU report with the
 interpreter smoke comparison, and the GPU harness in --cpu-dry-run mode)."""
+
 import json
 import subprocess
 import sys
@@ -14,8 +15,13 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the 
 
 
 def run_bench(*args):
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "kernels.py"), *args], cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "kernels.py"), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 

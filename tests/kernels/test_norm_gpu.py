@@ -4,30 +4,30 @@ Speed is never asserted here (bench/kernels.py measures it); these check what ma
 possible: compiled kernels, one kernel per fused op, no atomics in the gain reduction, and
 bf16 numerics at training-sized shapes.
 """
+
 import pytest
 import torch
+from norm_reference import CASE_IDS, CASES, DTYPES, LNS_SCALE, check_op
 
-from kernels import resolve_backend, triton_common
-from norm_reference import DTYPES, LNS_SCALE, check_op
+from kernels import resolve_backend, triton_common, triton_norm
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled Triton kernels)")
 
-CASES = [("norm", "rmsnorm", False), ("norm", "layernorm", True), ("norm", "layernorm", False),
-         ("add_norm", "rmsnorm", False), ("add_norm", "layernorm", True),
-         ("peri", "rmsnorm", False), ("peri", "layernorm", True)]
-CASE_IDS = [f"{o}-{k}-{'bias' if b else 'nobias'}" for o, k, b in CASES]
 CUDA = torch.device("cuda")
 
 
 def test_kernels_are_compiled_not_interpreted():
-    assert not triton_common.interpreter_active()
+    assert not triton_norm.interpreter_active()
     ops, reason = resolve_backend("auto", CUDA)
     assert ops.name == "triton", reason
 
 
 @pytest.mark.parametrize("op,kind,bias", CASES, ids=CASE_IDS)
-@pytest.mark.parametrize("rows,hidden", [(4096, 8192), (16384, 2048), (2048, 4100), (8, 32768)],
-                         ids=["4096x8192", "16384x2048", "2048x4100", "8x32768"])
+@pytest.mark.parametrize(
+    "rows,hidden",
+    [(4096, 8192), (16384, 2048), (2048, 4100), (8, 32768)],
+    ids=["4096x8192", "16384x2048", "2048x4100", "8x32768"],
+)
 def test_bf16_large_shapes(op, kind, bias, rows, hidden):
     check_op("triton", op, kind, bias, rows, hidden, torch.bfloat16, LNS_SCALE, CUDA)
 
@@ -41,12 +41,14 @@ def test_all_dtypes_mid_shape(op, kind, bias, dtype):
 def _run_peri(rows=4096, hidden=2048, kind="layernorm"):
     ops = resolve_backend("triton", CUDA)[0]
     g = torch.Generator(device="cuda").manual_seed(0)
-    f, r = (torch.randn(rows, hidden, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_()
-            for _ in range(2))
+    f, r = (
+        torch.randn(rows, hidden, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_() for _ in range(2)
+    )
     ws = [torch.rand(hidden, device="cuda", generator=g).requires_grad_() for _ in range(4)]
     s, y = ops.peri_junction(f, r, ws[0], ws[1], ws[2], ws[3], 1e-5, LNS_SCALE, kind=kind)
-    torch.autograd.backward([s, y], [torch.ones_like(s), torch.randn(y.shape, device="cuda", generator=g,
-                                                                     dtype=y.dtype)])
+    torch.autograd.backward(
+        [s, y], [torch.ones_like(s), torch.randn(y.shape, device="cuda", generator=g, dtype=y.dtype)]
+    )
     return [t.grad.clone() for t in [f, r, *ws]]
 
 

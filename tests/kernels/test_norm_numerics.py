@@ -2,28 +2,18 @@
 (tests/kernels/norm_reference.py): outputs, input/residual gradients, gain/bias gradients.
 On CPU the triton backend runs under the Triton interpreter (see conftest.py).
 """
-import pytest
 
-from norm_reference import DTYPES, LNS_SCALE, check_op
+import pytest
+from norm_reference import CASE_IDS, CASES, DTYPES, LNS_SCALE, check_op
 
 # (rows, hidden): odd and even hidden sizes, non-power-of-two tails, 1..64 rows; few rows at
 # the largest hidden size because the interpreter is slow.
 SHAPES = [(1, 64), (17, 64), (3, 123), (64, 123), (17, 256), (3, 1000), (64, 1000), (1, 4100), (3, 4100)]
 BACKENDS = ["torch", "triton"]
 
-CASES = [
-    ("norm", "rmsnorm", False),
-    ("norm", "layernorm", True),
-    ("norm", "layernorm", False),
-    ("add_norm", "rmsnorm", False),
-    ("add_norm", "layernorm", True),
-    ("peri", "rmsnorm", False),
-    ("peri", "layernorm", True),
-]
-
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("op,kind,bias", CASES, ids=[f"{o}-{k}-{'bias' if b else 'nobias'}" for o, k, b in CASES])
+@pytest.mark.parametrize("op,kind,bias", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("scale", [1.0, LNS_SCALE], ids=["noscale", "lns"])
 @pytest.mark.parametrize("rows,hidden", SHAPES, ids=[f"{r}x{h}" for r, h in SHAPES])

@@ -1,12 +1,12 @@
 """Triton-backend behaviour beyond the numeric matrix: limits, layouts, mixed dtypes, unused
 outputs, determinism of the atomic-free gain reduction, argument errors, module forms."""
+
 import pytest
 import torch
-
-from kernels import BackendUnavailableError, backend, resolve_backend
-from kernels import triton_common
-from kernels.modules import AddNorm, LayerNorm, PeriJunction, RMSNorm
 from norm_reference import EPS, LNS_SCALE, TOL, assert_close, check_op, ref_norm
+
+from kernels import BackendUnavailableError, backend, resolve_backend, triton_common
+from kernels.modules import AddNorm, LayerNorm, PeriJunction, RMSNorm
 
 
 @pytest.fixture
@@ -54,8 +54,17 @@ def test_backward_is_deterministic(tops, device, kind):
     for _ in range(2):
         ins = leaves(f, r, w, w)
         bs = None if b is None else leaves(b, b)
-        s, y = tops.peri_junction(ins[0], ins[1], ins[2], None if bs is None else bs[0], ins[3],
-                                  None if bs is None else bs[1], EPS, LNS_SCALE, kind=kind)
+        s, y = tops.peri_junction(
+            ins[0],
+            ins[1],
+            ins[2],
+            None if bs is None else bs[0],
+            ins[3],
+            None if bs is None else bs[1],
+            EPS,
+            LNS_SCALE,
+            kind=kind,
+        )
         torch.autograd.backward([s, y], [ds, dy])
         results.append([t.grad.clone() for t in ins + (bs or [])])
     for a, b_ in zip(*results):

@@ -18,6 +18,7 @@ reseeded from the run seed, the step and the new coordinates) — with dropout 0
 on them. ZeRO-0 has no partitioned optimizer files for DeepSpeed to convert, so resharding needs
 ZeRO >= 1 on both sides (a pure data-parallel change under ZeRO-0 needs no conversion at all).
 """
+
 from __future__ import annotations
 
 import json
@@ -29,11 +30,11 @@ import sys
 import time
 from pathlib import Path
 
-from pretrain.checkpoint import CheckpointError
+from pretrain.checkpoint.layout import META, UNIVERSAL_DIR, CheckpointError
 from pretrain.distributed import barrier, broadcast_object
-from pretrain.fsutil import atomic_write_text
+from pretrain.ds_compat import alias_model_state_files
+from pretrain.fsutil import atomic_write_text, sha256_file
 
-UNIVERSAL_DIR = "universal"
 DONE = "converted.json"
 
 _STAGE_PREFIX = re.compile(r"^(?:tied_modules\.embed\.|(\d+)\.)")
@@ -45,7 +46,7 @@ def plain_name(name: str, num_layers: int) -> str:
     m = _STAGE_PREFIX.match(name)
     if not m:
         return name
-    rest = name[m.end():]
+    rest = name[m.end() :]
     if m.group(1) is None:  # tied_modules.embed.<attr of EmbeddingStage>
         return rest
     idx = int(m.group(1))
@@ -73,11 +74,13 @@ def universal_checkpoint_info(module, num_layers: int, swiglu: bool) -> dict:
             two_sub_params.append(exact)
         if name.startswith("tied_modules."):
             tied.append(exact)
-    info = {C.UNIVERSAL_CHECKPOINT_VERSION_KEY: C.UNIVERSAL_CHECKPOINT_VERSION_VALUE,
-            C.TP_REPLICATED_PARAMETER_PATTERNS: replicated,
-            C.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: row_parallel,
-            C.PARAMETER_WITH_2_SUB_PARAMS_CAT_DIM_0: two_sub_params,
-            C.PIPELINE_REPLICATED_PARAMETER_PATTERNS: tied}
+    info = {
+        C.UNIVERSAL_CHECKPOINT_VERSION_KEY: C.UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+        C.TP_REPLICATED_PARAMETER_PATTERNS: replicated,
+        C.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: row_parallel,
+        C.PARAMETER_WITH_2_SUB_PARAMS_CAT_DIM_0: two_sub_params,
+        C.PIPELINE_REPLICATED_PARAMETER_PATTERNS: tied,
+    }
     return info
 
 
@@ -97,13 +100,15 @@ def needs_conversion(saved: dict, now: dict) -> str | None:
         raise CheckpointError(
             f"resuming with {', '.join(changes)} needs DeepSpeed's universal checkpoint, which converts ZeRO "
             f"optimizer partitions: the checkpoint's ZeRO stage is {saved['zero_stage']} and this run's is "
-            f"{now['zero_stage']}; both must be 1, 2 or 3 (ZeRO-0 can only change the data-parallel size)")
+            f"{now['zero_stage']}; both must be 1, 2 or 3 (ZeRO-0 can only change the data-parallel size)"
+        )
     if (saved["zero_stage"] == 3) != (now["zero_stage"] == 3):
         raise CheckpointError(
             f"resuming a ZeRO-{saved['zero_stage']} checkpoint under ZeRO-{now['zero_stage']} is not supported: "
             "DeepSpeed's universal checkpoint keeps the optimizer's global state in the source stage's format, "
             "which ZeRO-3 and ZeRO-1/2 read differently; resume with "
-            f"zero.stage={saved['zero_stage']}{' (or 1/2)' if saved['zero_stage'] in (1, 2) else ''}")
+            f"zero.stage={saved['zero_stage']}{' (or 1/2)' if saved['zero_stage'] in (1, 2) else ''}"
+        )
     return ", ".join(changes)
 
 
@@ -146,33 +151,13 @@ def link_module_names(universal: Path, module, num_layers: int) -> None:
             pass
     barrier()
     if missing:
-        raise CheckpointError(f"{universal}: the converted checkpoint has no state for parameters {missing[:6]}"
-                              f"{' ...' if len(missing) > 6 else ''} (a different model?)")
-
-
-_ZERO3_STATES = re.compile(r"^zero_pp_rank_0_mp_rank_(\d+)_model_states\.pt$")
-_PLAIN_STATES = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
-
-
-def _alias_model_state_files(converted: Path) -> None:
-    """DeepSpeed reads the engine-level state (LR schedule, step counters) from files named after the
-    LOADING engine's ZeRO stage: mp_rank_XX_model_states.pt below ZeRO-3, zero_pp_rank_0_mp_rank_XX_...
-    under it. The conversion keeps the source's names; link the other spelling, so that a resume may
-    also change the ZeRO stage."""
-    for f in list(converted.iterdir()):
-        if m := _ZERO3_STATES.match(f.name):
-            alias = converted / f"mp_rank_{m.group(1)}_model_states.pt"
-        elif m := _PLAIN_STATES.match(f.name):
-            alias = converted / f"zero_pp_rank_0_mp_rank_{m.group(1)}_model_states.pt"
-        else:
-            continue
-        if not alias.exists():
-            os.symlink(f.name, alias)
+        raise CheckpointError(
+            f"{universal}: the converted checkpoint has no state for parameters {missing[:6]}"
+            f"{' ...' if len(missing) > 6 else ''} (a different model?)"
+        )
 
 
 def _manifest_digest(ckpt: Path) -> str:
-    from pretrain.fsutil import sha256_file
-
     return sha256_file(ckpt / "manifest.json")
 
 
@@ -187,22 +172,37 @@ def _is_current(out: Path, ckpt: Path) -> bool:
 
 
 def _convert(ckpt: Path, out: Path, log) -> None:
-    meta = json.loads((ckpt / "meta.json").read_text())
+    meta = json.loads((ckpt / META).read_text())
     num_layers = meta["config"]["model"]["num_layers"]
     scratch = out.parent / f".tmp-{out.name}"
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
     t0 = time.perf_counter()
     log(f"[checkpoint] converting {ckpt} to DeepSpeed's universal format (ds_to_universal) ...")
-    proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt),
-                           "--output_folder", str(scratch / out.name), "--num_extract_workers", "1",
-                           "--num_merge_workers", "1"],
-                          capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": os.environ.get(
-                              "DS_ACCELERATOR", "cpu")})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deepspeed.checkpoint.ds_to_universal",
+            "--input_folder",
+            str(ckpt),
+            "--output_folder",
+            str(scratch / out.name),
+            "--num_extract_workers",
+            "1",
+            "--num_merge_workers",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")},
+    )
     if proc.returncode != 0:
         shutil.rmtree(scratch, ignore_errors=True)
-        raise CheckpointError(f"{ckpt}: DeepSpeed's ds_to_universal failed (exit {proc.returncode}):\n"
-                              + (proc.stdout + proc.stderr)[-3000:])
+        raise CheckpointError(
+            f"{ckpt}: DeepSpeed's ds_to_universal failed (exit {proc.returncode}):\n"
+            + (proc.stdout + proc.stderr)[-3000:]
+        )
     converted = scratch / out.name
     zero = converted / "zero"
     for folder in list(zero.iterdir()):
@@ -213,9 +213,13 @@ def _convert(ckpt: Path, out: Path, log) -> None:
                     shutil.rmtree(folder)  # a tied copy: the first stage's is kept
                 else:
                     os.replace(folder, zero / plain)
-    _alias_model_state_files(converted)
-    atomic_write_text(converted / DONE, json.dumps({"source": str(ckpt), "step": meta["step"],
-                                                    "source_manifest_sha256": _manifest_digest(ckpt)}, indent=1))
+    alias_model_state_files(converted)
+    atomic_write_text(
+        converted / DONE,
+        json.dumps(
+            {"source": str(ckpt), "step": meta["step"], "source_manifest_sha256": _manifest_digest(ckpt)}, indent=1
+        ),
+    )
     shutil.rmtree(out, ignore_errors=True)
     os.replace(converted, out)
     shutil.rmtree(scratch, ignore_errors=True)

@@ -4,6 +4,7 @@ bits_per_byte = (sum of the per-token NLL in nats) / (ln 2 * UTF-8 bytes of the 
 which does not depend on the tokenizer, so runs with different vocabularies compare. The
 end-of-document token is predicted like any other and stands for 0 bytes.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,8 +17,17 @@ from pretrain.distributed import all_reduce_sum
 
 
 @torch.no_grad()
-def evaluate_stream(loss_fn, stream: TokenStream, token_bytes: np.ndarray, batch_size: int, rank: int,
-                    world: int, device: torch.device, pad_id: int = 0, group=None) -> dict:
+def evaluate_stream(
+    loss_fn,
+    stream: TokenStream,
+    token_bytes: np.ndarray,
+    batch_size: int,
+    rank: int,
+    world: int,
+    device: torch.device,
+    pad_id: int = 0,
+    group=None,
+) -> dict:
     """loss_fn(tokens, labels, loss_mask) -> mean NLL over the masked tokens. rank and world are the
     data-parallel coordinates; `group` the data-parallel group (model-parallel ranks hold copies).
 
@@ -38,6 +48,10 @@ def evaluate_stream(loss_fn, stream: TokenStream, token_bytes: np.ndarray, batch
             nbytes += float(token_bytes[targets].sum())
     nll, tokens, nbytes = all_reduce_sum([nll, tokens, nbytes], device, group)
     loss = nll / tokens
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
-            "bits_per_byte": nll / (math.log(2) * nbytes) if nbytes else float("nan"),
-            "tokens": int(tokens), "bytes": int(nbytes)}
+    return {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 700.0)),
+        "bits_per_byte": nll / (math.log(2) * nbytes) if nbytes else float("nan"),
+        "tokens": int(tokens),
+        "bytes": int(nbytes),
+    }

@@ -1,0 +1,237 @@
+"""Building the job: the run directory, the parallel layout and its process groups, the model
+(the same plain GPT on every rank, then parallelized), the DeepSpeed engine and what feeds it.
+
+    open_run()   run directory, log, layout, groups, checkpointer   (before the resume is located)
+    build_job()  model, parallelism, engine, data, runner           (after: the engine may have to load
+                                                                     a checkpoint of another layout)
+Nothing here trains or restores state: that is pretrain/restore.py and pretrain/loop.py.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from pretrain.checkpoint import Checkpointer
+from pretrain.config import Config, check_world, parse_blend
+from pretrain.data import SampleStream, Tokenizer, TokenStream, build_train_dataset
+from pretrain.distributed import DistInfo, barrier
+from pretrain.ds_compat import deepspeed_version_note
+from pretrain.guard import BadStepGuard, SpikeDetector
+from pretrain.metrics import say
+from pretrain.parallel import (
+    DeepSpeedMPU,
+    Layout,
+    data_parallel_group,
+    initialize_groups,
+    layout_for,
+    pipeline_parallel_group,
+    tensor_parallel_group,
+)
+
+
+@dataclass
+class Run:
+    """What exists before the model: where the run lives and how the ranks are laid out."""
+
+    cfg: Config
+    tokenizer: Tokenizer
+    dist: DistInfo
+    run_dir: Path
+    log: Callable[[str], None]
+    layout: Layout
+    coords: tuple[int, int, int]  # this rank's (pp, dp, tp)
+    groups: dict  # "dp" / "tp" / "pp" process groups (None = every rank / not used)
+    grad_accum: int
+    checkpointer: Checkpointer
+
+    @property
+    def dp_rank(self) -> int:
+        return self.coords[1]
+
+
+@dataclass
+class Job:
+    """A run with its model built: everything the loop needs."""
+
+    run: Run
+    model: Any  # the plain GPT (its blocks are the engine module's, sharded in place)
+    module: Any  # what the engine wraps: the GPT, or this rank's PipelineModule stage
+    engine: Any
+    runner: Any  # pretrain/runner.py: one step / eval batch / probe on either engine kind
+    stream: SampleStream
+    valid: TokenStream
+    guard: BadStepGuard
+    spikes: SpikeDetector
+    local_params: int
+    flops_per_token: float
+
+    @property
+    def cfg(self) -> Config:
+        return self.run.cfg
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def open_run(cfg: Config, tokenizer: Tokenizer, dist: DistInfo) -> Run:
+    run_dir = Path(cfg.run.dir)
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    barrier()
+    log_file = run_dir / "train.log"
+
+    def log(msg: str) -> None:
+        say(msg, dist.is_main, log_file)
+
+    layout = layout_for(cfg, dist.world_size)
+    if layout.tp > 1 or layout.pp > 1:
+        initialize_groups(layout)
+    groups = {
+        "dp": data_parallel_group(layout),
+        "tp": tensor_parallel_group(layout),
+        "pp": pipeline_parallel_group(layout),
+    }
+    if note := deepspeed_version_note():
+        log(f"[warning] {note}")
+    checkpointer = Checkpointer(
+        run_dir / "checkpoints", dist.rank, cfg.checkpoint.keep_last, cfg.checkpoint.verify, log
+    )
+    return Run(
+        cfg,
+        tokenizer,
+        dist,
+        run_dir,
+        log,
+        layout,
+        layout.coords(dist.rank),
+        groups,
+        check_world(cfg, dist.world_size),
+        checkpointer,
+    )
+
+
+def build_model(run: Run):
+    """The plain GPT, identical on every rank whatever the layout (same seed, same init)."""
+    from model import build_model as build_gpt
+
+    m = run.cfg.model
+    seed_everything(run.cfg.run.seed)
+    model, backend_reason = build_gpt(m, run.cfg.kernels.backend, run.dist.device)
+    run.log(
+        f"[model] placement={m.placement} norm={m.norm} d={m.hidden_size} L={m.num_layers} heads={m.num_heads}"
+        f"/{m.num_kv_heads} ffn={m.ffn_hidden_size} vocab={m.vocab_size}: {model.num_params():,} parameters "
+        f"({model.num_params(embedding=False):,} non-embedding)"
+    )
+    kinds = model.junction_kinds()
+    run.log(
+        f"[kernels] norm backend {backend_reason}; sublayer junctions: "
+        + ", ".join(f"{k} x{kinds.count(k)}" for k in dict.fromkeys(kinds))
+    )
+    layout = run.layout
+    run.log(
+        f"[parallel] world {run.dist.world_size} = pp {layout.pp} x dp {layout.dp} x tp {layout.tp} (tp fastest)"
+        + (", sequence parallel" if layout.sequence_parallel else "")
+        + "\n"
+        + layout.rank_map()
+    )
+    return model
+
+
+def parallelize(run: Run, model):
+    """Tensor parallelism and activation checkpointing in place; the pipeline stage under pp > 1.
+    Returns the module the engine wraps."""
+    from model.parallelize import apply_tensor_parallel
+    from model.recompute import apply_activation_checkpointing
+    from pretrain.checkpoint.universal import universal_checkpoint_info
+
+    cfg, layout = run.cfg, run.layout
+    apply_tensor_parallel(model, layout.tp, run.coords[2], layout.sequence_parallel)
+    apply_activation_checkpointing(model.blocks, cfg.train.activation_checkpointing, cfg.train.checkpoint_blocks)
+    if layout.pp > 1:
+        from model.pipeline import build_pipeline
+
+        module = build_pipeline(model, layout, cfg.parallel.pp_partition)
+        run.log(
+            f"[parallel] pipeline stages (first layer of each; embedding=0, blocks 1..{cfg.model.num_layers}, "
+            f"final norm, head): {[int(p) for p in module.parts]}"
+        )
+    else:
+        module = model
+        if cfg.zero.stage == 3:
+            model.register_zero3_external_parameters()
+    # Saved in every checkpoint, so any checkpoint can later be resharded (pretrain/checkpoint/universal.py).
+    module.universal_checkpoint_info = universal_checkpoint_info(
+        module, cfg.model.num_layers, cfg.model.mlp == "swiglu"
+    )
+    return module
+
+
+def seed_rank_streams(run: Run) -> None:
+    """Dropout streams: alike across tp (replicated activations), distinct across dp and pp; a second
+    stream, distinct across tp, for split data (model/parallel_rng.py). Restored on resume."""
+    from model.parallel_rng import TP_RNG
+
+    pp_rank, dp_rank, tp_rank = run.coords
+    seed = run.cfg.run.seed
+    seed_everything(seed + 1 + dp_rank + 1009 * pp_rank)
+    if run.layout.tp > 1:
+        TP_RNG.seed(seed + 2718 + tp_rank + 1009 * pp_rank + 100003 * dp_rank)
+
+
+def build_job(run: Run, model, load_universal: bool) -> Job:
+    """`model`: the plain GPT from build_model (already holding checkpoint.init_from's weights on a
+    fresh start). load_universal: the engine will load a checkpoint of another layout."""
+    from pretrain.engine import build_engine
+    from pretrain.runner import EngineRunner, PipelineRunner
+
+    cfg, layout, dist = run.cfg, run.layout, run.dist
+    m, t = cfg.model, cfg.train
+    flops_per_token = model.flops_per_token()
+    module = parallelize(run, model)
+    local_params = sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
+    engine, _ = build_engine(
+        module,
+        cfg,
+        run.grad_accum,
+        dist.device,
+        mpu=DeepSpeedMPU() if layout.tp > 1 and layout.pp == 1 else None,
+        load_universal=load_universal,
+    )
+    seed_rank_streams(run)
+    stream = SampleStream(
+        build_train_dataset(
+            parse_blend("data.train", cfg.data.train), run.tokenizer, m.seq_len, cfg.run.seed, cfg.data.cache_dir
+        ),
+        cfg.run.seed,
+    )
+    valid = TokenStream(
+        [p for _, p in parse_blend("data.valid", cfg.data.valid)],
+        m.seq_len,
+        max_tokens=t.eval_batches * t.global_batch_size * m.seq_len,
+    )
+    guard = BadStepGuard(engine, t.bad_step_policy, t.max_bad_steps, dist.device)
+    runner = (PipelineRunner if layout.pp > 1 else EngineRunner)(
+        engine, stream, cfg, layout, run.dp_rank, run.grad_accum, dist.device, run.groups, guard=guard
+    )
+    return Job(
+        run,
+        model,
+        module,
+        engine,
+        runner,
+        stream,
+        valid,
+        guard,
+        SpikeDetector(t.spike_sigma, t.spike_window),
+        local_params,
+        flops_per_token,
+    )

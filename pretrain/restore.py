@@ -1,0 +1,170 @@
+"""Restoring state: which checkpoint a run continues from, whether it must be resharded, and
+putting it back into the engine -- or a fresh start (optionally from checkpoint.init_from's weights).
+
+    locate_resume()   before the engine exists: the checkpoint, refused if it belongs to another
+                      model, converted to DeepSpeed's universal format if the layout changed
+    restore()         after: engine, optimizer, LR schedule, RNG, guard and spike-detector state
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pretrain.checkpoint import CheckpointError, read_meta
+from pretrain.config import Config
+from pretrain.job import Job, Run
+
+# Keys that describe one invocation rather than the run; not compared on resume.
+PER_INVOCATION = {("checkpoint", "resume"), ("train", "exit_at_step"), ("checkpoint", "allow_tokenizer_change")}
+# Training keys that fix the optimizer's structure: a resume cannot change them.
+STRUCTURAL = {("train", "embedding_weight_decay")}
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    checkpoint: Path | None = None  # None: a fresh start
+    universal: Path | None = None  # the converted checkpoint when resuming on another layout
+
+    @property
+    def fresh(self) -> bool:
+        return self.checkpoint is None
+
+
+@dataclass
+class TrainState:
+    start_step: int
+    resumed: bool
+    meta: dict
+
+
+def compare_configs(saved: dict, current: dict) -> tuple[list[str], list[str]]:
+    """(differences that forbid a resume -- the model's shape and STRUCTURAL keys --, other changed
+    settings, which are allowed and logged)."""
+    blocking, other = [], []
+    for section, values in current.items():
+        old = saved.get(section, {})
+        for key, value in values.items():
+            if key in old and old[key] != value:
+                line = f"{section}.{key}: checkpoint {old[key]!r}, now {value!r}"
+                (blocking if section == "model" or (section, key) in STRUCTURAL else other).append(line)
+    return blocking, other
+
+
+def check_tokenizer(saved: dict, tokenizer, cfg: Config, log) -> None:
+    """The same token ids must mean the same text: a resume with another tokenizer would train on
+    garbage, silently."""
+    was = saved.get("tokenizer_sha256")
+    if was is None or was == tokenizer.sha256:
+        return
+    what = (
+        f"the checkpoint was trained with a tokenizer of sha256 {was[:12]}…, but data.tokenizer "
+        f"({tokenizer.path}) has sha256 {tokenizer.sha256[:12]}…"
+    )
+    if cfg.checkpoint.allow_tokenizer_change:
+        log(f"[checkpoint] warning: {what}; resuming anyway (checkpoint.allow_tokenizer_change=true)")
+        return
+    raise CheckpointError(
+        f"{what}: resuming would train on token ids that mean other text. Use the data and "
+        "tokenizer the run was trained on (the checkpoint keeps a copy: <checkpoint>/tokenizer.model), "
+        "or set checkpoint.allow_tokenizer_change=true if the ids are known to agree"
+    )
+
+
+def check_resumable(saved: dict, cfg: Config, layout, log, tokenizer=None) -> str | None:
+    """Refuses a checkpoint of another model or tokenizer; logs changed settings. Returns why the
+    resume needs a conversion to DeepSpeed's universal checkpoint (another layout or ZeRO stage), or None."""
+    from pretrain.checkpoint.universal import needs_conversion
+
+    if tokenizer is not None:
+        check_tokenizer(saved, tokenizer, cfg, log)
+
+    current = cfg.to_dict()
+    for section, key in PER_INVOCATION:
+        saved["config"].get(section, {}).pop(key, None)
+        current[section].pop(key, None)
+    blocking, other = compare_configs(saved["config"], current)
+    if blocking:
+        raise CheckpointError("the checkpoint's model differs from the config: " + "; ".join(blocking))
+    for line in other:
+        log(f"[checkpoint] setting changed since the checkpoint: {line}")
+    return needs_conversion(saved, {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "zero_stage": cfg.zero.stage})
+
+
+def locate_resume(run: Run) -> ResumePoint:
+    """The checkpoint checkpoint.resume asks for (a collective: every rank gets the same answer)."""
+    from pretrain.checkpoint.universal import prepare_universal
+
+    ckpt = run.checkpointer.resolve(run.cfg.checkpoint.resume)
+    if ckpt is None:
+        if run.cfg.checkpoint.resume == "auto":
+            run.log(f"[checkpoint] --resume auto: no checkpoint under {run.checkpointer.root}; starting fresh")
+        return ResumePoint()
+    reshard_reason = check_resumable(read_meta(ckpt), run.cfg, run.layout, run.log, run.tokenizer)
+    if not reshard_reason:
+        return ResumePoint(ckpt)
+    run.log(f"[checkpoint] {ckpt.name} was written on another layout ({reshard_reason}): resharding")
+    return ResumePoint(ckpt, prepare_universal(ckpt, run.dist.rank, run.log))
+
+
+def load_initial_weights(model: torch.nn.Module, path: Path, log) -> None:
+    """checkpoint.init_from: weights only (a fine-tune or an imported model), before ZeRO partitions them."""
+    from pretrain.checkpoint.consolidate import consolidated_state_dict
+
+    if path.is_dir():
+        state = consolidated_state_dict(path)
+    elif path.is_file():
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        raise CheckpointError(f"checkpoint.init_from: '{path}' is neither a checkpoint directory nor a file")
+    own = model.state_dict()
+    mismatched = [
+        f"{k}: {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    missing = sorted(set(own) - set(state) - ({"head.weight"} if model.cfg.tie_embeddings else set()))
+    unexpected = sorted(set(state) - set(own))
+    if mismatched or missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint.init_from: {path} does not fit the model: mismatched {mismatched}, "
+            f"missing {missing}, unexpected {unexpected}"
+        )
+    with torch.no_grad():
+        for k, v in state.items():
+            own[k].copy_(v)
+    log(f"[checkpoint] initialised the model from {path} (weights only; optimizer and step start fresh)")
+
+
+def prepare_weights(run: Run, model, point: ResumePoint) -> None:
+    """A fresh start may begin from other weights (checkpoint.init_from); a resume loads them later."""
+    if point.fresh and run.cfg.checkpoint.init_from:
+        load_initial_weights(model, Path(run.cfg.checkpoint.init_from), run.log)
+
+
+def restore(job: Job, point: ResumePoint) -> TrainState:
+    """Loads the checkpoint into the engine (or leaves the fresh one) and records the resolved config."""
+    from pretrain.checkpoint.universal import link_module_names
+    from pretrain.engine import apply_optimizer_settings
+
+    run = job.run
+    state = TrainState(0, False, {})
+    if not point.fresh:
+        if point.universal is not None:
+            link_module_names(point.universal, job.engine.module, run.cfg.model.num_layers)
+            meta = run.checkpointer.load_universal(job.engine, point.universal, point.checkpoint)
+        else:
+            meta = run.checkpointer.load(job.engine, point.checkpoint)
+        apply_optimizer_settings(job.engine, run.cfg.train)
+        job.guard.load_state_dict(meta.get("bad_step_guard"))
+        job.spikes.load_state_dict(meta.get("spike_detector"))
+        state = TrainState(meta["step"], True, meta)
+        run.log(
+            f"[checkpoint] resumed from {point.checkpoint} at step {state.start_step} "
+            f"({meta['consumed_samples']:,} samples consumed)"
+        )
+    if run.dist.is_main:
+        (run.run_dir / "config.yaml").write_text(run.cfg.to_yaml())
+    return state
