@@ -14,6 +14,7 @@ one small shape (so this script is exercised on CPU), and exits 0.
 
     python bench/kernels.py                 # full grid (a few minutes on one GPU)
     python bench/kernels.py --quick         # hidden 2048/8192, rows 16K only
+    python bench/kernels.py --hidden 1024 2048 4096 8192 --rows 16384 --no-compile   # bench/gpu_check.sh
     python bench/kernels.py --cpu-dry-run   # no GPU: run the GPU harness on CPU (checks the script)
 """
 
@@ -212,7 +213,7 @@ def bench_gpu(args, dry_run: bool = False) -> dict:
     elif args.quick:
         hiddens, rowss = (2048, 8192), (16384,)
     else:
-        hiddens, rowss = HIDDEN, ROWS
+        hiddens, rowss = tuple(args.hidden or HIDDEN), tuple(args.rows or ROWS)
     results, peri = [], []
     for hidden in hiddens:
         for rows in rowss:
@@ -222,7 +223,7 @@ def bench_gpu(args, dry_run: bool = False) -> dict:
             for op in args.ops:
                 times = {}
                 for name, fn in providers_for(op, triton_ops, extra).items():
-                    if dry_run and name == "torch_compile":
+                    if name == "torch_compile" and (dry_run or args.no_compile):
                         continue
                     rec = {"op": op, "hidden": hidden, "rows": rows, "dtype": args.dtype, "provider": name}
                     try:
@@ -340,6 +341,11 @@ def main(argv=None) -> int:
     ap.add_argument("--ops", nargs="+", default=list(IDEAL_PASSES), choices=list(IDEAL_PASSES))
     ap.add_argument("--quick", action="store_true", help="hidden 2048/8192 and 16K rows only")
     ap.add_argument("--rep", type=int, default=100, help="do_bench measuring time per point, ms")
+    ap.add_argument("--hidden", type=int, nargs="+", help=f"hidden sizes (default {' '.join(map(str, HIDDEN))})")
+    ap.add_argument("--rows", type=int, nargs="+", help=f"rows (default {' '.join(map(str, ROWS))})")
+    ap.add_argument(
+        "--no-compile", action="store_true", help="leave out the torch.compile provider (compiles per shape)"
+    )
     ap.add_argument(
         "--cpu-dry-run",
         action="store_true",

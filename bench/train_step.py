@@ -1,45 +1,105 @@
-"""One training step (forward, backward, AdamW), measured: tokens/s, step time, peak memory, MFU.
+"""One training step (forward, backward, AdamW), measured side by side: ours against Hugging Face's
+Llama, eager and compiled, Peri-LN against Pre-LN. Prints one JSON object.
 
-    python bench/train_step.py --config configs/quickstart.yaml --compare hf          # CPU: ours vs HF Llama
-    python bench/train_step.py --config configs/gpt-125m.yaml --placements pre peri lns --dtype bf16   # GPU
-    python bench/train_step.py ... --compile --profile
+    python bench/train_step.py --config configs/quickstart.yaml                      # CPU, fp32
+    python bench/train_step.py --config configs/quickstart.yaml --timing cpu --threads 1  # a CPU shared with others
+    python bench/train_step.py --config configs/gpt-1.3b.yaml --dtype bf16 --sides ours:pre ours:peri   # GPU
 
-Side by side in one process: each measured step runs every model once, in turn (ours, then the
-reference), so machine noise hits both alike; the figures are medians over the measured steps.
-The reference is Hugging Face's LlamaForCausalLM at the same dimensions (the `pre` placement with
-RMSNorm, SwiGLU and RoPE is exactly Llama: it is built from our weights by pretrain.export), fed the
-same tokens, trained by the same torch.optim.AdamW. megatron-core's GPTModel (local layer spec,
-one rank) is added with --compare mcore; it needs a GPU: its RoPE table and its attention's global
-memory buffer are allocated on torch.cuda.current_device() whatever the model's device, so on CPU the
-JSON records that error under "skipped".
+Every dimension, the vocabulary included, comes from the config given (`--set` overrides keys); a
+vocabulary of 0 (the tokenizer's) is read from the config's tokenizer when it exists, else taken as
+`pretrain.data prepare`'s default, and the JSON says which.
 
-MFU = tokens/s x (6N + 12 L H Q T) / peak, with N every matmul parameter (the output layer included,
-the embedding lookup not), L layers, H heads, Q head size, T sequence length (PaLM, appendix B).
-Peak: the device's dense bf16 figure (H100/H200 SXM 989 TFLOP/s, A100 312), or --peak-tflops; none
-is stated for a CPU, so MFU is null there unless one is given. Prints one JSON object.
+Each side (`ours:pre`, `ours:peri`, `hf:pre`, `ours:pre:plain-loss`, `mcore:pre`) runs in its own
+process, so its peak memory is its own (CPU: the process's peak resident set during the measured
+steps, /proc VmHWM reset after set-up; GPU: torch.cuda.max_memory_allocated). The processes take
+turns step by step (one runs while the others wait), so machine noise hits all sides alike; the
+figures are medians over the measured steps. Modes (`--modes eager compiled`) run one after the
+other, each with all sides. Ours compiled is what `train.compile: true` does (each block under
+torch.compile; the norm kernels and the fused loss are custom ops); the reference compiled is
+torch.compile over its whole forward and loss.
+
+The reference is LlamaForCausalLM at the same dimensions, built from our `pre` weights by
+pretrain.export (RMSNorm + SwiGLU + RoPE Pre-LN is exactly Llama), fed the same tokens, trained by the
+same torch.optim.AdamW: the loss curves must agree (the JSON reports the largest difference), so the
+speed ratio compares equal work. The parameters and the AdamW states are in the chosen --dtype on
+every side (no fp32 master copy): the JSON labels the dtypes it found in the optimizer state.
+
+MFU = tokens/s x (6N + 12 L H Q T) / peak, N every matmul parameter (the output layer included, the
+embedding lookup not), L layers, H heads, Q head size, T sequence length (PaLM, appendix B); peak:
+the device's dense bf16 figure (H100/H200 989 TFLOP/s) or --peak-tflops; none for a CPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import json
+import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pretrain.config import load_config, resolve
+import torch
 
-DENSE_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # TFLOP/s, dense (no sparsity)
-IDS = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+DENSE_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12}
+PREPARE_DEFAULT_VOCAB = 8192  # python -m pretrain.data prepare --vocab-size default
+MARK = "@@bench "  # the line prefix of a worker's replies (anything else on its stdout is ignored)
+# Targets of issue 19 (CPU, quickstart dimensions, fp32): measured here, never asserted in a test.
+TARGETS = {
+    "ours_over_hf_eager_tokens_per_s": 1.2,
+    "ours_over_hf_compiled_tokens_per_s": 1.1,
+    "ours_over_hf_peak_memory": 0.8,  # at most
+    "peri_over_pre_step_time": 1.03,  # at most
+}
+
+
+# ----------------------------------------------------------------------------------- the config
+
+
+def model_config(config: str, sets: list[str], placement: str) -> tuple[object, object, str]:
+    """(resolved config, model section, where the vocabulary size came from)."""
+    from pretrain.config import load_config, resolve
+
+    cfg = load_config(config, [*sets, f"model.placement={placement}"])
+    source = "model.vocab_size in the config"
+    vocab = None
+    if cfg.model.vocab_size == 0:
+        from pretrain.config import tokenizer_path
+
+        path = Path(tokenizer_path(cfg.data))
+        if path.is_file():
+            import sentencepiece as spm
+
+            vocab = spm.SentencePieceProcessor(model_file=str(path)).vocab_size()
+            source = f"the tokenizer {path} ({vocab}), padded"
+        else:
+            vocab = PREPARE_DEFAULT_VOCAB
+            source = f"no tokenizer at {path}: pretrain.data prepare's default {vocab}, padded"
+    cfg = resolve(cfg, vocab)
+    return cfg, cfg.model, source
+
+
+def flops_per_token(m) -> float:
+    """6N + 12*L*H*Q*T, written out here rather than taken from the model, so the two can be compared."""
+    d, L, ffn, V = m.hidden_size, m.num_layers, m.ffn_hidden_size, m.vocab_size
+    kv = m.num_kv_heads or m.num_heads
+    q = d // m.num_heads
+    attn = d * (m.num_heads * q) + 2 * d * (kv * q) + (m.num_heads * q) * d
+    mlp = (3 if m.mlp == "swiglu" else 2) * d * ffn
+    return 6 * (L * (attn + mlp) + V * d) + 12 * L * m.num_heads * q * m.seq_len
+
+
+def model_flops_per_token(m) -> float:
+    """The model's own count (GPT.flops_per_token), built on the meta device: no memory, no time."""
+    from model.gpt import build_model
+
+    return build_model(m, "torch", torch.device("meta"))[0].flops_per_token()
 
 
 def device_info(device: torch.device) -> dict:
@@ -54,73 +114,66 @@ def device_info(device: torch.device) -> dict:
     }
 
 
-def flops_per_token(m) -> float:
-    """6N + 12*L*H*Q*T, written out here rather than taken from the model, so the benchmark and the
-    model's own figure can be compared."""
-    d, L, ffn, V = m.hidden_size, m.num_layers, m.ffn_hidden_size, m.vocab_size
-    kv = m.num_kv_heads or m.num_heads
-    q = d // m.num_heads
-    attn = d * (m.num_heads * q) + 2 * d * (kv * q) + (m.num_heads * q) * d
-    mlp = (3 if m.mlp == "swiglu" else 2) * d * ffn
-    n = L * (attn + mlp) + V * d
-    return 6 * n + 12 * L * m.num_heads * q * m.seq_len
+# ----------------------------------------------------------------------------------- one side
 
 
-class Contender:
-    """A model, its optimizer and a step function returning the loss."""
-
-    def __init__(self, name: str, model: torch.nn.Module, loss_fn, lr: float, compile_: bool):
-        self.name, self.model, self.loss_fn = name, model, loss_fn
-        self.opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
-        self.fn = torch.compile(loss_fn) if compile_ else loss_fn
-        self.times: list[float] = []
-        self.first_step_s: float | None = None
-        self.losses: list[float] = []
-
-    def step(self, tokens, labels, sync) -> float:
-        sync()
-        t = time.perf_counter()
-        loss = self.fn(self.model, tokens, labels)
-        loss.backward()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        sync()
-        self.losses.append(loss.item())
-        return time.perf_counter() - t
+def _proc_status(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
-def ours_contender(m, device, dtype, backend, compile_, lr):
+def reset_peak_rss() -> bool:
+    """Resets the kernel's peak-RSS mark of this process (Linux: /proc/self/clear_refs, value 5)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def build_side(spec: dict, device: torch.device, dtype: torch.dtype):
+    """(model, loss function(model, tokens, labels)) of one side."""
     from model.gpt import build_model
+    from model.loss import LossSpec
 
+    impl, placement, *variant = spec["side"].split(":")
+    cfg, m, _ = model_config(spec["config"], spec["sets"], placement)
     torch.manual_seed(0)
-    model, reason = build_model(m, backend, device)
-    model = model.to(dtype)
-    return Contender("ours", model, lambda mod, x, y: mod(x, y), lr, compile_), model, reason
+    ours, _ = build_model(m, spec["backend"], device)
+    ours.loss_spec = LossSpec(fused="plain-loss" not in variant and cfg.train.fused_loss, z_loss=cfg.train.z_loss)
+    if impl == "ours":
+        model = ours.to(dtype)
+        if spec["compile"]:
+            model.compile_blocks()
+        return model, lambda mod, x, y: mod(x, y)
+    if impl == "hf":
+        from model.hf_convert import choose_format
+        from pretrain.export import build_hf_model
+
+        ids = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+        hf = build_hf_model(ours.float(), m, choose_format(m, "llama"), ids).to(device=device, dtype=dtype).train()
+        hf.config.use_cache = False
+        hf.config._attn_implementation = "sdpa"
+        del ours
+
+        def loss(mod, x, y):
+            logits = mod(input_ids=x, use_cache=False).logits
+            return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+        return hf, torch.compile(loss) if spec["compile"] else loss
+    if impl == "mcore":
+        return mcore_side(m, device, dtype, spec["compile"])
+    raise ValueError(f"side '{spec['side']}': implementations are ours, hf, mcore")
 
 
-def hf_contender(our_model, m, dtype, compile_, lr):
-    from model.hf_convert import choose_format
-    from pretrain.export import build_hf_model
-
-    fmt = choose_format(m, "llama")  # raises ConversionError unless the placement is Llama's
-    hf = build_hf_model(copy.deepcopy(our_model).float(), m, fmt, IDS).to(next(our_model.parameters()).device)
-    hf = hf.to(dtype).train()
-    hf.config.use_cache = False
-    hf.config._attn_implementation = "sdpa"
-
-    def loss(mod, x, y):
-        logits = mod(input_ids=x, use_cache=False).logits
-        return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
-
-    return Contender("hf_llama", hf, loss, lr, compile_)
-
-
-def mcore_contender(m, device, dtype, compile_, lr):
-    """megatron-core's GPTModel with the local (no Transformer Engine) layer spec, on one rank."""
-    import os
-
+def mcore_side(m, device, dtype, compile_):
+    """megatron-core's GPTModel with the local (no Transformer Engine) layer spec, on one rank. It needs
+    a GPU: its RoPE table and its attention's global memory buffer are allocated on
+    torch.cuda.current_device() whatever the model's device."""
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29731")
+    os.environ.setdefault("MASTER_PORT", str(29731 + os.getpid() % 1000))
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
     from megatron.core import parallel_state, tensor_parallel
@@ -128,206 +181,298 @@ def mcore_contender(m, device, dtype, compile_, lr):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(1, 1)
-    tensor_parallel.model_parallel_cuda_manual_seed(0) if device.type == "cuda" else None
+    parallel_state.initialize_model_parallel(1, 1)
+    if device.type == "cuda":
+        tensor_parallel.model_parallel_cuda_manual_seed(0)
     cfg = TransformerConfig(
-        num_layers=m.num_layers,
-        hidden_size=m.hidden_size,
-        num_attention_heads=m.num_heads,
-        num_query_groups=m.num_kv_heads or m.num_heads,
-        ffn_hidden_size=m.ffn_hidden_size,
-        normalization="RMSNorm",
-        gated_linear_unit=True,
-        activation_func=torch.nn.functional.silu,
-        add_bias_linear=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        layernorm_epsilon=m.norm_eps,
-        bf16=dtype == torch.bfloat16,
-        params_dtype=dtype,
-        use_cpu_initialization=device.type != "cuda",
-        gradient_accumulation_fusion=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-    )
+        num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_heads,
+        num_query_groups=m.num_kv_heads or m.num_heads, ffn_hidden_size=m.ffn_hidden_size, normalization="RMSNorm",
+        gated_linear_unit=True, activation_func=torch.nn.functional.silu, add_bias_linear=False, hidden_dropout=0.0,
+        attention_dropout=0.0, layernorm_epsilon=m.norm_eps, bf16=dtype == torch.bfloat16, params_dtype=dtype,
+        use_cpu_initialization=device.type != "cuda", gradient_accumulation_fusion=False, bias_dropout_fusion=False,
+        apply_rope_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
+    )  # fmt: skip
     model = GPTModel(
-        cfg,
-        get_gpt_layer_local_spec(normalization="RMSNorm"),
-        vocab_size=m.vocab_size,
-        max_sequence_length=m.seq_len,
-        position_embedding_type="rope",
-        rotary_base=int(m.rope_theta),
+        cfg, get_gpt_layer_local_spec(normalization="RMSNorm"), vocab_size=m.vocab_size,
+        max_sequence_length=m.seq_len, position_embedding_type="rope", rotary_base=int(m.rope_theta),
         share_embeddings_and_output_weights=m.tie_embeddings,
-    ).to(device)
+    ).to(device)  # fmt: skip
     pos = torch.arange(m.seq_len, device=device)
 
     def loss(mod, x, y):
-        per_token = mod(x, pos.expand_as(x), None, labels=y)  # (B, T) fp32 losses; causal mask built inside
-        return per_token.float().mean()
+        return mod(x, pos.expand_as(x), None, labels=y).float().mean()
 
-    return Contender("megatron_core", model, loss, lr, compile_)
-
-
-def profile_top(contender: Contender, tokens, labels, rows: int) -> list[dict]:
-    from torch.profiler import ProfilerActivity, profile
-
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if tokens.is_cuda else [])
-    with profile(activities=acts) as prof:
-        contender.step(tokens, labels, lambda: torch.cuda.synchronize() if tokens.is_cuda else None)
-    key = "self_cuda_time_total" if tokens.is_cuda else "self_cpu_time_total"
-    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
-    total = sum(getattr(e, key) for e in events) or 1
-    return [
-        {
-            "op": e.key,
-            "self_ms": round(getattr(e, key) / 1e3, 2),
-            "share": round(getattr(e, key) / total, 3),
-            "calls": e.count,
-        }
-        for e in events[:rows]
-    ]
+    return model, torch.compile(loss) if compile_ else loss
 
 
-def measure(cfg_path: str, sets: list[str], placement: str, args, device: torch.device) -> dict:
-    cfg = load_config(
-        cfg_path,
-        list(sets)
-        + [f"model.placement={placement}"]
-        + ([f"model.vocab_size={args.vocab_size}"] if args.vocab_size else []),
-    )
-    m = resolve(cfg).model
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    batch = args.micro_batch or cfg.train.micro_batch_size
-    ours, our_model, reason = ours_contender(m, device, dtype, args.backend, args.compile, cfg.train.lr)
-    contenders = [ours]
-    skipped = {}
-    for other in args.compare:
-        try:
-            contenders.append(
-                hf_contender(our_model, m, dtype, args.compile, cfg.train.lr)
-                if other == "hf"
-                else mcore_contender(m, device, dtype, args.compile, cfg.train.lr)
-            )
-        except Exception as err:  # recorded in the JSON: why a reference could not run here
-            skipped[other] = f"{type(err).__name__}: {err}"[:400]
-    sync = (lambda: torch.cuda.synchronize()) if device.type == "cuda" else (lambda: None)
+def optimizer_dtypes(opt) -> list[str]:
+    return sorted({str(v.dtype).removeprefix("torch.") for s in opt.state.values() for v in s.values() if v.ndim})
+
+
+def worker(spec: dict) -> int:
+    """One side: builds, then answers the coordinator's commands on stdin ("step I", "report")."""
+    import importlib
+
+    # Every side imports the same modules (and so starts from the same resident set), whichever it runs.
+    for name in ("transformers.models.llama.modeling_llama", "model.hf_convert", "pretrain.export"):
+        importlib.import_module(name)
+
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    device = torch.device(spec["device"])
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[spec["dtype"]]
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    def reply(obj):
+        print(MARK + json.dumps(obj), flush=True)
+
+    try:
+        model, loss_fn = build_side(spec, device, dtype)
+    except Exception as err:  # recorded in the JSON: why a side could not run here
+        reply({"error": f"{type(err).__name__}: {err}"[:600]})
+        return 0
+    opt = torch.optim.AdamW(model.parameters(), lr=spec["lr"], betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
+    _, m, _ = model_config(spec["config"], spec["sets"], "pre")
     gen = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, m.vocab_size, (batch, m.seq_len + 1), generator=gen) for _ in range(4)]
-    peak_mem = {}
-    for i in range(args.warmup + args.steps):
-        data = batches[i % len(batches)].to(device)
-        tokens, labels = data[:, :-1].contiguous(), data[:, 1:].contiguous()
-        for c in list(contenders):
-            if device.type == "cuda" and i == args.warmup:
+    batches = [torch.randint(0, m.vocab_size, (spec["batch"], m.seq_len + 1), generator=gen) for _ in range(4)]
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    import gc
+
+    gc.collect()
+    rss_setup = _proc_status("VmRSS")
+    peak_reset = reset_peak_rss()
+    reply({"ready": True, "params": sum(p.numel() for p in model.parameters())})
+    for line in sys.stdin:
+        cmd = line.split()
+        if cmd[0] == "step":
+            i = int(cmd[1])
+            if device.type == "cuda" and i == spec["warmup"]:
                 torch.cuda.reset_peak_memory_stats(device)
+            data = batches[i % len(batches)].to(device)
+            tokens, labels = data[:, :-1].contiguous(), data[:, 1:].contiguous()
+            sync()
+            t0, c0 = time.perf_counter(), time.process_time()
             try:
-                dt = c.step(tokens, labels, sync)
+                loss = loss_fn(model, tokens, labels)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                sync()
             except Exception as err:
-                if c is ours:
-                    raise
-                skipped[c.name] = f"{type(err).__name__} in its training step: {err}"[:400]
-                contenders.remove(c)
+                reply({"error": f"{type(err).__name__} in its training step: {err}"[:600]})
+                return 0
+            reply({"dt": time.perf_counter() - t0, "cpu": time.process_time() - c0, "loss": loss.item()})
+        elif cmd[0] == "report":
+            reply(
+                {
+                    "peak_memory_bytes": torch.cuda.max_memory_allocated(device)
+                    if device.type == "cuda"
+                    else _proc_status("VmHWM"),
+                    "memory_kind": "torch.cuda.max_memory_allocated over the measured steps"
+                    if device.type == "cuda"
+                    else (
+                        "peak RSS of the process during the steps (VmHWM reset after set-up)"
+                        if peak_reset
+                        else "peak RSS of the process since it started"
+                    ),  # fmt: skip
+                    "rss_after_setup_bytes": rss_setup if device.type != "cuda" else None,
+                    "param_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+                    "optimizer_state_dtypes": optimizer_dtypes(opt),
+                }
+            )
+            return 0
+    return 0
+
+
+# ----------------------------------------------------------------------------------- the coordinator
+
+
+class Side:
+    def __init__(self, spec: dict):
+        self.name, self.spec = spec["side"], spec
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--worker", json.dumps(spec)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        self.times, self.cpu, self.losses, self.first_s, self.error, self.info = [], [], [], None, None, {}
+
+    def read(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith(MARK):
+                return json.loads(line[len(MARK) :])
+        return {"error": f"the worker exited (code {self.proc.wait()}) without replying; see its stderr"}
+
+    def ask(self, command: str) -> dict:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self.read()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.proc.stdin.close()
+        self.proc.wait(timeout=120)
+
+
+def run_mode(args, mode: str, device: torch.device, cfg, m) -> dict:
+    base = {
+        "config": args.config, "sets": args.set, "backend": args.backend, "device": str(device), "dtype": args.dtype,
+        "compile": mode == "compiled", "threads": args.threads, "warmup": args.warmup, "lr": cfg.train.lr,
+        "batch": args.micro_batch or cfg.train.micro_batch_size,
+    }  # fmt: skip
+    sides = [Side({**base, "side": s}) for s in args.sides]
+    for s in sides:
+        reply = s.read()
+        s.error = reply.get("error")
+        s.info["params"] = reply.get("params")
+    live = [s for s in sides if s.error is None]
+    for i in range(args.warmup + args.steps):
+        for s in list(live):
+            r = s.ask(f"step {i}")
+            if "error" in r:
+                s.error = r["error"]
+                live.remove(s)
                 continue
+            s.losses.append(r["loss"])
             if i == 0:
-                c.first_step_s = dt
+                s.first_s = r["dt"]
             if i >= args.warmup:
-                c.times.append(dt)
-            if device.type == "cuda" and i == args.warmup + args.steps - 1:
-                peak_mem[c.name] = torch.cuda.max_memory_allocated(device)
+                s.times.append(r["dt"] if args.timing == "wall" else r["cpu"])
+                s.cpu.append(r["cpu"])
+    for s in live:
+        s.info.update(s.ask("report"))
+    for s in sides:
+        s.close()
+    tokens_per_step = base["batch"] * m.seq_len
     fpt = flops_per_token(m)
-    info = device_info(device)
-    peak = args.peak_tflops * 1e12 if args.peak_tflops else info["peak_flops"]
-    tokens_per_step = batch * m.seq_len
-    out = {
-        "placement": placement,
-        "dims": {
-            "hidden": m.hidden_size,
-            "layers": m.num_layers,
-            "heads": m.num_heads,
-            "ffn": m.ffn_hidden_size,
-            "vocab": m.vocab_size,
-            "seq": m.seq_len,
-            "micro_batch": batch,
-        },
-        "norm_backend": reason,
-        "flops_per_token": fpt,
-        "model_flops_per_token": our_model.flops_per_token(),
-        "contenders": {},
-        "skipped": skipped,
-    }
-    for c in contenders:
-        step = statistics.median(c.times)
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else device_info(device)["peak_flops"]
+    out = {"sides": {}, "skipped": {s.name: s.error for s in sides if s.error}}
+    for s in live:
+        step = statistics.median(s.times)
         tps = tokens_per_step / step
-        row = {
+        out["sides"][s.name] = {
             "step_s": round(step, 5),
+            "step_s_min_max": [round(min(s.times), 5), round(max(s.times), 5)],
+            "cpu_s_per_step": round(statistics.median(s.cpu), 5),
             "tokens_per_s": round(tps, 1),
             "achieved_tflops": round(tps * fpt / 1e12, 4),
             "mfu": round(tps * fpt / peak, 4) if peak else None,
-            "peak_memory_bytes": peak_mem.get(c.name),
-            "first_step_s": round(c.first_step_s, 3),
-            "params": sum(p.numel() for p in c.model.parameters()),
-            "loss_first_last": [round(c.losses[0], 4), round(c.losses[-1], 4)],
+            "first_step_s": round(s.first_s, 3),
+            **({"compile_s_approx": round(s.first_s - step, 2)} if mode == "compiled" else {}),
+            "losses": [round(x, 5) for x in s.losses],
+            **s.info,
         }
-        if args.compile:
-            row["compile_s_approx"] = round(c.first_step_s - step, 3)
-        out["contenders"][c.name] = row
-    for c in contenders[1:]:
-        out[f"ours_over_{c.name}"] = round(out["contenders"][c.name]["step_s"] / out["contenders"]["ours"]["step_s"], 3)
-    if args.profile:
-        data = batches[0].to(device)
-        out["profile"] = {
-            c.name: profile_top(c, data[:, :-1].contiguous(), data[:, 1:].contiguous(), args.profile_rows)
-            for c in contenders
+    return out | ratios(out["sides"])
+
+
+def ratios(sides: dict) -> dict:
+    r = {}
+    ours, hf, peri = sides.get("ours:pre"), sides.get("hf:pre"), sides.get("ours:peri")
+    if ours and hf:
+        r["ours_over_hf_tokens_per_s"] = round(ours["tokens_per_s"] / hf["tokens_per_s"], 3)
+        r["ours_over_hf_peak_memory"] = round(ours["peak_memory_bytes"] / hf["peak_memory_bytes"], 3)
+        if ours.get("rss_after_setup_bytes"):
+            growth = lambda s: s["peak_memory_bytes"] - s["rss_after_setup_bytes"]
+            r["ours_over_hf_memory_growth_during_steps"] = round(growth(ours) / max(1, growth(hf)), 3)
+        r["loss_curves_max_abs_diff"] = max(abs(a - b) for a, b in zip(ours["losses"], hf["losses"]))
+    if ours and peri:
+        r["peri_over_pre_step_time"] = round(peri["step_s"] / ours["step_s"], 3)
+    plain = sides.get("ours:pre:plain-loss")
+    if ours and plain:
+        r["fused_over_plain_loss_tokens_per_s"] = round(ours["tokens_per_s"] / plain["tokens_per_s"], 3)
+    return r
+
+
+def targets(modes: dict) -> dict:
+    eager, comp = modes.get("eager", {}), modes.get("compiled", {})
+    found = {
+        "ours_over_hf_eager_tokens_per_s": eager.get("ours_over_hf_tokens_per_s"),
+        "ours_over_hf_compiled_tokens_per_s": comp.get("ours_over_hf_tokens_per_s"),
+        "ours_over_hf_peak_memory": max(
+            (x for x in (eager.get("ours_over_hf_peak_memory"), comp.get("ours_over_hf_peak_memory")) if x),
+            default=None,
+        ),
+        "peri_over_pre_step_time": max(
+            (x for x in (eager.get("peri_over_pre_step_time"), comp.get("peri_over_pre_step_time")) if x), default=None
+        ),
+    }
+    at_most = {"ours_over_hf_peak_memory", "peri_over_pre_step_time"}
+    return {
+        k: {
+            "target": ("<= " if k in at_most else ">= ") + str(TARGETS[k]),
+            "measured": v,
+            "met": None if v is None else (v <= TARGETS[k] if k in at_most else v >= TARGETS[k]),
         }
-    return out
+        for k, v in found.items()
+    }
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--config", default=str(ROOT / "configs" / "quickstart.yaml"))
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--placements", nargs="+", default=["pre"])
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides")
     p.add_argument(
-        "--compare",
-        nargs="*",
-        default=["hf"],
-        choices=["hf", "mcore"],
-        help="references run side by side (only for placements they can express: hf needs pre)",
+        "--sides",
+        nargs="+",
+        default=["ours:pre", "hf:pre", "ours:peri"],
+        help="IMPL:PLACEMENT[:plain-loss] per side: ours, hf (pre only), mcore (pre, GPU only)",
     )
+    p.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="default: bf16 on a GPU, fp32 on CPU")
     p.add_argument("--backend", default="auto", help="norm kernels: auto, triton, apex, torch")
-    p.add_argument("--micro-batch", type=int, default=0)
-    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--micro-batch", type=int, default=0, help="default: the config's train.micro_batch_size")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per side (default: torch's)")
+    p.add_argument(
+        "--timing",
+        default="wall",
+        choices=["wall", "cpu"],
+        help="step time as wall-clock (default) or as the process's CPU time: on a CPU shared with other "
+        "work, --timing cpu --threads 1 measures the work each side does whatever the scheduler does",
+    )
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--compile", action="store_true", help="torch.compile every contender's loss function")
-    p.add_argument("--profile", action="store_true", help="add the top ops of one profiled step")
-    p.add_argument("--profile-rows", type=int, default=12)
     p.add_argument("--peak-tflops", type=float, default=0.0, help="override the device's peak (TFLOP/s)")
     args = p.parse_args(argv)
+    if args.worker:
+        return worker(json.loads(args.worker))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
+    cfg, m, vocab_source = model_config(args.config, args.set, "pre")
     result = {
         "bench": "train_step",
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "command": " ".join(sys.argv),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         **device_info(device),
         "torch": torch.__version__,
         "dtype": args.dtype,
-        "compile": args.compile,
-        "optimizer": "torch.optim.AdamW(foreach) fp32 states",
-        "runs": [],
+        "dims": {
+            "hidden": m.hidden_size,
+            "layers": m.num_layers,
+            "heads": m.num_heads,
+            "kv_heads": m.num_kv_heads,
+            "ffn": m.ffn_hidden_size,
+            "vocab": m.vocab_size,
+            "seq": m.seq_len,
+            "micro_batch": args.micro_batch or cfg.train.micro_batch_size,
+            "tie_embeddings": m.tie_embeddings,
+        },  # fmt: skip
+        "vocab_source": vocab_source,
+        "fused_loss": cfg.train.fused_loss,
+        "optimizer": "torch.optim.AdamW(foreach=True) on every side, parameters and states in --dtype",
+        "flops_per_token": flops_per_token(m),
+        "model_flops_per_token": model_flops_per_token(m),
+        "steps": {"warmup": args.warmup, "measured": args.steps},
+        "timing": "wall-clock" if args.timing == "wall" else "process CPU time (user + system) per step",
+        "modes": {},
     }
-    for placement in args.placements:
-        compare = [c for c in args.compare if c != "hf" or placement == "pre"]
-        result["runs"].append(
-            measure(args.config, args.set, placement, argparse.Namespace(**{**vars(args), "compare": compare}), device)
-        )
+    for mode in args.modes:
+        result["modes"][mode] = run_mode(args, mode, device, cfg, m)
+    if device.type == "cpu" and args.dtype == "fp32":
+        result["targets"] = targets(result["modes"])
     print(json.dumps(result, indent=1))
     return 0
 

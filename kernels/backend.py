@@ -39,6 +39,11 @@ class NormOps:
     add_norm(x, residual, weight, bias, eps, scale=1.0, kind="rmsnorm") -> (x + residual, normed)
     peri_junction(f, residual, out_weight, out_bias, in_weight, in_bias, eps, scale=1.0,
                   kind="rmsnorm") -> (s, normed) with s = residual + N_out(f)
+    crms_norm(x, weight, eps, scale=1.0) -> y   (CRMSNorm: kernels/torch_ops.py)
+
+    kind is "rmsnorm", "layernorm" or "crmsnorm". No backend has a CRMSNorm kernel: crms_norm and the
+    crmsnorm kind of add_norm / peri_junction are compositions around the backend's own RMSNorm
+    (kernels.torch_ops.compressed / with_crmsnorm), so every backend runs them, unfused.
     """
 
     name: str
@@ -46,6 +51,11 @@ class NormOps:
     layer_norm: Callable[..., torch.Tensor]
     add_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     peri_junction: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    crms_norm: Callable[..., torch.Tensor] | None = None  # None: composed from rms_norm
+
+    def __post_init__(self):
+        if self.crms_norm is None:
+            object.__setattr__(self, "crms_norm", torch_ops.compressed(self.rms_norm))
 
 
 TORCH_OPS = NormOps(
@@ -54,16 +64,20 @@ TORCH_OPS = NormOps(
     layer_norm=torch_ops.layer_norm,
     add_norm=torch_ops.add_norm,
     peri_junction=torch_ops.peri_junction,
+    crms_norm=torch_ops.crms_norm,
 )
 
 
 def _ops_from(name: str, module) -> NormOps:
+    crms_norm = torch_ops.compressed(module.rms_norm)
+    add_norm, peri_junction = torch_ops.with_crmsnorm(crms_norm, module.add_norm, module.peri_junction)
     return NormOps(
         name=name,
         rms_norm=module.rms_norm,
         layer_norm=module.layer_norm,
-        add_norm=module.add_norm,
-        peri_junction=module.peri_junction,
+        add_norm=add_norm,
+        peri_junction=peri_junction,
+        crms_norm=crms_norm,
     )
 
 

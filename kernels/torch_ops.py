@@ -4,6 +4,16 @@ Statistics are computed in fp32 whatever the input dtype; the output has the inp
 `scale` is a constant multiplier applied after the gain (LayerNorm Scaling's 1/sqrt(l)).
 The fused ops (add_norm, peri_junction) are the plain compositions here; the Triton backend
 computes the same values in one pass.
+
+CRMSNorm (Jiang et al. 2023, "Pre-RMSNorm and Pre-CRMSNorm Transformers"): a zero-mean vector of d
+coordinates is stored losslessly by its first d - 1 (the last is minus their sum), and normalised as
+
+    CRMSNorm(x) = RMSNorm(decompress(x)),  decompress(x) = (x_1 .. x_(d-1), -(x_1 + .. + x_(d-1)))
+
+whose mean square is (sum x_i^2 + (sum x_i)^2) / d over the first d - 1. On a zero-mean input it equals
+RMSNorm, which on a zero-mean input equals LayerNorm. Our residual stream keeps its width d (attention
+and MLP share it), so the d-th coordinate is stored but never read: CRMSNorm's input is the first d - 1.
+It is a composition on top of any backend's RMSNorm (`compressed`), so every backend runs it.
 """
 
 from __future__ import annotations
@@ -12,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.checks import check_add_norm, check_params, check_peri_junction
+from kernels.checks import check_add_norm, check_params, check_peri_junction, check_same_shape
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, scale: float = 1.0) -> torch.Tensor:
@@ -62,3 +72,54 @@ def compose_fused(rms_norm_fn, layer_norm_fn):
 
 
 add_norm, peri_junction = compose_fused(rms_norm, layer_norm)
+
+
+# ------------------------------------------------------------------------------------- CRMSNorm
+
+
+def decompress(x: torch.Tensor) -> torch.Tensor:
+    """The zero-mean vector whose first d - 1 coordinates are x's (the last, x's own, is not read); the
+    sum in fp32, the result in x's dtype."""
+    head = x[..., :-1]
+    return torch.cat([head, -head.float().sum(-1, keepdim=True).to(x.dtype)], dim=-1)
+
+
+def compressed(rms_norm_fn):
+    """crms_norm(x, weight, eps, scale=1.0) on a backend's RMSNorm."""
+
+    def crms_norm(x: Tensor, weight: Tensor, eps: float, scale: float = 1.0) -> Tensor:
+        check_params("crms_norm", x.shape[-1], weight, None, True)
+        return rms_norm_fn(decompress(x), weight, eps, scale)
+
+    return crms_norm
+
+
+def with_crmsnorm(crms_norm_fn, add_norm_fn, peri_junction_fn):
+    """(add_norm, peri_junction) that also take kind="crmsnorm" (composed from crms_norm_fn: the residual
+    add, then the norm), passing every other kind to the backend's own ops unchanged."""
+
+    def add_norm(x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor | None, eps: float, scale: float = 1.0,
+                 kind: str = "rmsnorm") -> tuple[Tensor, Tensor]:  # fmt: skip
+        if kind != "crmsnorm":
+            return add_norm_fn(x, residual, weight, bias, eps, scale, kind)
+        check_same_shape("add_norm", x, residual, ("x", "residual"))
+        check_params("add_norm", x.shape[-1], weight, bias, True)
+        s = x + residual
+        return s, crms_norm_fn(s, weight, eps, scale)
+
+    def peri_junction(f: Tensor, residual: Tensor, out_weight: Tensor, out_bias: Tensor | None, in_weight: Tensor,
+                      in_bias: Tensor | None, eps: float, scale: float = 1.0,
+                      kind: str = "rmsnorm") -> tuple[Tensor, Tensor]:  # fmt: skip
+        if kind != "crmsnorm":
+            return peri_junction_fn(f, residual, out_weight, out_bias, in_weight, in_bias, eps, scale, kind)
+        check_same_shape("peri_junction", f, residual, ("f", "residual"))
+        check_params("peri_junction (out norm)", f.shape[-1], out_weight, out_bias, True)
+        check_params("peri_junction (in norm)", f.shape[-1], in_weight, in_bias, True)
+        s = residual + crms_norm_fn(f, out_weight, eps)
+        return s, crms_norm_fn(s, in_weight, eps, scale)
+
+    return add_norm, peri_junction
+
+
+crms_norm = compressed(rms_norm)
+add_norm, peri_junction = with_crmsnorm(crms_norm, add_norm, peri_junction)

@@ -1,6 +1,6 @@
 """DeepSpeed hostfiles (`host slots=N`, MPI style): parse, validate, and check against a config.
 
-    python -m launch.hostfile check hosts.txt                              # syntax, slots, duplicates
+    python -m launch.hostfile check hosts.txt                              # syntax, slots, duplicates, names resolve
     python -m launch.hostfile check hosts.txt --config configs/gpt-1.3b.yaml [--set ...] [--gpu-memory 80GB]
     python -m launch.hostfile get hosts.txt master|world|hosts|slots
 
@@ -94,6 +94,21 @@ def read_hostfile(path: str | Path) -> list[Host]:
     return parse_hostfile(path.read_text(), str(path))
 
 
+def unresolvable(hosts: list[Host], name: str = "hostfile") -> list[str]:
+    """One problem per host name that does not resolve here (the launcher would fail to ssh to it
+    after the job was queued, or the ranks would wait for it until the rendezvous times out)."""
+    problems = []
+    for h in hosts:
+        try:
+            socket.getaddrinfo(h.name.strip("[]"), None)
+        except (socket.gaierror, UnicodeError) as e:
+            problems.append(
+                f"{name}:{h.line}: '{h.name}' does not resolve ({getattr(e, 'strerror', None) or e}); fix the name, "
+                "or its entry in DNS / /etc/hosts"
+            )
+    return problems
+
+
 def world_size(hosts: list[Host]) -> int:
     return sum(h.slots for h in hosts)
 
@@ -155,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     c.add_argument("--gpu-memory", default="80GB")
     c.add_argument("--vocab-size", type=int, default=None)
+    c.add_argument("--no-resolve", action="store_true", help="do not check that every host name resolves")
     g = sub.add_parser("get", help="print one fact: master (first host's address), world, hosts, slots")
     g.add_argument("hostfile")
     g.add_argument("what", choices=["master", "world", "hosts", "slots", "local"])
@@ -173,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     summary = ", ".join(f"{h.name} ({h.slots})" for h in hosts)
     print(f"[hostfile] {args.hostfile}: {len(hosts)} host(s), {world_size(hosts)} slots: {summary}", file=sys.stderr)
+    if not args.no_resolve and (problems := unresolvable(hosts, args.hostfile)):
+        raise HostfileError("\n".join(problems))
     if args.config:
         from launch.plan import load_plan_config, parse_memory
 

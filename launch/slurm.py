@@ -37,6 +37,13 @@ class SlurmError(UsageError):
 # ------------------------------------------------------------------------------- host lists
 
 
+# one piece of a host name between bracketed ranges: what a DNS label or SLURM node name may hold, so
+# nothing reaching a shell, an #SBATCH line or MASTER_ADDR can carry a newline or a metacharacter
+_HOST_PART = re.compile(r"[A-Za-z0-9._-]+")
+# partition / account / QOS names (SLURM allows comma lists of them)
+_SLURM_NAME = re.compile(r"[\w.+,-]+")
+
+
 def _split_top(text: str) -> list[str]:
     """Splits on commas outside brackets."""
     parts, depth, cur = [], 0, ""
@@ -92,8 +99,10 @@ def expand_nodelist(text: str) -> list[str]:
                 choices = _expand_range(piece[1:-1], text)
                 names = [n + c for n in names for c in choices]
             elif piece:
-                if re.search(r"[\s\]]", piece):
-                    raise SlurmError(f"host list '{text}': bad host name '{piece}'")
+                if not _HOST_PART.fullmatch(piece):
+                    raise SlurmError(
+                        f"host list {text!r}: bad host name {piece!r} (letters, digits, '.', '_' and '-' only)"
+                    )
                 names = [n + piece for n in names]
         hosts += names
     seen = set()
@@ -280,9 +289,24 @@ class Ask:
             )
         if not re.fullmatch(r"[\w.+-]+", self.job_name):
             raise SlurmError(f"--job-name: '{self.job_name}' may hold letters, digits and . _ + - only")
+        # Values that land on #SBATCH lines: a newline would end the line and start a shell command.
+        for flag, value in (("--partition", self.partition), ("--account", self.account), ("--qos", self.qos)):
+            if value and not _SLURM_NAME.fullmatch(value):
+                raise SlurmError(f"{flag}: {value!r} is not a SLURM name (letters, digits, and . _ + , - only)")
+        if not self.output or re.search(r"\s", self.output):
+            raise SlurmError(f"--output: {self.output!r} must be a file name pattern without spaces or newlines")
+        for flag, value in (("--socket-ifname", self.socket_ifname), ("--env-script", self.env_script)):
+            if re.search(r"[\x00-\x1f\x7f]", value):
+                raise SlurmError(f"--{flag.lstrip('-')}: {value!r} holds a newline or another control character")
+        if self.socket_ifname and not re.fullmatch(r"[\w.:,^!-]+", self.socket_ifname):
+            raise SlurmError(
+                f"--socket-ifname: {self.socket_ifname!r} is not a network interface name (e.g. ib0, eth0)"
+            )
         for line in self.extra_sbatch:
             if not line.startswith("--"):
                 raise SlurmError(f"--sbatch: '{line}' is not an sbatch option (e.g. --sbatch=--qos=high)")
+            if re.search(r"[\x00-\x1f\x7f]", line):
+                raise SlurmError(f"--sbatch: {line!r} holds a newline or another control character (one option each)")
 
 
 _SBATCH = re.compile(r"^#SBATCH\s+--([\w-]+)(?:=(.*))?$")

@@ -5,6 +5,10 @@ gathers along the first dimension, which is contiguous. The fused QKV projection
 grouped layout: for each key/value head g, its q_per_kv query heads, then its key, then its value.
 A contiguous split of the output dimension is then a split by KV group, which is what tensor
 parallelism needs.
+
+Under DeepSpeed-Ulysses (model/ulysses.py) x is this rank's slice of the sequence: queries and keys are
+rotated at their global positions, then `ulysses` (DeepSpeed's DistributedAttention) exchanges heads for
+sequence by all-to-all, so the attention core sees the whole sequence for a share of the heads.
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ class Attention(nn.Module):
         self.dropout = dropout
         self.rotary = rotary
         self.recompute_core = False  # selective activation checkpointing (model/recompute.py)
+        self.ulysses = None  # DeepSpeed's DistributedAttention around self.attend (model/ulysses.py)
+        self.sequence_shard = (0, 1)  # (this rank's slice, slices) of the sequence under Ulysses
 
     def split_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(S, B, d) -> q (S, B, H, hd), k and v (S, B, Hkv, hd), normed and rotated."""
@@ -62,7 +68,10 @@ class Attention(nn.Module):
             k = self.k_norm(k.reshape(s, b, -1)).view_as(k)
         else:
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = self.rotary.tables(s, x.device, q.dtype)
+        index, slices = self.sequence_shard
+        cos, sin = self.rotary.tables(s * slices, x.device, q.dtype)
+        if slices > 1:  # this rank's tokens sit at positions index*s ... (index+1)*s - 1
+            cos, sin = cos[index * s : (index + 1) * s], sin[index * s : (index + 1) * s]
         return self.rotary.apply(q, cos, sin), self.rotary.apply(k, cos, sin), v
 
     def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -72,8 +81,14 @@ class Attention(nn.Module):
                 q, k, v, is_causal=True, dropout_p=p, enable_gqa=self.num_kv_heads != self.num_heads
             )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = (z.permute(1, 2, 0, 3) for z in self.split_qkv(x))  # (B, heads, S, hd) for SDPA
-        b, _, s, _ = q.shape
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal attention over the sequence of q, k, v (S, B, heads, hd) -> (S, B, heads, hd)."""
+        q, k, v = (z.permute(1, 2, 0, 3) for z in (q, k, v))  # (B, heads, S, hd) for SDPA
         y = recomputed(self._core, q, k, v) if self.recompute_core and torch.is_grad_enabled() else self._core(q, k, v)
-        return self.proj(y.permute(2, 0, 1, 3).reshape(s, b, self.num_heads * self.head_dim))
+        return y.permute(2, 0, 1, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.split_qkv(x)
+        y = self.attend(q, k, v) if self.ulysses is None else self.ulysses(q, k, v, 1)  # 1: the batch dimension
+        s, b = y.shape[:2]
+        return self.proj(y.reshape(s, b, self.num_heads * self.head_dim))

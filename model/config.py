@@ -40,7 +40,12 @@ class ModelConfig:
     seq_len: int = _f(256, "training sequence length (tokens per sample)", min=2)
     mlp: Literal["swiglu", "gelu"] = _f("swiglu", "MLP type")
     placement: str = _f("peri", "norm placement (model/placement.py registry)")
-    norm: Literal["rmsnorm", "layernorm"] = _f("rmsnorm", "normalization function")
+    norm: Literal["rmsnorm", "layernorm", "crmsnorm"] = _f(
+        "rmsnorm", "normalization function; crmsnorm = RMSNorm of the zero-mean stream (Pre-LN only; model/norms.py)"
+    )
+    norm_bias: Optional[bool] = _f(
+        None, "a learnable shift after every norm's gain; null = LayerNorm has one, RMSNorm / CRMSNorm do not"
+    )
     norm_eps: float = _f(1e-5, "epsilon of every norm", gt=0)
     qk_norm: bool = _f(False, "normalize queries and keys before RoPE and attention")
     qk_norm_scope: Literal["head", "layer"] = _f(
@@ -93,6 +98,9 @@ def validate_model(m: ModelConfig) -> None:
             "set model.qk_norm: true or remove the scope"
         )
     check_placement_switches(m, MODEL_DEFAULTS)
+    from model.norms import check_norm_switches  # here: model/norms.py imports torch, this module does not
+
+    check_norm_switches(m)
 
 
 def resolve_model(m: ModelConfig, vocab_size: int | None, tp: int = 1) -> ModelConfig:
@@ -122,4 +130,5 @@ def resolve_model(m: ModelConfig, vocab_size: int | None, tp: int = 1) -> ModelC
         m,
         embedding_norm=p.embedding_norm if m.embedding_norm is None else m.embedding_norm,
         depth_scale=p.depth_scale if m.depth_scale is None else m.depth_scale,
+        norm_bias=m.norm == "layernorm" if m.norm_bias is None else m.norm_bias,
     )

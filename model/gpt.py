@@ -6,20 +6,20 @@ backend computes them, parallelism is applied by the training code, not here.
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kernels import NormOps
 from model.attention import Attention
 from model.block import Block
+from model.loss import LossSpec, masked_mean, output_loss, token_losses
 from model.mlp import MLPS
 from model.norms import NormFactory
 from model.placement import PLACEMENTS, layer_specs
 from model.rope import Rotary
-from model.tensor_parallel import gather_last_dim, vocab_parallel_token_losses
+from model.tensor_parallel import gather_last_dim
+
+__all__ = ["GPT", "build_model", "masked_mean", "token_losses"]  # the plain loss helpers, re-exported
 
 
 class GPT(nn.Module):
@@ -28,8 +28,8 @@ class GPT(nn.Module):
         super().__init__()
         self.cfg = cfg
         d = cfg.hidden_size
-        norms = NormFactory(cfg.norm, cfg.norm_eps, ops, cfg.zero_centered_gain)
-        rotary = Rotary(d // cfg.num_heads, cfg.rope_theta)
+        norms = NormFactory(cfg.norm, cfg.norm_eps, ops, cfg.zero_centered_gain, cfg.norm_bias)
+        self.rotary = rotary = Rotary(d // cfg.num_heads, cfg.rope_theta)  # one table cache, shared by the blocks
         self.specs = layer_specs(cfg)
 
         self.embed = nn.Embedding(cfg.vocab_size, d)
@@ -63,47 +63,36 @@ class GPT(nn.Module):
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
         self.vocab_parallel = False  # set by model.parallelize.apply_tensor_parallel
+        self.loss_spec = LossSpec()  # train.fused_loss / train.z_loss, set by the training job
         self.reset_parameters()
 
-    @torch.no_grad()
     def reset_parameters(self) -> None:
         """Normal(0, std) everywhere; residual-output projections get std/sqrt(2L) (GPT-2,
         Megatron), except under a placement with an init gain (DeepNorm's beta), which scales the
-        value, attention-output and MLP weights by beta instead."""
-        std = self.cfg.init_std
-        nn.init.normal_(self.embed.weight, std=std)
-        if not self.cfg.tie_embeddings:
-            nn.init.normal_(self.head.weight, std=std)
-        out_std = std / math.sqrt(2 * self.cfg.num_layers)
-        for block, spec in zip(self.blocks, self.specs):
-            attn, mlp = block.attn.fn, block.mlp.fn
-            for lin in (attn.qkv, attn.proj, mlp.fc1, mlp.fc2):
-                nn.init.normal_(lin.weight, std=std)
-                if lin.bias is not None:
-                    nn.init.zeros_(lin.bias)
-            if spec.init_gain != 1.0:
-                beta = spec.init_gain
-                w = attn.qkv.weight.view(attn.num_kv_heads, attn.q_per_kv + 2, attn.head_dim, -1)
-                w[:, attn.q_per_kv + 1].mul_(beta)  # values
-                for lin in (attn.proj, mlp.fc1, mlp.fc2):
-                    lin.weight.mul_(beta)
-            else:
-                nn.init.normal_(attn.proj.weight, std=out_std)
-                nn.init.normal_(mlp.fc2.weight, std=out_std)
+        value, attention-output and MLP weights by beta instead. The steps are model/init.py's, which
+        also replays them for a rank that builds only its own part of the model (same values)."""
+        from model.init import parameter_names, reset_steps, run_steps
+
+        names = parameter_names(self)
+        run_steps(reset_steps(self), {names[id(p)]: p for p in self.parameters()})
 
     def forward(
         self, tokens: torch.Tensor, labels: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """tokens (B, T). Logits (B, T, V) without labels; the mean token cross-entropy (fp32) with them.
+        """tokens (B, T). Logits (B, T, V) without labels; with them the training loss (fp32): the mean token
+        cross-entropy over the mask (+ z-loss), by default without building the logits (model/loss.py).
         Inside, activations are sequence-first (T, B, d), as in Megatron."""
         x, h = self.embed_norm(self.embed(tokens.t())), None
+        # Fill the RoPE table cache here, not first inside a recomputed (checkpointed) block, where
+        # torch.compile cannot trace a mutation of it (a graph break).
+        self.rotary.tables(tokens.shape[1], x.device, x.dtype)
         for block in self.blocks:
             x, h = block(x, h)
-        logits = self.head(h)  # h: the final norm of x (or x), computed by the last junction
-        if labels is None:
-            return (gather_last_dim(logits) if self.vocab_parallel else logits).transpose(0, 1)
-        losses = (vocab_parallel_token_losses if self.vocab_parallel else token_losses)(logits, labels.t())
-        return masked_mean(losses, None if loss_mask is None else loss_mask.t())
+        # h: the final norm of x (or x), computed by the last junction
+        if labels is not None:
+            return output_loss(self.head, h, labels, loss_mask, self.loss_spec, self.vocab_parallel)
+        logits = self.head(h)
+        return (gather_last_dim(logits) if self.vocab_parallel else logits).transpose(0, 1)
 
     def register_zero3_external_parameters(self) -> None:
         """ZeRO-3 gathers a module's parameters when that module's forward runs; the junctions read
@@ -115,6 +104,31 @@ class GPT(nn.Module):
         for block in self.blocks:
             for p in block.junction_norms():
                 register_external_parameter(block, p)
+        if self.loss_spec.fused:  # the fused loss reads the output layer's weight without calling it
+            register_external_parameter(self, self.head.weight)
+
+    def compile_blocks(self, **compile_kwargs) -> None:
+        """torch.compile each block (regional compilation): blocks of the same shape share one compiled
+        graph, so compilation time does not grow with depth. The norm kernels and the fused loss are
+        custom ops, opaque to the compiler (no graph breaks); compilation happens at the first call.
+
+        Activation recomputation (model/recompute.py) checkpoints with a Python context that restores
+        the tensor-parallel RNG stream, which the compiler cannot trace: the checkpoint call stays
+        outside the compiled code (full: the block's inner forward is compiled; selective: everything
+        around the attention core is)."""
+        compiled = lambda fn: torch.compile(fn, **compile_kwargs)
+        for block in self.blocks:
+            attn = block.attn.fn
+            if attn.recompute_core:
+                attn.split_qkv = compiled(attn.split_qkv)
+                attn.proj.compile(**compile_kwargs)
+                block.mlp.fn.compile(**compile_kwargs)
+                for junction in (block.attn_exit, block.mlp_exit):
+                    junction.fn = compiled(junction.fn)
+            elif block.recompute:
+                block._forward = compiled(block._forward)
+            else:
+                block.compile(**compile_kwargs)
 
     def junction_kinds(self) -> list[str]:
         """Which op leaves each sublayer (for the run log)."""
@@ -137,25 +151,15 @@ class GPT(nn.Module):
         return 6 * n + 12 * c.num_layers * c.num_heads * head_dim * c.seq_len
 
 
-def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-token cross-entropy in fp32, shaped like labels."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none").view_as(
-        labels
-    )
-
-
-def masked_mean(losses: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.Tensor:
-    if loss_mask is None:
-        return losses.mean()
-    mask = loss_mask.to(losses.dtype)
-    return (losses * mask).sum() / mask.sum().clamp(min=1.0)
-
-
-def build_model(cfg, backend: str = "auto", device: str | torch.device = "cpu") -> tuple[GPT, str]:
-    """Builds the model on `device` with the norm backend resolved for it; returns (model, reason)."""
+def build_model(
+    cfg, backend: str = "auto", device: str | torch.device = "cpu", materialize: bool = True
+) -> tuple[GPT, str]:
+    """Builds the model on `device` with the norm backend resolved for it; returns (model, reason).
+    materialize=False: parameters on the meta device (no memory, no random draws), for a rank that then
+    materializes only its own part (model/init.py materialize)."""
     from kernels import resolve_backend
 
     ops, reason = resolve_backend(backend, device, hidden_size=cfg.hidden_size)
-    with torch.device(device):
+    with torch.device(device if materialize else "meta"):
         model = GPT(cfg, ops)
     return model, reason

@@ -48,6 +48,8 @@ def format_blockers(m, fmt: str) -> list[str]:
         need.append(f"model.placement='{m.placement}' (olmo2 needs reordered)")
     if m.norm != "rmsnorm":
         need.append(f"model.norm='{m.norm}' ({fmt} needs rmsnorm)")
+    elif m.norm_bias:
+        need.append(f"model.norm_bias=true ({fmt}'s RMSNorm has no shift)")
     if m.mlp != "swiglu":
         need.append(f"model.mlp='{m.mlp}' ({fmt} needs swiglu)")
     if m.embedding_norm:
@@ -243,6 +245,7 @@ def hf_config(m, fmt: str, token_ids: dict):
         mlp=m.mlp,
         norm=m.norm,
         norm_eps=m.norm_eps,
+        norm_bias=m.norm == "layernorm" if m.norm_bias is None else m.norm_bias,
         zero_centered_gain=m.zero_centered_gain,
         placement=m.placement,
         layer_slots=custom_layer_slots(m),

@@ -34,6 +34,7 @@ class EmbeddingStage(nn.Module):
     def __init__(self, gpt):
         super().__init__()
         self.embed, self.embed_norm, self.head = gpt.embed, gpt.embed_norm, gpt.head
+        self.fused_loss = gpt.loss_spec.fused  # as the output layer (tied): see HeadStage
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.embed_norm(self.embed(tokens.t()))  # sequence-first, as in the plain model
@@ -62,27 +63,37 @@ class FinalNormStage(nn.Module):
 
 
 class HeadStage(nn.Module):
+    """The output layer. With the fused loss it hands the hidden states on: the loss function applies
+    the same weight chunk by chunk (model/loss.py) instead of building the logits here."""
+
     def __init__(self, gpt):
         super().__init__()
         self.head = gpt.head
+        self.fused_loss = gpt.loss_spec.fused
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.head(h)
+        return h if self.fused_loss else self.head(h)
 
 
 def tied_head_forward(stage: EmbeddingStage, h: torch.Tensor) -> torch.Tensor:
-    return stage.head(h)
+    return h if stage.fused_loss else stage.head(h)
 
 
-def pipeline_loss(vocab_parallel: bool):
-    from model.gpt import masked_mean, token_losses
+def pipeline_loss(gpt):
+    """The last stage's loss_fn: with the fused loss, from the final hidden states and the head's weight
+    (the same Parameter as the last stage's own or tied head); otherwise from the head's logits."""
+    from model.loss import masked_mean, output_loss, token_losses
     from model.tensor_parallel import vocab_parallel_token_losses
 
-    losses = vocab_parallel_token_losses if vocab_parallel else token_losses
+    spec, head, vocab_parallel = gpt.loss_spec, gpt.head, gpt.vocab_parallel
 
-    def loss_fn(logits: torch.Tensor, targets: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def loss_fn(outputs: torch.Tensor, targets: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         labels, mask = targets
-        return masked_mean(losses(logits, labels.t()), mask.t())
+        if spec.fused:
+            return output_loss(head, outputs, labels, mask, spec, vocab_parallel)
+        if vocab_parallel:  # (z-loss with tp > 1 needs the fused loss: pretrain/config.py)
+            return masked_mean(vocab_parallel_token_losses(outputs, labels.t()), mask.t())
+        return masked_mean(token_losses(outputs, labels.t(), spec.z_loss), mask.t())
 
     return loss_fn
 
@@ -108,10 +119,7 @@ def build_pipeline(gpt, layout, partition: str):
         )
     topology = PipeModelDataParallelTopology(num_pp=layout.pp, num_mp=layout.tp, num_dp=layout.dp)
     pipe = PipelineModule(
-        layers=layers,
-        topology=topology,
-        loss_fn=pipeline_loss(gpt.vocab_parallel),
-        partition_method=partition_method(partition),
+        layers=layers, topology=topology, loss_fn=pipeline_loss(gpt), partition_method=partition_method(partition)
     )
     connect_stage_boundaries(pipe)
     return pipe

@@ -40,9 +40,15 @@ def _reduce_scatter_first_dim(x: torch.Tensor, group) -> torch.Tensor:
     return out
 
 
-def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
-    torch.distributed.all_reduce(x, group=group)
+def tp_all_reduce(x: torch.Tensor, group, op=torch.distributed.ReduceOp.SUM) -> torch.Tensor:
+    """In place. The model's collectives all live in this module and act on activations (or their
+    gradients), which are on the compute device, the group's, by construction; pretrain/'s own
+    collectives go through pretrain.distributed.all_reduce (tests/test_collectives.py)."""
+    torch.distributed.all_reduce(x, op=op, group=group)
     return x
+
+
+_all_reduce = tp_all_reduce
 
 
 def _all_gather_last_dim(x: torch.Tensor, group) -> torch.Tensor:

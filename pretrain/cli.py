@@ -8,15 +8,17 @@ bug and keeps its traceback.
 Exit codes (README, Troubleshooting):
     0  done              2  bad config, argument or data     4  training stopped (bad steps)
     1  other failure     3  checkpoint problem               5  the machine cannot run the config
+                                                               (or its disk filled up / went read-only)
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from typing import Callable
 
-from kernels.errors import PretrainError
+from kernels.errors import EnvironmentCheckError, PretrainError
 
 
 def _rank() -> int:
@@ -40,12 +42,26 @@ def report(error: PretrainError) -> int:
     return error.exit_code
 
 
+# A full or read-only disk is the machine's state, not a bug: one line and exit 5, wherever it hits
+# (a checkpoint save names it itself, as a CheckpointError; this catches metrics, logs, exports).
+DISK_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up", errno.EROFS: "read-only"}
+
+
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
     """Calls main(argv); a PretrainError becomes its message and exit code."""
     try:
         return main(argv) or 0
     except PretrainError as e:
         return report(e)
+    except OSError as e:
+        if e.errno not in DISK_ERRORS:
+            raise
+        error = EnvironmentCheckError(
+            f"{e.filename or 'a file'}: {e.strerror} ({DISK_ERRORS[e.errno]}); free space or point run.dir / --out at "
+            "another filesystem, then continue with --resume auto"
+        )
+        error.rank_local = True  # another rank may not have hit it
+        return report(error)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

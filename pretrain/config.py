@@ -51,14 +51,55 @@ class DataConfig:
 class TrainConfig:
     max_steps: int = _f(1000, "optimizer steps to train", min=1)
     micro_batch_size: int = _f(8, "sequences per rank per forward/backward", min=1)
-    global_batch_size: int = _f(16, "sequences per optimizer step (micro * data-parallel * accumulation)", min=1)
-    lr: float = _f(1e-3, "peak learning rate", gt=0)
+    global_batch_size: int = _f(
+        16,
+        "sequences per optimizer step (micro * data-parallel * accumulation); auto = the Step Law's batch for "
+        "train.tokens (pretrain/scaling/hparam_laws.py), resolved at start-up",
+        min=1,
+        auto=True,
+    )
+    lr: float = _f(
+        1e-3,
+        "peak learning rate (the cap of the power schedule); auto = the Step Law's for this model and train.tokens "
+        "(pretrain/scaling/hparam_laws.py), resolved at start-up",
+        gt=0,
+        auto=True,
+    )
+    tokens: int = _f(
+        0,
+        "planned training tokens (the Step Law's D); set it to plan by tokens (max_steps = tokens / (batch x "
+        "seq_len) with global_batch_size: auto or max_steps left at its default, else max_steps decides); "
+        "0 = max_steps x global_batch_size x seq_len (filled in)",
+        min=0,
+    )
+    derived: list = _f(
+        [], "filled in by resolve(): how the `auto` values (the law, N, D) and max_steps / tokens were derived"
+    )
     min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of the peak", min=0, max=1)
     warmup_steps: int = _f(100, "linear warmup steps", min=0)
-    schedule: Literal["cosine", "wsd", "constant"] = _f(
-        "cosine", "after warmup: cosine decay, warmup-stable-decay, or constant"
+    schedule: Literal["cosine", "wsd", "constant", "power", "infinite"] = _f(
+        "cosine",
+        "after warmup: cosine decay, warmup-stable-decay, constant, the Power scheduler (a power law of tokens) "
+        "or the infinite schedule (cool-down, constant, annealing); formulas in pretrain/schedule.py",
     )
-    decay_fraction: float = _f(0.2, "wsd: fraction of max_steps spent in the final linear decay", gt=0, max=1)
+    decay_fraction: float = _f(
+        0.2, "wsd, infinite, power: fraction of max_steps spent in the final decay / annealing", gt=0, max=1
+    )
+    decay_start: int = _f(
+        0,
+        "wsd, infinite, power: step where the final decay / annealing starts; 0 = max_steps - decay_fraction x "
+        "max_steps. --anneal-from CHECKPOINT sets it to the checkpoint's step",
+        min=0,
+    )
+    power_a: float = _f(4.0, "power: a in lr = min(train.lr, a * tokens^b) (Shen et al. 2024)", gt=0)
+    power_b: float = _f(-0.51, "power: b in lr = min(train.lr, a * tokens^b) (Shen et al. 2024)", max=0)
+    cooldown_steps: int = _f(
+        0,
+        "infinite: steps of the cosine cool-down from train.lr to constant_lr_ratio x lr after warmup (0 = straight "
+        "to the constant LR)",
+        min=0,
+    )
+    constant_lr_ratio: float = _f(0.5, "infinite: the constant phase's LR as a fraction of train.lr", gt=0, max=1)
     weight_decay: float = _f(0.1, "AdamW weight decay on matrices (never on norm gains and biases)", min=0)
     embedding_weight_decay: bool = _f(
         True,
@@ -102,6 +143,20 @@ class TrainConfig:
     inject_nonfinite_at: list = _f(
         [], "fault injection for testing the bad-step policy: make rank 0's loss NaN at these (1-based) steps"
     )
+    fused_loss: bool = _f(
+        True,
+        "compute the output layer and cross-entropy in chunks of tokens, never building the "
+        "[tokens x vocab] logits (model/loss.py); false = the plain logits + cross-entropy",
+    )
+    z_loss: float = _f(
+        0.0,
+        "coefficient of the z-loss term z_loss * logsumexp(logits)^2 added per token (to the training and the "
+        "logged loss); 0 = off",
+        min=0,
+    )
+    compile: bool = _f(
+        False, "torch.compile every transformer block (the norm kernels are custom ops: no graph breaks)"
+    )
 
 
 @dataclass
@@ -141,15 +196,47 @@ class ParallelConfig:
     pp_partition: Literal["parameters", "layers"] = _f(
         "parameters", "how layers are divided between pipeline stages: balance parameters or transformer blocks"
     )
+    ulysses: int = _f(
+        1,
+        "DeepSpeed-Ulysses sequence parallelism: each sequence is split over this many ranks and attention "
+        "exchanges heads for sequence by all-to-all (model.num_heads and num_kv_heads must divide by tp x ulysses)",
+        min=1,
+    )
 
 
 @dataclass
 class ZeroConfig:
     stage: int = _f(1, "DeepSpeed ZeRO stage", min=0, max=3)
     ds_config: str = _f(
-        "",
-        "a DeepSpeed JSON merged under ours (e.g. ZeRO bucket sizes, offload); a key we also set must agree with ours",
+        "", "a DeepSpeed JSON merged under ours (e.g. ZeRO bucket sizes); a key we also set must agree with ours"
     )
+    offload_optimizer: Literal["none", "cpu", "nvme"] = _f(
+        "none",
+        "ZeRO-Offload: keep the fp32 master weights and Adam states in CPU memory (cpu, ZeRO 1-3) or on NVMe "
+        "(nvme, ZeRO-Infinity, ZeRO-3) and step them with DeepSpeed's CPU Adam",
+    )
+    offload_params: Literal["none", "cpu", "nvme"] = _f(
+        "none", "ZeRO-3 only: keep the 16-bit parameter partitions in CPU memory (cpu) or on NVMe (nvme, ZeRO-Infinity)"
+    )
+    nvme_path: str = _f("", "a folder on a fast local NVMe drive for the offloaded states (nvme offload)")
+    pin_memory: bool = _f(
+        True, "offload into page-locked CPU memory (faster transfers; needs enough locked memory, ulimit -l)"
+    )
+    nvme_params_in_cpu: int = _f(
+        1_000_000_000,
+        "offload_params: nvme: parameter elements per rank kept in CPU memory, the rest on the drive (DeepSpeed's "
+        "offload_param.max_in_cpu: a model below it never touches the drive)",
+        min=0,
+    )
+    nvme_param_buffers: int = _f(5, "offload_params: nvme: CPU buffers for parameters in flight", min=1)
+    nvme_param_buffer_size: int = _f(
+        0, "offload_params: nvme: elements per buffer; 0 = this rank's largest parameter (DeepSpeed's minimum)", min=0
+    )
+    aio_block_size: int = _f(1048576, "nvme: bytes per async-io request (DeepSpeed's aio.block_size)", min=4096)
+    aio_queue_depth: int = _f(8, "nvme: async-io requests in flight per thread (aio.queue_depth)", min=1)
+    aio_intra_op_parallelism: int = _f(1, "nvme: async-io threads per read or write (aio.intra_op_parallelism)", min=1)
+    aio_single_submit: bool = _f(False, "nvme: submit requests one by one instead of in batches (aio.single_submit)")
+    aio_overlap_events: bool = _f(True, "nvme: overlap submission and completion of requests (aio.overlap_events)")
 
 
 @dataclass
@@ -187,10 +274,23 @@ class Config:
 
 
 _did_you_mean = did_you_mean  # the name the sweep spec imports
+AUTO = "auto"  # train.lr / train.global_batch_size: resolved from the Step Law by resolve()
 
 
 def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
+
+
+def _integral(value: Any) -> Any:
+    """A float or numeric string with an integral value (2.5e9) as an int; anything else unchanged."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 def _check_value(path: str, value: Any, tp: Any, meta: dict) -> Any:
@@ -202,6 +302,8 @@ def _check_value(path: str, value: Any, tp: Any, meta: dict) -> Any:
             return None
         (tp,) = [a for a in args if a is not type(None)]
         origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if meta.get("auto") and value == AUTO:
+        return value  # train.lr / global_batch_size: a number once resolve() has run
     if origin is Literal:
         if value not in args:
             allowed = ", ".join(str(a) for a in args)
@@ -213,6 +315,7 @@ def _check_value(path: str, value: Any, tp: Any, meta: dict) -> Any:
             raise ConfigError(f"{path}: expected true or false, got {value!r}")
         return value
     if tp is int:
+        value = _integral(value)  # 2.5e9 tokens: YAML gives a float or (no dot) a string
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{path}: expected an integer, got {value!r}")
     elif tp is float:
@@ -370,8 +473,14 @@ def validate(cfg: Config) -> None:
             f"{', '.join(BACKEND_CHOICES)}{_did_you_mean(cfg.kernels.backend, list(BACKEND_CHOICES))}"
         )
     _validate_parallel(cfg)
-    if t.warmup_steps >= t.max_steps and t.schedule != "constant":
-        raise ConfigError(f"train.warmup_steps: {t.warmup_steps} must be smaller than train.max_steps={t.max_steps}")
+    _validate_offload(cfg.zero)
+    if not t.tokens:  # with train.tokens set, max_steps is derived and resolve() checks these
+        _validate_steps(t)
+    if t.z_loss > 0 and not t.fused_loss and cfg.parallel.tp > 1:
+        raise ConfigError(
+            f"train.z_loss: {t.z_loss} with parallel.tp={cfg.parallel.tp} needs train.fused_loss: true "
+            "(the plain vocab-parallel loss is megatron-core's, which has no z-loss term)"
+        )
     if t.precision == "fp16" and m.norm_eps < 1e-5:
         raise ConfigError(f"model.norm_eps: {m.norm_eps} underflows in fp16; use >= 1e-5 with train.precision=fp16")
     r = cfg.checkpoint.resume
@@ -381,6 +490,14 @@ def validate(cfg: Config) -> None:
         for item in getattr(cfg.data, name):
             _parse_blend_item(f"data.{name}", item)
     _validate_faults_and_signals(cfg)
+
+
+def _validate_steps(t: TrainConfig) -> None:
+    from pretrain.schedule import check_schedule
+
+    if t.warmup_steps >= t.max_steps and t.schedule != "constant":
+        raise ConfigError(f"train.warmup_steps: {t.warmup_steps} must be smaller than train.max_steps={t.max_steps}")
+    check_schedule(t, TrainConfig())
 
 
 def _validate_faults_and_signals(cfg: Config) -> None:
@@ -449,17 +566,99 @@ def _validate_parallel(cfg: Config) -> None:
             f"zero.stage: {cfg.zero.stage} cannot be combined with pipeline parallelism "
             f"(parallel.pp={pp}): DeepSpeed's pipeline engine supports ZeRO stages 0 and 1"
         )
+    if p.ulysses > 1:
+        _validate_ulysses(m, p)
+
+
+def _validate_ulysses(m, p: ParallelConfig) -> None:
+    """DeepSpeed-Ulysses scatters heads over tp x ulysses ranks and the sequence over ulysses ranks."""
+    u, split = p.ulysses, p.tp * p.ulysses
+    kv = m.num_kv_heads or m.num_heads
+    for name, heads in (("model.num_heads", m.num_heads), ("model.num_kv_heads", kv)):
+        if heads % split:
+            sizes = [d for d in range(2, heads + 1) if heads % (p.tp * d) == 0]
+            raise ConfigError(
+                f"parallel.ulysses: {u} x parallel.tp {p.tp} = {split} does not divide {name}={heads} (the all-to-all "
+                f"gives each rank whole heads); ulysses sizes that would: {', '.join(map(str, sizes)) or 'none'}"
+            )
+    shards = u * (p.tp if p.sequence_parallel else 1)
+    if m.seq_len % shards:
+        what = (
+            f"parallel.ulysses x parallel.tp (sequence parallel) = {shards}" if shards != u else f"parallel.ulysses={u}"
+        )
+        raise ConfigError(
+            f"parallel.ulysses: model.seq_len={m.seq_len} is not divisible by {what}; sequence lengths must split "
+            f"evenly; ulysses sizes that would: {_divisors(m.seq_len // (shards // u), limit=64)}"
+        )
+    if p.pp > 1:
+        raise ConfigError(
+            f"parallel.ulysses: {u} with parallel.pp={p.pp} is not supported: DeepSpeed's pipeline engine reduces "
+            "gradients over its own data-parallel group, which cannot include the Ulysses ranks; use parallel.pp=1 "
+            "(tensor parallelism and ZeRO 0-3 compose with Ulysses)"
+        )
+
+
+def _validate_offload(z: ZeroConfig) -> None:
+    """ZeRO-Offload / ZeRO-Infinity: what DeepSpeed can offload at which stage, and no setting left unused.
+    What the machine must offer (DeepSpeed's CPU Adam and async-io ops, a writable NVMe folder) is checked by
+    pretrain/preflight.py."""
+    if z.offload_params != "none" and z.stage != 3:
+        raise ConfigError(
+            f"zero.offload_params: '{z.offload_params}' needs zero.stage=3 (only ZeRO-3 partitions the parameters "
+            f"it could offload); zero.stage is {z.stage}"
+        )
+    if z.offload_optimizer != "none" and z.stage == 0:
+        raise ConfigError(
+            f"zero.offload_optimizer: '{z.offload_optimizer}' needs zero.stage 1, 2 or 3 (ZeRO-0 has no ZeRO "
+            "optimizer to offload)"
+        )
+    if z.offload_optimizer == "nvme" and z.stage != 3:
+        raise ConfigError(
+            f"zero.offload_optimizer: 'nvme' needs zero.stage=3 (ZeRO-Infinity; DeepSpeed's ZeRO-{z.stage} would "
+            "keep the states in CPU memory instead); use offload_optimizer: cpu, or zero.stage: 3"
+        )
+    nvme = "nvme" in (z.offload_optimizer, z.offload_params)
+    if nvme and not z.nvme_path:
+        raise ConfigError(
+            "zero.nvme_path: empty, but zero.offload_optimizer/offload_params is 'nvme'; set a folder on "
+            "a local NVMe drive"
+        )
+    defaults = ZeroConfig()
+    unused = [] if nvme else [k for k in _NVME_KEYS if getattr(z, k) != getattr(defaults, k)]
+    if z.offload_params != "nvme":
+        params_keys = ("nvme_params_in_cpu", "nvme_param_buffers", "nvme_param_buffer_size")
+        unused += [k for k in params_keys if getattr(z, k) != getattr(defaults, k)]
+    if z.offload_optimizer == z.offload_params == "none" and z.pin_memory != defaults.pin_memory:
+        unused.append("pin_memory")
+    if unused:
+        raise ConfigError(
+            f"zero.{unused[0]}: set, but nothing it applies to is offloaded (zero.offload_optimizer="
+            f"{z.offload_optimizer}, zero.offload_params={z.offload_params}); remove "
+            + ", ".join(f"zero.{k}" for k in dict.fromkeys(unused))
+        )
+
+
+_NVME_KEYS = (
+    "nvme_path",
+    "aio_block_size",
+    "aio_queue_depth",
+    "aio_intra_op_parallelism",
+    "aio_single_submit",
+    "aio_overlap_events",
+)
 
 
 def check_world(cfg: Config, world_size: int) -> int:
     """Checks the batch arithmetic for a world size; returns the gradient-accumulation steps."""
-    t = cfg.train
-    model_parallel = cfg.parallel.tp * cfg.parallel.pp
+    t, p = cfg.train, cfg.parallel
+    model_parallel = p.tp * p.pp * p.ulysses  # the ranks one sample's computation spans
     if world_size % model_parallel:
         valid = [n for n in range(model_parallel, 8 * model_parallel + 1, model_parallel)]
+        names = "parallel.tp x parallel.pp" + (" x parallel.ulysses" if p.ulysses > 1 else "")
+        sizes = f"{p.tp} x {p.pp}" + (f" x {p.ulysses}" if p.ulysses > 1 else "")
         raise ConfigError(
-            f"world size {world_size} is not a multiple of parallel.tp x parallel.pp = {cfg.parallel.tp} x "
-            f"{cfg.parallel.pp} = {model_parallel}; world sizes that work: {', '.join(map(str, valid))}, ..."
+            f"world size {world_size} is not a multiple of {names} = {sizes} = {model_parallel}; world sizes that "
+            f"work: {', '.join(map(str, valid))}, ..."
         )
     dp = world_size // model_parallel
     per_step = t.micro_batch_size * dp
@@ -500,8 +699,9 @@ _divisors = divisors
 # ---------------------------------------------------------------------------------- resolution
 
 
-def resolve(cfg: Config, vocab_size: int | None = None) -> Config:
-    """Returns a copy with every derived default filled in (what config.yaml records)."""
+def resolve(cfg: Config, vocab_size: int | None = None, world_size: int | None = None) -> Config:
+    """Returns a copy with every derived default filled in (what config.yaml records). world_size (else
+    $WORLD_SIZE, else 1) only rounds an `auto` batch to the data-parallel size."""
     cfg = dataclasses.replace(cfg)
     cfg.run = dataclasses.replace(cfg.run, dir=run_directory(cfg))
     d = cfg.data
@@ -525,7 +725,59 @@ def resolve(cfg: Config, vocab_size: int | None = None) -> Config:
             f"{cfg.parallel.tp}; set it, or model.ffn_multiple, to a multiple of the tp size"
         )
     cfg.model = m
+    cfg.train = _resolve_train(cfg, world_size)
     return cfg
+
+
+def _resolve_train(cfg: Config, world_size: int | None) -> TrainConfig:
+    """train.global_batch_size / lr `auto` from the Step Law (pretrain/scaling/hparam_laws.py), max_steps
+    from train.tokens when it is set, and train.tokens = max_steps x batch x seq_len (the planned D)."""
+    from pretrain.scaling.hparam_laws import STEP_LAW, non_embedding_parameters, round_batch
+
+    t, m, p = cfg.train, cfg.model, cfg.parallel
+    law, notes = STEP_LAW, []
+    batch_auto = t.global_batch_size == AUTO
+    if batch_auto:
+        if not t.tokens:
+            raise ConfigError(
+                "train.global_batch_size: auto needs the planned token budget: set train.tokens (the Step Law's "
+                "batch depends on D, and D = max_steps x batch would make it circular)"
+            )
+        world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+        dp = max(1, world // (p.tp * p.pp * p.ulysses))
+        batch = law.batch(non_embedding_parameters(m) if law.batch.alpha else 1, t.tokens)
+        gbs, how = round_batch(batch, m.seq_len, t.micro_batch_size, dp)
+        notes.append(
+            f"global_batch_size = {gbs}: {law.name} ({law.source}) {law.batch.formula('B*')} with D={t.tokens:,}: {how}"
+        )
+        t = dataclasses.replace(t, global_batch_size=gbs)
+    step_tokens = t.global_batch_size * m.seq_len
+    if t.tokens and (batch_auto or t.max_steps == TrainConfig().max_steps):
+        steps = max(1, round(t.tokens / step_tokens))
+        notes.append(
+            f"max_steps = {steps:,}: train.tokens {t.tokens:,} / {step_tokens:,} tokens per step"
+            + (
+                f" (replaces the configured {t.max_steps:,})"
+                if t.max_steps not in (steps, TrainConfig().max_steps)
+                else ""
+            )
+        )
+        t = dataclasses.replace(t, max_steps=steps)
+    elif t.tokens and t.tokens != t.max_steps * step_tokens:
+        notes.append(f"tokens: {t.tokens:,} asked, but train.max_steps={t.max_steps:,} is set and decides")
+    t = dataclasses.replace(t, tokens=t.max_steps * step_tokens)
+    if t.lr == AUTO:
+        n = non_embedding_parameters(m)
+        lr = law.lr(n, t.tokens)
+        notes.append(
+            f"lr = {lr:.4g}: {law.name} ({law.source}) {law.lr.formula('lr*')} with N={n:,} (non-embedding), "
+            f"D={t.tokens:,}"
+        )
+        t = dataclasses.replace(t, lr=lr)
+    if notes:
+        t = dataclasses.replace(t, derived=notes)
+    _validate_steps(t)
+    return t
 
 
 def describe_keys() -> str:

@@ -21,21 +21,21 @@ from contextlib import contextmanager
 
 import torch
 
+from pretrain.distributed import all_gather_object, all_reduce
 
-def _sum_over(values: list[float], group, op=torch.distributed.ReduceOp.SUM) -> list[float]:
-    if group is None:
-        return values
-    t = torch.tensor(values, dtype=torch.float64)
-    torch.distributed.all_reduce(t, op=op, group=group)
-    return t.tolist()
+
+def _over(t: torch.Tensor, group, op=torch.distributed.ReduceOp.SUM) -> list[float]:
+    """A few statistics (a float64 tensor on any device) combined over `group` (None: this rank's own),
+    read back with one device-to-host copy."""
+    return (t if group is None else all_reduce(t, op, group)).tolist()
 
 
 def _residual_stats(x: torch.Tensor, shard_group=None) -> dict[str, float]:
     """Statistics of all elements of x; with shard_group (sequence parallelism) x is this rank's
     shard and the sums are combined over the group."""
-    xf = x.detach().float()
-    n, total, sq = _sum_over([float(xf.numel()), float(xf.sum()), float(xf.pow(2).sum())], shard_group)
-    (peak,) = _sum_over([float(xf.abs().max())], shard_group, torch.distributed.ReduceOp.MAX)
+    xf = x.detach().double()
+    n, total, sq = _over(torch.stack([xf.new_tensor(xf.numel()), xf.sum(), xf.pow(2).sum()]), shard_group)
+    (peak,) = _over(xf.abs().max().reshape(1), shard_group, torch.distributed.ReduceOp.MAX)
     mean = total / n
     var = (sq - n * mean * mean) / max(1.0, n - 1)  # unbiased, like torch.var
     return {"var": var, "rms": (sq / n) ** 0.5, "max_abs": peak}
@@ -76,7 +76,8 @@ def _recording(blocks, tp_group=None, sequence_parallel: bool = False):
             q, k, _ = module.split_qkv(args[0])  # module calls: ZeRO-3 gathers their parameters
             # Under tensor parallelism this rank holds a share of the heads: average over all of them.
             heads = float(q.shape[2])
-            ent, count = _sum_over([attention_entropy(q.transpose(0, 1), k.transpose(0, 1)) * heads, heads], tp_group)
+            local = [attention_entropy(q.transpose(0, 1), k.transpose(0, 1)) * heads, heads]
+            ent, count = _over(torch.tensor(local, dtype=torch.float64), tp_group)
             per_layer.setdefault(block.layer, {})["attn_entropy"] = ent / count
 
         return hook
@@ -98,10 +99,8 @@ def _merge_stages(per_layer: dict, pp_group) -> dict:
     """Pipeline stages each hold some layers; every rank gets them all."""
     if pp_group is None:
         return per_layer
-    parts = [None] * torch.distributed.get_world_size(pp_group)
-    torch.distributed.all_gather_object(parts, per_layer, group=pp_group)
     merged = {}
-    for part in parts:
+    for part in all_gather_object(per_layer, pp_group):
         for layer, stats in part.items():
             merged.setdefault(layer, {}).update(stats)
     return merged
@@ -126,19 +125,18 @@ def activation_stats(
 
 def _grad_sq(params, get_grad, tp_group) -> float:
     """Sum of squared gradients; tensor-parallel shards are summed over the tp group, replicated
-    parameters counted once."""
-    sharded = replicated = 0.0
+    parameters counted once. Summed on the gradients' device: one host copy, not one per parameter."""
+    sums = {True: [], False: []}
     for p in params:
         g = get_grad(p)
-        if g is None:
-            continue
-        sq = float(g.detach().float().pow(2).sum())
-        if getattr(p, "tensor_model_parallel", False):
-            sharded += sq
-        else:
-            replicated += sq
-    (sharded,) = _sum_over([sharded], tp_group)
-    return sharded + replicated
+        if g is not None:
+            sums[bool(getattr(p, "tensor_model_parallel", False))].append(g.detach().double().pow(2).sum())
+
+    def total(parts):
+        return torch.stack(parts).sum().reshape(1) if parts else torch.zeros(1, dtype=torch.float64)
+
+    (sharded,) = _over(total(sums[True]), tp_group)
+    return sharded + total(sums[False]).item()
 
 
 def layer_grad_norms(blocks, tp_group=None, pp_group=None) -> list[float]:
@@ -156,5 +154,5 @@ def global_grad_norm(model, tp_group=None, pp_group=None) -> float:
     Parameters that a later pipeline stage holds a tied copy of are counted once."""
     params = [p for p in model.parameters() if not getattr(p, "ds_pipe_replicated", False)]
     sq = _grad_sq(params, lambda p: p.grad, tp_group)
-    (sq,) = _sum_over([sq], pp_group)
+    (sq,) = _over(torch.tensor([sq], dtype=torch.float64), pp_group)
     return math.sqrt(sq)

@@ -75,13 +75,46 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
-def all_reduce_sum(values: list[float], device: torch.device, group=None) -> list[float]:
+# ------------------------------------------------------------------------------ collectives
+# Every tensor collective of pretrain/ goes through all_reduce below (tests/test_collectives.py scans the
+# package for any that does not): NCCL takes only CUDA tensors on the current device and gloo is safest
+# with CPU ones, so the tensor moves to the group's device and its result comes back where it was.
+# The tensor-parallel layers (model/tensor_parallel.py) run their collectives on the activations, which
+# are on the compute device by construction, and may not import this module (model/ is below pretrain/).
+
+
+def group_device(group=None) -> torch.device:
+    """The device the tensors of a collective on `group` (default: all ranks) must be on."""
+    if torch.distributed.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce(tensor: torch.Tensor, op=torch.distributed.ReduceOp.SUM, group=None) -> torch.Tensor:
+    """`tensor` reduced over `group` (default: all ranks), on `tensor`'s device; the tensor itself without
+    a process group or on a group of one."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size(group) == 1:
+        return tensor
+    device = group_device(group)
+    on_group = tensor.to(device, copy=tensor.device == device)  # a copy either way: the caller's stays intact
+    torch.distributed.all_reduce(on_group, op=op, group=group)
+    return on_group.to(tensor.device)
+
+
+def all_reduce_sum(values: list[float], device: torch.device | None = None, group=None) -> list[float]:
     """Sums a few floats across the ranks of `group` (default: all) in one collective (float64, so
-    sums of many tokens stay exact)."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size(group) > 1:
-        torch.distributed.all_reduce(t, group=group)
-    return t.tolist()
+    sums of many tokens stay exact). `device` is accepted for callers that pass it; the collective
+    runs on the group's device whatever it is."""
+    return all_reduce(torch.tensor(values, dtype=torch.float64), group=group).tolist()
+
+
+def all_gather_object(obj, group=None) -> list:
+    """Every rank's `obj`, in rank order within `group` (a list of one without a process group)."""
+    if not torch.distributed.is_initialized():
+        return [obj]
+    out = [None] * torch.distributed.get_world_size(group)
+    torch.distributed.all_gather_object(out, obj, group=group)
+    return out
 
 
 def broadcast_object(obj, src: int = 0):

@@ -8,6 +8,7 @@ from kernels.errors import ConfigError
 from model.tensor_parallel import VocabParallelEmbedding
 from pretrain.ds_compat import restore_group_hyperparameters, set_lr_schedule_step
 from pretrain.schedule import make_lr_lambda
+from pretrain.zero import aio_section, offload_adam, zero_optimization
 
 # Keys of a user's DeepSpeed JSON that our own machinery replaces: refused, with where to go instead.
 _OWNED_ELSEWHERE = {
@@ -64,7 +65,8 @@ def _our_deepspeed_config(cfg, grad_accum: int) -> dict:
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": grad_accum,
-        "zero_optimization": {"stage": cfg.zero.stage},
+        "zero_optimization": zero_optimization(cfg),  # the stage, and ZeRO-Offload / ZeRO-Infinity (offload.py)
+        **aio_section(cfg),
         # We pass torch's AdamW: DeepSpeed supports it under ZeRO but asks for this opt-in.
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,  # progress is ours
@@ -112,13 +114,13 @@ def build_engine(
     import deepspeed
 
     t = cfg.train
-    optimizer = torch.optim.AdamW(
-        param_groups(model, t.weight_decay, t.embedding_weight_decay),
-        lr=t.lr,
-        betas=(t.beta1, t.beta2),
-        eps=t.adam_eps,
-        fused=device.type == "cuda",
-    )
+    groups = param_groups(model, t.weight_decay, t.embedding_weight_decay)
+    if cfg.zero.offload_optimizer != "none":  # offloaded states are stepped on the CPU by DeepSpeed's CPU Adam
+        optimizer = offload_adam(groups, t)
+    else:
+        optimizer = torch.optim.AdamW(
+            groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.adam_eps, fused=device.type == "cuda"
+        )
     # A callable, so the schedule is built on the optimizer DeepSpeed actually steps (its ZeRO wrapper).
     scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, make_lr_lambda(t))
     ds_config = deepspeed_config(cfg, grad_accum)

@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CUSTOM_CODE = ROOT / "model" / "hf_custom"
 CUSTOM_FILES = ("configuration_pretrain_gpt.py", "modeling_pretrain_gpt.py")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-VERIFY_ATOL = 1e-3  # fp32 export vs our model; the tests hold it to 1e-4
+VERIFY_ATOL = 1e-3  # fp32 export vs our model (the tests hold it to 1e-4); bf16/fp16: plus rounding_tolerance
 SAMPLE_TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\n  Speak, speak. 1234 ünïcode\n"
 
 
@@ -285,8 +285,30 @@ def _check_tokenizer_fits(sp_model: Path, vocab_size: int) -> None:
         )
 
 
+def rounding_tolerance(dtype: torch.dtype) -> float:
+    """How far, relative to the largest logit, a correct export in `dtype` may stray from our model
+    run on the same weights rounded to `dtype`: a few units of `dtype`'s rounding (2^-8 for bf16,
+    2^-11 for fp16), for the gains that were folded (LNS scale, zero-centred gain) before rounding
+    rather than after. A conversion bug moves logits by a good fraction of their size."""
+    return 0.0 if dtype == torch.float32 else 4 * torch.finfo(dtype).eps / 2
+
+
+def rounded_copy(model, dtype: torch.dtype):
+    """Our model with every weight rounded to `dtype` and back to fp32: what an export in `dtype`
+    holds, computed in fp32."""
+    import copy
+
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.copy_(p.to(dtype).float())
+    return twin
+
+
 def verify_export(model, m, out: Path, fmt: str, dtype: torch.dtype) -> float:
-    """Loads `out` with transformers, offline, and compares its logits with ours on random tokens."""
+    """Loads `out` with transformers, offline, upcast to fp32, and compares its logits with ours on
+    random tokens: with our model itself for an fp32 export, with our model on weights rounded to the
+    export's dtype for a bf16/fp16 one (then within rounding_tolerance of the largest logit)."""
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(
@@ -295,11 +317,13 @@ def verify_export(model, m, out: Path, fmt: str, dtype: torch.dtype) -> float:
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, m.vocab_size, (2, min(m.seq_len, 64)), generator=gen)
     with torch.no_grad():
-        diff = (model(tokens).float() - hf(tokens).logits.float()).abs().max().item()
-    if dtype == torch.float32 and diff > VERIFY_ATOL:
+        reference = (model if dtype == torch.float32 else rounded_copy(model, dtype))(tokens).float()
+        diff = (reference - hf(tokens).logits.float()).abs().max().item()
+    allowed = VERIFY_ATOL + rounding_tolerance(dtype) * reference.abs().max().item()
+    if not diff <= allowed:  # (a NaN fails too)
         raise ExportError(
-            f"verification failed: the exported {fmt} model's logits differ from ours by {diff:.3g} "
-            f"(> {VERIFY_ATOL}); the export was left in {out}"
+            f"verification failed: the exported {fmt} model's logits ({str(dtype).removeprefix('torch.')} weights, "
+            f"run in fp32) differ from ours by {diff:.3g} (> {allowed:.3g}); the export was left in {out}"
         )
     return diff
 
@@ -349,7 +373,13 @@ def readme(m, s: dict) -> str:
     if "max_abs_logit_diff" in s:
         lines.append(
             f"* verified after writing: max |logit difference| vs the training model = "
-            f"{s['max_abs_logit_diff']:.2e} (fp32 forward)"
+            f"{s['max_abs_logit_diff']:.2e} (fp32 forward"
+            + (
+                ""
+                if s["dtype"] == "float32"
+                else f", against the training model with its weights rounded to {s['dtype']}"
+            )
+            + ")"
         )
     lines += [
         "",

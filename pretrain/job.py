@@ -10,6 +10,7 @@ Nothing here trains or restores state: that is pretrain/restore.py and pretrain/
 from __future__ import annotations
 
 import random
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -30,8 +31,11 @@ from pretrain.parallel import (
     data_parallel_group,
     initialize_groups,
     layout_for,
+    needs_mpu,
     pipeline_parallel_group,
     tensor_parallel_group,
+    ulysses_group,
+    zero_group,
 )
 
 
@@ -46,7 +50,7 @@ class Run:
     log: Callable[[str], None]
     layout: Layout
     coords: tuple[int, int, int]  # this rank's (pp, dp, tp)
-    groups: dict  # "dp" / "tp" / "pp" process groups (None = every rank / not used)
+    groups: dict  # "dp" / "tp" / "pp" / "sp" (Ulysses) / "zero" (dp x sp) process groups (None = every rank / not used)
     grad_accum: int
     checkpointer: Checkpointer
 
@@ -93,12 +97,14 @@ def open_run(cfg: Config, tokenizer: Tokenizer, dist: DistInfo) -> Run:
         say(msg, dist.is_main, log_file)
 
     layout = layout_for(cfg, dist.world_size)
-    if layout.tp > 1 or layout.pp > 1:
+    if layout.needs_groups:
         initialize_groups(layout)
     groups = {
         "dp": data_parallel_group(layout),
         "tp": tensor_parallel_group(layout),
         "pp": pipeline_parallel_group(layout),
+        "sp": ulysses_group(layout),
+        "zero": zero_group(layout),
     }
     if note := deepspeed_version_note():
         log(f"[warning] {note}")
@@ -125,7 +131,11 @@ def build_model(run: Run):
 
     m = run.cfg.model
     seed_everything(run.cfg.run.seed)
-    model, backend_reason = build_gpt(m, run.cfg.kernels.backend, run.dist.device)
+    # Each rank materializes only its own part later (pretrain/sharded_init.py); checkpoint.init_from loads a
+    # whole state dict into the plain model, which is then built whole.
+    whole = bool(run.cfg.checkpoint.init_from)
+    model, backend_reason = build_gpt(m, run.cfg.kernels.backend, run.dist.device, materialize=whole)
+    model.loss_spec = loss_spec(run.cfg)
     run.log(
         f"[model] placement={m.placement} norm={m.norm} d={m.hidden_size} L={m.num_layers} heads={m.num_heads}"
         f"/{m.num_kv_heads} ffn={m.ffn_hidden_size} vocab={m.vocab_size}: {model.num_params():,} parameters "
@@ -138,12 +148,26 @@ def build_model(run: Run):
     )
     layout = run.layout
     run.log(
-        f"[parallel] world {run.dist.world_size} = pp {layout.pp} x dp {layout.dp} x tp {layout.tp} (tp fastest)"
+        f"[parallel] world {run.dist.world_size} = pp {layout.pp} x dp {layout.dp} x "
+        + (f"sp {layout.ulysses} (Ulysses) x " if layout.ulysses > 1 else "")
+        + f"tp {layout.tp} (tp fastest)"
         + (", sequence parallel" if layout.sequence_parallel else "")
         + "\n"
         + layout.rank_map()
     )
+    run.log(
+        "[init] the whole model on every rank (checkpoint.init_from loads its weights into it)"
+        if whole
+        else "[init] sharded: built on the meta device; each rank materializes only its own parameters, with the "
+        "values of the full build"
+    )
     return model
+
+
+def loss_spec(cfg: Config):
+    from model.loss import LossSpec
+
+    return LossSpec(fused=cfg.train.fused_loss, z_loss=cfg.train.z_loss)
 
 
 def parallelize(run: Run, model):
@@ -152,20 +176,41 @@ def parallelize(run: Run, model):
     from model.parallelize import apply_tensor_parallel
     from model.recompute import apply_activation_checkpointing
     from pretrain.checkpoint.universal import universal_checkpoint_info
+    from pretrain.sharded_init import plan_init
 
     cfg, layout = run.cfg, run.layout
-    apply_tensor_parallel(model, layout.tp, run.coords[2], layout.sequence_parallel)
+    plan = plan_init(model, cfg.run.seed)  # None: built whole (checkpoint.init_from)
+    with torch.device("meta") if plan is not None else nullcontext():  # new TP layers stay unmaterialized
+        apply_tensor_parallel(model, layout.tp, run.coords[2], layout.sequence_parallel)
+    if layout.ulysses > 1:
+        from model.ulysses import apply_ulysses
+
+        apply_ulysses(model, run.groups["sp"])
     apply_activation_checkpointing(model.blocks, cfg.train.activation_checkpointing, cfg.train.checkpoint_blocks)
+    if cfg.train.compile:  # after TP and recomputation, which change what each block runs
+        model.compile_blocks()
+        run.log(
+            f"[compile] torch.compile on each of the {len(model.blocks)} blocks (compiled at the first step; "
+            "the time it took is logged after the second)"
+        )
     if layout.pp > 1:
         from model.pipeline import build_pipeline
+        from pretrain.sharded_init import check_stage, stage_modules
 
+        if plan is not None:  # before DeepSpeed's PipelineModule, which moves and broadcasts its layers
+            layers, parts = stage_modules(model, cfg, layout, run.coords[0])
+            materialize_local(run, model, plan, layers)
         module = build_pipeline(model, layout, cfg.parallel.pp_partition)
+        if plan is not None:
+            check_stage(module, parts)
         run.log(
             f"[parallel] pipeline stages (first layer of each; embedding=0, blocks 1..{cfg.model.num_layers}, "
             f"final norm, head): {[int(p) for p in module.parts]}"
         )
     else:
         module = model
+        if plan is not None:
+            materialize_local(run, model, plan, [model])
         if cfg.zero.stage == 3:
             model.register_zero3_external_parameters()
     # Saved in every checkpoint, so any checkpoint can later be resharded (pretrain/checkpoint/universal.py).
@@ -175,12 +220,31 @@ def parallelize(run: Run, model):
     return module
 
 
+def materialize_local(run: Run, model, plan, modules) -> None:
+    """This rank's parameters of `modules`, with the full build's values; under ZeRO-3 each is partitioned
+    over dp x ulysses as soon as it is made (pretrain/sharded_init.py)."""
+    from pretrain.engine import deepspeed_config
+    from pretrain.sharded_init import Zero3Partitioner, local_parameters, materialize_parameters
+
+    partition = None
+    if run.cfg.zero.stage == 3:
+        mpu = DeepSpeedMPU() if needs_mpu(run.layout) else None
+        partition = Zero3Partitioner(deepspeed_config(run.cfg, run.grad_accum), run.groups["zero"], mpu)
+    params = local_parameters(model, modules)
+    materialize_parameters(plan, params, run.dist.device, run.layout.tp, run.coords[2], partition)
+    run.log(
+        f"[init] rank 0 materialized {len(params)} parameters"
+        + (", each partitioned by ZeRO-3 as it was made" if partition is not None else "")
+    )
+
+
 def seed_rank_streams(run: Run) -> None:
     """Dropout streams: alike across tp (replicated activations), distinct across dp and pp; a second
     stream, distinct across tp, for split data (model/parallel_rng.py). Restored on resume."""
     from model.parallel_rng import TP_RNG
 
     pp_rank, dp_rank, tp_rank = run.coords
+    dp_rank = dp_rank * run.layout.ulysses + run.layout.sp_rank(run.dist.rank)  # Ulysses slices: their own masks
     seed = run.cfg.run.seed
     seed_everything(seed + 1 + dp_rank + 1009 * pp_rank)
     if run.layout.tp > 1:
@@ -192,20 +256,24 @@ def build_job(run: Run, model, load_universal: bool) -> Job:
     fresh start). load_universal: the engine will load a checkpoint of another layout."""
     from pretrain.engine import build_engine
     from pretrain.runner import EngineRunner, PipelineRunner
+    from pretrain.zero import offload_summary
 
     cfg, layout, dist = run.cfg, run.layout, run.dist
     m, t = cfg.model, cfg.train
     flops_per_token = model.flops_per_token()
     module = parallelize(run, model)
-    local_params = sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
+    # ds_numel: a parameter ZeRO-3 partitioned at start-up (pretrain/sharded_init.py) holds no data of its own
+    local_params = sum(getattr(p, "ds_numel", p.numel()) for p in {id(p): p for p in module.parameters()}.values())
     engine, _ = build_engine(
         module,
         cfg,
         run.grad_accum,
         dist.device,
-        mpu=DeepSpeedMPU() if layout.tp > 1 and layout.pp == 1 else None,
+        mpu=DeepSpeedMPU() if needs_mpu(layout) else None,
         load_universal=load_universal,
     )
+    if note := offload_summary(cfg):
+        run.log(note)
     seed_rank_streams(run)
     stream = SampleStream(
         build_train_dataset(

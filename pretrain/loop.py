@@ -73,6 +73,8 @@ class TrainLoop:
         diagnose_now = bool(t.diagnostics_every) and (self.step + 1) % t.diagnostics_every == 0
         result = self.job.runner.train_step(self.step, diagnose_now)
         self.step += 1
+        if note := self.job.runner.compile_note():  # train.compile: once, after the second step
+            self.log(note)
         step = self.step
         skipped = self.job.guard.after_step(step)  # raises TrainingStopped when the policy says so
         preempting = self.record(result, skipped)

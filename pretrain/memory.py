@@ -156,8 +156,9 @@ def activation_bytes(
     sequence_parallel: bool = False,
     act_bytes: int = 2,
     scores: str = "fused",
+    ulysses: int = 1,
 ) -> dict[str, float]:
-    """Stored activation bytes of ONE block for one micro-batch, by recompute mode.
+    """Stored activation bytes of ONE block for one micro-batch, by recompute mode, on one rank.
 
     Korthikanti et al. (2022) count, for a GPT-3 block (16-bit activations, LayerNorm, 4h GELU MLP,
     dropout, attention scores materialised), s*b*h*(34 + 5*a*s/h) bytes; with tensor parallelism
@@ -175,6 +176,9 @@ def activation_bytes(
                        log-sum-exp 4*a
 
     GPT-3 (B=2, hkv=h, f=4h GELU, 2 LayerNorms, dropout, materialized) gives 24 + 10 + 5as/h = 34 + 5as/h.
+    DeepSpeed-Ulysses (ulysses=u) keeps seq/u tokens per rank; its attention core sees the whole sequence for
+    a/u heads, which is the same per-token count (a materialized score row is still seq long), so every term
+    divides by u.
     Modes: "none" all of it; "selective" (the attention core recomputed) without the attention-core
     term; "full" (the block recomputed) only the block's inputs, x and the normed h that the junctions
     pass on: 2*B*h (split under sequence parallelism) -- the working set of the one block being
@@ -191,7 +195,7 @@ def activation_bytes(
         core = a * seq * (B + (1 + B if shape.dropout else 0))
     else:
         core = B * h + 4 * a
-    tokens = seq * micro
+    tokens = seq * micro / ulysses
     none = tokens * (split / tp + replicated / (tp if sequence_parallel else 1) + core / tp)
     selective = none - tokens * core / tp
     full = tokens * 2 * B * h / (tp if sequence_parallel else 1)
@@ -213,3 +217,72 @@ def output_layer_bytes(seq: int, micro: int, vocab: int, tp: int = 1, act_bytes:
     B*V logits + 4*V softmax (+ 4*V for the fp32 cast of 16-bit logits) per token."""
     per_token = act_bytes * vocab + 4 * vocab + (4 * vocab if act_bytes < 4 else 0)
     return seq * micro * per_token / tp
+
+
+# --------------------------------------------------------------------------- ZeRO-Offload / Infinity
+
+OPTIMIZER_SWAP_BUFFERS = 4  # DeepSpeed's offload_optimizer.buffer_count default (nvme)
+SUB_GROUP_SIZE = 1_000_000_000  # DeepSpeed's zero_optimization.sub_group_size default (elements)
+
+
+def offloaded(
+    states: dict[str, float],
+    part: float,
+    stage: int,
+    precision: str,
+    offload_optimizer: str = "none",
+    offload_params: str = "none",
+    persistent: float = 0.0,
+    param_buffers: float = 0.0,
+    params_in_cpu: float = 0.0,
+) -> dict[str, dict[str, float]]:
+    """Where one rank's model states live under ZeRO-Offload / ZeRO-Infinity: {"gpu": states left on the GPU,
+    "cpu": bytes of CPU memory, "nvme": bytes on the NVMe drive}. `states` is zero_state_bytes' result, `part`
+    this rank's partition in elements (N / (dp x ulysses), padded), `persistent` the elements ZeRO-3 keeps
+    whole on the GPU, `param_buffers` the elements of the NVMe parameter buffers (count x size), `params_in_cpu`
+    the elements of parameters DeepSpeed keeps in CPU memory before it uses the drive (offload_param.max_in_cpu).
+
+    As DeepSpeed 0.19 allocates them (stage_1_and_2.py, stage3.py, swap_tensor/):
+      optimizer, ZeRO-1/2     CPU: fp32 master partition, its fp32 gradient, Adam m and v (16 B per element);
+                              the GPU keeps whole gradients under ZeRO-1 and only reduce buckets under ZeRO-2
+      optimizer cpu, ZeRO-3   CPU: fp32 master, m, v (12 B) and the gradient partitions in the training precision
+                              (grad_partitions_flat_buffer), plus the fp32 gradient of one sub-group being stepped
+      optimizer nvme, ZeRO-3  NVMe: fp32 master, m, v and fp32 gradients (16 B); CPU: the gradient partitions
+                              and 4 swap buffers of one sub-group (zero_optimization.sub_group_size, 1e9)
+      parameters, ZeRO-3      the 16-bit partition in CPU memory, or on NVMe (beyond `params_in_cpu`) read
+                              through `param_buffers` pinned buffers; the GPU keeps the persistent small
+                              parameters and what a layer gathers."""
+    b = BYTES[precision]
+    gpu, cpu, nvme = dict(states), 0.0, 0.0
+    group = min(part, SUB_GROUP_SIZE)
+    if offload_optimizer != "none":
+        gpu["optimizer"] = 0.0
+        if stage >= 2:
+            gpu["gradients"] = 0.0
+        if stage < 3:
+            cpu += 16 * part
+        elif offload_optimizer == "cpu":
+            cpu += (12 + b) * part + 4 * group
+        else:
+            nvme += 16 * part
+            cpu += b * part + OPTIMIZER_SWAP_BUFFERS * 4 * group
+    if offload_params != "none":
+        gpu["parameters"] = b * persistent
+        if offload_params == "cpu":
+            cpu += b * part
+        else:
+            kept = min(part, params_in_cpu)
+            nvme += b * (part - kept)
+            cpu += b * (kept + param_buffers)
+    return {"gpu": gpu, "cpu": cpu, "nvme": nvme}
+
+
+# --------------------------------------------------------------------------------- start-up
+
+
+def startup_bytes(share: float, transient: float) -> float:
+    """Peak bytes of a rank while the model is built (pretrain/sharded_init.py): its own share once it is all
+    materialized (fp32, or its ZeRO-3 partition in the training precision) plus the largest set of full
+    parameters in flight at once (model/init.py transient_peak: the value being drawn, the draws later
+    overwritten, the shard copied out of it -- one layer's worth at most)."""
+    return share + transient

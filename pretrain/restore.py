@@ -53,6 +53,24 @@ def compare_configs(saved: dict, current: dict) -> tuple[list[str], list[str]]:
     return blocking, other
 
 
+def schema_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
+    """Keys of a checkpoint's config written by another version of the code: (keys this version does
+    not know, keys this version added). compare_configs sees neither."""
+    unknown = [
+        f"{section}.{key}" if isinstance(values, dict) else section
+        for section, values in saved.items()
+        for key in (values if isinstance(values, dict) else [None])
+        if section not in current or (key is not None and key not in current[section])
+    ]
+    added = [
+        f"{section}.{key}"
+        for section, values in current.items()
+        for key in values
+        if isinstance(saved.get(section), dict) and key not in saved[section]
+    ]
+    return unknown, added
+
+
 def check_tokenizer(saved: dict, tokenizer, cfg: Config, log) -> None:
     """The same token ids must mean the same text: a resume with another tokenizer would train on
     garbage, silently."""
@@ -85,6 +103,17 @@ def check_resumable(saved: dict, cfg: Config, layout, log, tokenizer=None) -> st
     for section, key in PER_INVOCATION:
         saved["config"].get(section, {}).pop(key, None)
         current[section].pop(key, None)
+    unknown, added = schema_changes(saved["config"], current)
+    model_unknown = [k for k in unknown if k.startswith("model.")]
+    if model_unknown:  # a model setting this code cannot build: resuming would silently change the model
+        raise CheckpointError(
+            f"the checkpoint's model has settings this version of the code does not know: {', '.join(model_unknown)}; "
+            "resume it with the version that wrote it, or start a new run from its weights (checkpoint.init_from)"
+        )
+    if unknown:
+        log(f"[checkpoint] the checkpoint's config has keys this version does not know (ignored): {', '.join(unknown)}")
+    if added:
+        log(f"[checkpoint] keys added since the checkpoint was written (this run's values apply): {', '.join(added)}")
     blocking, other = compare_configs(saved["config"], current)
     if blocking:
         raise CheckpointError("the checkpoint's model differs from the config: " + "; ".join(blocking))
@@ -102,11 +131,67 @@ def locate_resume(run: Run) -> ResumePoint:
         if run.cfg.checkpoint.resume == "auto":
             run.log(f"[checkpoint] --resume auto: no checkpoint under {run.checkpointer.root}; starting fresh")
         return ResumePoint()
-    reshard_reason = check_resumable(read_meta(ckpt), run.cfg, run.layout, run.log, run.tokenizer)
+    meta = read_meta(ckpt)
+    keep_annealing(meta, run)
+    reshard_reason = check_resumable(meta, run.cfg, run.layout, run.log, run.tokenizer)
     if not reshard_reason:
         return ResumePoint(ckpt)
     run.log(f"[checkpoint] {ckpt.name} was written on another layout ({reshard_reason}): resharding")
     return ResumePoint(ckpt, prepare_universal(ckpt, run.dist.rank, run.log))
+
+
+# ------------------------------------------------------------------------------ --anneal-from
+
+
+def anneal_checkpoint(path: str) -> tuple[Path, int]:
+    """--anneal-from PATH: the checkpoint (a checkpoint directory, or a run directory / checkpoints folder:
+    its newest complete one) and its step, where the decay / annealing phase will start."""
+    from pretrain.checkpoint import META, find_resumable, verify
+
+    p = Path(path)
+    if not p.is_dir():
+        raise CheckpointError(f"--anneal-from {path}: no such directory")
+    if (p / META).is_file():
+        verify(p, "size")
+        ckpt = p
+    else:
+        root = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+        ckpt = find_resumable(root, "size", print)
+        if ckpt is None:
+            raise CheckpointError(f"--anneal-from {path}: neither a checkpoint nor a run with a complete one")
+    return ckpt, int(read_meta(ckpt)["step"])
+
+
+def check_anneal_target(run_dir: Path, ckpt: Path, step: int) -> None:
+    """An annealed run is a branch of the run it starts from: refuse a run directory whose checkpoints go
+    past the branch point (its `latest` and --resume auto would mix the two)."""
+    from pretrain.checkpoint import complete_checkpoints
+    from pretrain.checkpoint.layout import STEP_DIR
+
+    later = [c.name for c in complete_checkpoints(run_dir / "checkpoints") if int(STEP_DIR.match(c.name)[1]) > step]
+    if later:
+        raise CheckpointError(
+            f"--anneal-from {ckpt}: the run directory {run_dir} already holds later checkpoints "
+            f"({', '.join(later[-3:])}); "
+            "the annealed run is a branch: give it its own directory (--set run.name=NAME or run.dir=DIR)"
+        )
+
+
+def keep_annealing(meta: dict, run: Run) -> None:
+    """A run that --anneal-from started resumes as the same annealing run: train.decay_start comes from the
+    checkpoint when this invocation leaves it at 0, so a plain --resume auto does not jump back to the
+    stable phase."""
+    import dataclasses
+
+    saved = meta.get("config", {}).get("train", {}).get("decay_start", 0)
+    t = run.cfg.train
+    if saved and not t.decay_start and t.schedule == meta["config"]["train"].get("schedule"):
+        from pretrain.config import TrainConfig
+        from pretrain.schedule import check_schedule
+
+        run.cfg.train = dataclasses.replace(t, decay_start=saved)
+        check_schedule(run.cfg.train, TrainConfig())
+        run.log(f"[checkpoint] train.decay_start={saved} (the annealing phase of the checkpoint's run) kept")
 
 
 def load_initial_weights(model: torch.nn.Module, path: Path, log) -> None:

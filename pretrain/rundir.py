@@ -2,10 +2,10 @@
 unless told to (--overwrite).
 
 Lock: rank 0 holds an exclusive `fcntl.flock` on `<run>/.lock` (host, pid and start time written
-in it) for the life of the process; the kernel releases it when the process dies however it dies, so
-a crashed run leaves no stale lock on a local or lock-capable shared filesystem. Where flock is not
-supported, an O_EXCL lock file is used instead and one whose process is gone on this host is
-taken over as stale.
+in it) for the life of the process. The kernel releases it when the process dies however it dies
+(kill -9 included), so a crashed run leaves no stale lock: the `.lock` file stays, unlocked, and
+the next run takes it over. A filesystem without flock support is named in the error (mount it with
+lock support, e.g. Lustre's `-o flock`, or put run.dir elsewhere) rather than run unlocked.
 
 Fresh start: a directory that already holds checkpoints is refused (continue it with --resume auto,
 or start over with --overwrite, which deletes them). An earlier run's curves on a directory that
@@ -42,28 +42,43 @@ class RunLock:
         self.fd: int | None = None
 
     def acquire(self) -> "RunLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        run_dir = self.path.parent
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:  # read-only filesystem, no permission, a file where a folder should be
+            raise RunDirectoryError(
+                f"run.dir {run_dir}: cannot write there ({e.strerror}: {e.filename}); point run.dir at a "
+                "writable directory"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
                 raise RunDirectoryError(
-                    f"{self.path.parent} is in use by another job ({self._holder()}); wait for it, "
+                    f"{run_dir} is in use by another job ({self._holder()}); wait for it, "
                     "stop it, or choose another run.name / run.dir"
                 ) from None
-            raise RunDirectoryError(f"{self.path}: cannot lock the run directory ({e.strerror})") from None
-        os.ftruncate(fd, 0)
-        os.write(
-            fd,
-            json.dumps(
-                {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
-            ).encode(),
-        )
-        os.fsync(fd)
+            raise RunDirectoryError(
+                f"{self.path}: cannot lock the run directory ({e.strerror}); its filesystem does not support "
+                "flock: mount it with lock support or choose another run.dir"
+            ) from None
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps(self._me()).encode())
+            os.fsync(fd)
+        except OSError as e:
+            os.close(fd)
+            raise RunDirectoryError(
+                f"run.dir {run_dir}: cannot write {self.path.name} ({e.strerror}); free space or choose another run.dir"
+            ) from None
         self.fd = fd
         return self
+
+    @staticmethod
+    def _me() -> dict:
+        return {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
     def _holder(self) -> str:
         try:
@@ -87,7 +102,12 @@ def prepare_run_directory(run_dir: Path, resume: str, overwrite: bool, log=print
         removed = [name for name in ("checkpoints", "eval", *RUN_FILES) if (run_dir / name).exists()]
         for name in removed:
             target = run_dir / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
+            try:
+                shutil.rmtree(target) if target.is_dir() else target.unlink()
+            except OSError as e:
+                raise RunDirectoryError(
+                    f"--overwrite: cannot delete {target} ({e.strerror}); delete it by hand"
+                ) from None
         if removed:
             log(f"[run] --overwrite: deleted {', '.join(removed)} of the previous run in {run_dir}")
         return

@@ -6,6 +6,9 @@ training loop in pretrain/train.py talks to either through the same four methods
 
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
+
 import torch
 
 from pretrain.data import micro_batch_start
@@ -28,15 +31,63 @@ class _Runner:
         t = cfg.train
         # DeepSpeed reports no gradient norm for ZeRO-0 in fp32 (a plain torch optimizer): ours.
         self.own_grad_norm = cfg.zero.stage == 0 and t.precision == "fp32"
+        self.compile_timer = CompileTimer(device) if t.compile else None
+
+    def train_step(self, step: int, diagnose: bool) -> StepResult:
+        if self.compile_timer is None or self.compile_timer.done:
+            return self._train_step(step, diagnose)
+        with self.compile_timer.timed():
+            return self._train_step(step, diagnose)
+
+    def compile_note(self) -> str | None:
+        """Once, after the second step of a compiled model: how long compilation took (for the run log)."""
+        return None if self.compile_timer is None else self.compile_timer.note()
 
     def micro_batch(self, step: int, micro: int):
         t = self.cfg.train
         start = micro_batch_start(step, micro, self.dp_rank, t.global_batch_size, t.micro_batch_size, self.layout.dp)
         b = self.stream.batch(start, t.micro_batch_size)
-        return b.tokens.to(self.device), b.labels.to(self.device), b.loss_mask.to(self.device)
+        return self.to_device(b.tokens), self.to_device(b.labels), self.to_device(b.loss_mask)
+
+    def to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """To the GPU from pinned memory, without blocking the host (the caching host allocator keeps the
+        pinned buffer alive until the copy is done); a plain copy elsewhere."""
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
 
     def grad_norm(self) -> float | None:
         return None if self.own_grad_norm else self.engine.get_global_grad_norm()
+
+
+class CompileTimer:
+    """torch.compile works at the first call: the first step's time minus the second's is about what
+    compilation took (the backward graphs included, which dynamo's own counters miss)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.seconds, self.done = device, [], False
+
+    @contextmanager
+    def timed(self):
+        t0 = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.seconds.append(time.perf_counter() - t0)
+
+    def note(self) -> str | None:
+        if self.done or len(self.seconds) < 2:
+            return None
+        self.done = True
+        from torch._dynamo.utils import compilation_time_metrics, counters
+
+        first, second = self.seconds[:2]
+        graphs = counters["stats"].get("unique_graphs", 0)
+        traced = sum(compilation_time_metrics.get("_compile.compile_inner", []))
+        return (
+            f"[compile] first step {first:.1f} s, second {second:.2f} s: compilation took about {first - second:.1f} s "
+            f"({graphs} graph(s); dynamo tracing and forward compilation {traced:.1f} s of it)"
+        )
 
 
 class EngineRunner(_Runner):
@@ -45,7 +96,7 @@ class EngineRunner(_Runner):
     def blocks(self):
         return list(self.engine.module.blocks)
 
-    def train_step(self, step: int, diagnose: bool) -> StepResult:
+    def _train_step(self, step: int, diagnose: bool) -> StepResult:
         loss_sum, norm, layer_norms = 0.0, None, None
         for micro in range(self.grad_accum):
             tokens, labels, mask = self.micro_batch(step, micro)
@@ -81,7 +132,7 @@ class PipelineRunner(_Runner):
 
         return local_blocks(self.engine.module)
 
-    def train_step(self, step: int, diagnose: bool) -> StepResult:
+    def _train_step(self, step: int, diagnose: bool) -> StepResult:
         batches = iter(
             [
                 (tokens, (labels, mask))

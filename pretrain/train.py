@@ -14,6 +14,7 @@ The job in three steps, each in its own module:
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
@@ -43,6 +44,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="never | auto (newest complete checkpoint, else fresh) | must | PATH",
     )
     p.add_argument(
+        "--anneal-from",
+        default=None,
+        metavar="CHECKPOINT",
+        help="start the final decay / annealing phase (train.schedule wsd, infinite or power) at this checkpoint "
+        "(or a run's newest): resumes it exactly and changes only the LR (train.decay_start = its step); the "
+        "phase ends at train.max_steps",
+    )
+    p.add_argument(
         "--overwrite",
         action="store_true",
         help="start fresh even if the run directory holds an earlier run's checkpoints (deletes them)",
@@ -52,6 +61,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not args.help_config and not args.config:
         p.error("--config is required")
+    if args.anneal_from and args.resume:
+        p.error("--anneal-from resumes its checkpoint itself; leave out --resume")
     return args
 
 
@@ -60,8 +71,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.help_config:
         print(describe_keys())
         return 0
-    cfg, tokenizer, lock = preflight(args.config, args.set, args.resume, args.overwrite)
+    overrides, resume = list(args.set), args.resume
+    if args.anneal_from:  # = --resume CHECKPOINT with the decay starting at its step
+        from pretrain.restore import anneal_checkpoint, check_anneal_target
+
+        ckpt, step = anneal_checkpoint(args.anneal_from)
+        overrides, resume = overrides + [f"train.decay_start={step}"], str(ckpt)
+    cfg, tokenizer, lock = preflight(args.config, overrides, resume, args.overwrite)
     try:
+        if args.anneal_from:
+            check_anneal_target(Path(cfg.run.dir), ckpt, step)
         dist = init_distributed()
         train(cfg, tokenizer, dist)
     finally:
@@ -78,6 +97,8 @@ def train(cfg: Config, tokenizer: Tokenizer, dist: DistInfo) -> None:
     from pretrain.restore import locate_resume, prepare_weights, restore
 
     run_ = open_run(cfg, tokenizer, dist)
+    for line in cfg.train.derived:  # train.lr / global_batch_size auto, max_steps from train.tokens
+        run_.log(f"[config] {line}")
     model = build_model(run_)
     point = locate_resume(run_)
     prepare_weights(run_, model, point)

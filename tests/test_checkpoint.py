@@ -212,3 +212,33 @@ def test_a_malicious_pickle_is_refused_before_anything_unpickles_it(tmp_path):
     assert not marker.exists()
     torch.load(d / "mp_rank_00_model_states.pt", weights_only=False)  # the payload is real: loading it runs code
     assert marker.exists()
+
+
+class _Tokenizer:
+    def __init__(self, sha256):
+        self.sha256, self.path = sha256, "data/other/tokenizer.model"
+
+
+def test_a_resume_with_another_tokenizer_is_refused_unless_allowed():
+    """meta.json's tokenizer_sha256 against the run's tokenizer (end to end: tests/test_bad_input.py,
+    tokenizer-changed and tokenizer-change-allowed)."""
+    from pretrain.config import Config
+    from pretrain.restore import check_tokenizer
+
+    saved, cfg, logged = {"tokenizer_sha256": "a" * 64}, Config(), []
+    check_tokenizer(saved, _Tokenizer("a" * 64), cfg, logged.append)  # the same one: nothing to say
+    check_tokenizer({}, _Tokenizer("b" * 64), cfg, logged.append)  # a checkpoint from before the record
+    assert logged == []
+    with pytest.raises(CheckpointError, match=r"sha256 aaaaaaaaaaaa…, but data\.tokenizer .* has sha256 bbbbbbbbbbbb…"):
+        check_tokenizer(saved, _Tokenizer("b" * 64), cfg, logged.append)
+    cfg.checkpoint.allow_tokenizer_change = True
+    check_tokenizer(saved, _Tokenizer("b" * 64), cfg, logged.append)
+    assert len(logged) == 1 and "resuming anyway (checkpoint.allow_tokenizer_change=true)" in logged[0]
+
+
+def test_schema_changes_name_keys_dropped_and_added_since_the_checkpoint():
+    from pretrain.restore import schema_changes
+
+    saved = {"model": {"hidden_size": 64, "old_switch": True}, "train": {"lr": 1e-3}, "legacy": {"x": 1}}
+    now = {"model": {"hidden_size": 64}, "train": {"lr": 1e-3, "z_loss": 0.0}}
+    assert schema_changes(saved, now) == (["model.old_switch", "legacy.x"], ["train.z_loss"])

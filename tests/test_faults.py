@@ -4,10 +4,13 @@ under DeepSpeed on the bundled text)."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,6 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from pretrain.checkpoint import complete_checkpoints, verify
+from pretrain.metrics import read_metrics
 from tests.conftest import ROOT, _env, check, run_module, tiny_args
 from tests.conftest import train_losses as losses
 
@@ -229,6 +234,16 @@ def test_nonfinite_step_is_skipped_and_changes_nothing(bundled_dir, tmp_path):
         )
     )
     assert "[bad step] step 4: non-finite loss or gradient; the update was skipped" in proc.stdout + proc.stderr
+    # Training goes on with finite losses: metrics.jsonl writes a non-finite number as the string "nan"
+    # or "inf", so a finite loss must be a float that isfinite (`v == v` would hold for "nan" too).
+    curve = losses(run_dir)
+    assert sorted(curve) == list(range(1, 7))
+    for step, loss in curve.items():
+        if step != 4:
+            assert isinstance(loss, float) and math.isfinite(loss), (step, loss)
+    assert curve[4] == "nan"  # the skipped step contributes no loss to the logged mean
+    bad = read_metrics(run_dir / "metrics.jsonl", "bad_step")
+    assert [(r["step"], r["skipped"], r["bad_steps"]) for r in bad] == [(4, 1, 1)]
     ckpts = run_dir / "checkpoints"
     (m3, o3), (m4, o4) = _module_and_adam_state(ckpts / "step_000003"), _module_and_adam_state(ckpts / "step_000004")
     assert m3.keys() == m4.keys()
@@ -240,8 +255,7 @@ def test_nonfinite_step_is_skipped_and_changes_nothing(bundled_dir, tmp_path):
         assert torch.equal(t3[name], t4[name]), name
     m5, _ = _module_and_adam_state(ckpts / "step_000005")
     assert any(not torch.equal(m4[n], m5[n]) for n in m4)  # step 5 trains again
-    curve = losses(run_dir)
-    assert all(v == v for s, v in curve.items() if s != 4)  # finite (NaN != NaN)
+    assert all(torch.isfinite(v).all() for v in m5.values())
 
     stop = run_module(
         tiny_args(bundled_dir, tmp_path / "stop", *BASE, "train.inject_nonfinite_at=[3]", "train.bad_step_policy=stop"),
@@ -274,4 +288,62 @@ def test_torchrun_max_restarts_resumes_after_a_killed_rank(bundled_dir, referenc
     os.kill(victim, signal.SIGKILL)
     assert proc.wait(timeout=400) == 0, log.read_text()[-4000:]
     assert "resumed from" in log.read_text()
+    assert losses(run_dir) == reference
+
+
+def refused_runs(args: list[str], variants: list[list[str]]) -> list[subprocess.CompletedProcess]:
+    """The same command with each extra argument list, all at once, one process each."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable] + args + extra,
+            cwd=ROOT,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for extra in variants
+    ]
+    done = [(p, *p.communicate(timeout=300)) for p in procs]
+    return [subprocess.CompletedProcess(p.args, p.returncode, out, err) for p, out, err in done]
+
+
+def test_a_second_run_on_a_busy_directory_is_refused_and_the_first_finishes_intact(bundled_dir, reference, tmp_path):
+    """While a 2-process run trains, the same command -- fresh, --resume auto, --overwrite -- is refused
+    with one line naming the holder (rank 0's pid and host) before any process group; nothing of the
+    running job is renamed or deleted, and it finishes with the uninterrupted curve."""
+    run_dir = tmp_path / "shared"
+    args = tiny_args(bundled_dir, run_dir, *BASE, "checkpoint.every=1")
+    log = tmp_path / "first.log"
+    first = launch(args, 2, log)
+    assert wait_for(lambda: (run_dir / "train.log").is_file(), 240, first, poll=0.05), log.read_text()[-3000:]
+    holder = worker_with_rank(first.pid, 0)
+    for second in refused_runs(args, [[], ["--resume", "auto"], ["--overwrite"]]):
+        errors = [line for line in second.stderr.splitlines() if "error:" in line]
+        assert second.returncode == 2 and len(errors) == 1, second.stderr[-3000:]
+        assert f"{run_dir} is in use by another job (pid {holder} on {socket.gethostname()}, since " in errors[0]
+        assert "Traceback" not in second.stderr
+    assert first.poll() is None, "the first run finished before the others were refused: nothing was tested"
+    assert first.wait(timeout=400) == 0, log.read_text()[-3000:]
+    assert losses(run_dir) == reference
+    assert not list(run_dir.glob("*.before-*"))  # no refused run kept the running one's curves aside
+    for ckpt in complete_checkpoints(run_dir / "checkpoints"):
+        verify(ckpt)
+
+
+def test_a_run_killed_with_kill_9_leaves_no_stale_lock(bundled_dir, reference, tmp_path):
+    """kill -9 of the whole job: its .lock file stays (naming a dead pid) but the kernel released the
+    flock, so the next --resume auto takes the directory over and finishes the uninterrupted curve."""
+    run_dir = tmp_path / "killed"
+    args = tiny_args(bundled_dir, run_dir, *BASE, "checkpoint.every=1") + ["--resume", "auto"]
+    log = tmp_path / "first.log"
+    proc = launch(args, 2, log)
+    metrics = run_dir / "metrics.jsonl"
+    assert wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 4, 240, proc, 0.05)
+    holder = worker_with_rank(proc.pid, 0)
+    kill_job(proc.pid)
+    proc.wait()
+    assert json.loads((run_dir / ".lock").read_text())["pid"] == holder
+    resumed = check(run_module(args, nproc=2))
+    assert "resumed from" in resumed.stdout and "in use by another job" not in resumed.stderr
     assert losses(run_dir) == reference

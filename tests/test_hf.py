@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-transformers = pytest.importorskip("transformers")
+import transformers  # a dependency (launch/setup.sh): missing, the suite must fail, not skip
 
 from model import build_model
 from model.hf_convert import ConversionError, auto_format, choose_format, custom_layer_slots, fuse_qkv, split_qkv
@@ -244,6 +243,49 @@ def test_export_directory_loads_with_auto_classes(tmp_path, kw, cls):
         assert {"configuration_pretrain_gpt.py", "modeling_pretrain_gpt.py"} <= {p.name for p in out.iterdir()}
         assert "trust_remote_code=True" in readme
     assert not list(tmp_path.glob(".tmp-*"))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_export_is_verified_against_rounded_weights(tmp_path, dtype):
+    """A bf16/fp16 export is loaded back upcast to fp32 and compared with our model on the same
+    rounded weights: the exported logits stay within a few rounding units of the largest logit of
+    a direct computation here (folded LNS scale and zero-centred gain included)."""
+    model, cfg = ours(placement="lns", bias=True, zero_centered_gain=True)
+    out = tmp_path / "hf"
+    summary = hf_export.export(model, cfg, out, "llama", sp_model=None, dtype=dtype, info={"step": 1, "tokens": 1})
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert next(hf.parameters()).dtype == torch.float32
+    unit = torch.finfo(getattr(torch, dtype)).eps / 2  # unit roundoff: 2^-8 (bf16), 2^-11 (fp16)
+    rounded = hf_export.rounded_copy(model, getattr(torch, dtype))
+    for p, q in zip(rounded.parameters(), model.parameters()):
+        assert (p - q).abs().max() <= unit * q.abs().max()  # rounded, not changed
+    tokens = tokens_for(cfg)
+    with torch.no_grad():
+        reference = rounded(tokens)
+    assert max_diff(rounded, hf, tokens) <= 4 * unit * reference.abs().max().item()
+    assert summary["max_abs_logit_diff"] < 4 * unit * reference.abs().max().item()  # the export's own check ran
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_wrong_export_fails_verification_in_every_dtype(tmp_path, monkeypatch, dtype):
+    """The logit check runs for half-precision exports too (it used to be skipped for them): an
+    export whose weights were damaged on the way (here the last block's MLP output zeroed) is refused."""
+    model, cfg = ours(placement="pre")
+    write = hf_export.write_model
+
+    def damaging_write(model, m, out, fmt, token_ids, dtype=torch.float32):
+        write(model, m, out, fmt, token_ids, dtype)
+        from safetensors.torch import load_file, save_file
+
+        weights = load_file(out / "model.safetensors")
+        key = f"model.layers.{cfg.num_layers - 1}.mlp.down_proj.weight"
+        weights[key] = torch.zeros_like(weights[key])
+        save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+
+    monkeypatch.setattr(hf_export, "write_model", damaging_write)
+    with pytest.raises(hf_export.ExportError, match="verification failed"):
+        hf_export.export(model, cfg, tmp_path / "hf", "llama", sp_model=None, dtype=dtype)
+    assert not (tmp_path / "hf").exists()  # only the temporary directory, left for inspection
 
 
 def test_custom_code_imports_nothing_from_the_project():

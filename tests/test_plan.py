@@ -153,9 +153,9 @@ def test_planner_output_for_1_3b_on_two_nodes_by_hand():
     proc = plan_cli("--config", str(CONFIGS / "gpt-1.3b.yaml"), "--nodes", "2", "--gpus-per-node", "8", "--json")
     assert proc.returncode == 0, proc.stderr
     plan = json.loads(proc.stdout)
-    assert plan["layout"] == {"tp": 1, "pp": 1, "dp": 16, "sequence_parallel": False}
+    assert plan["layout"] == {"tp": 1, "pp": 1, "dp": 16, "ulysses": 1, "sequence_parallel": False}
     assert plan["accumulation"] == 4 and plan["tokens_per_step"] == 1_048_576
-    assert plan["ranks"][9] == {"node": 1, "gpu": 1, "pp": 0, "dp": 9, "tp": 0}
+    assert plan["ranks"][9] == {"node": 1, "gpu": 1, "pp": 0, "dp": 9, "sp": 0, "tp": 0}
     (stage,) = plan["stages"]
     n = hand_params(2048, 24, 5504, 50304)
     assert stage["params"] == n == 1_317_373_952
@@ -242,7 +242,7 @@ def test_a_job_that_does_not_fit_lists_changes_that_do():
     assert plan.suggestions
     for changes, total in plan.suggestions:  # each suggestion, planned on its own, really fits
         again = make_plan(with_changes(cfg, changes), 1, 8, 40 * GIB, search=False)
-        assert again.verdict == "fits" and again.worst.total == pytest.approx(total)
+        assert again.verdict == "fits" and again.worst.peak == pytest.approx(total)
 
 
 def test_rank_map_is_pp_dp_tp_with_tp_fastest():
@@ -260,6 +260,80 @@ def test_rank_map_is_pp_dp_tp_with_tp_fastest():
         (1, 1, 1, 1),
     ]
     assert [(r["node"], r["pp"], r["dp"], r["tp"]) for r in ranks] == want
+
+
+# ------------------------------------------------- DeepSpeed-Ulysses, offloading, start-up (issue 22)
+
+
+@pytest.mark.parametrize("scores", ["fused", "materialized"])
+def test_ulysses_divides_every_activation_term_by_its_size(scores):
+    """Each rank keeps seq/u tokens; its attention core sees the whole sequence for a/u heads, the same per-token
+    count (a materialized score row is still seq long): the block's bytes are the whole-sequence figure / u."""
+    shape = BlockShape(hidden=2048, heads=16, kv_heads=16, ffn=5504, mlp="swiglu", norms=2)
+    whole = activation_bytes(shape, 32768, 1, scores=scores)
+    split = activation_bytes(shape, 32768, 1, scores=scores, ulysses=8)
+    for mode in ("none", "selective", "full"):
+        assert split[mode] == pytest.approx(whole[mode] / 8, rel=1e-12)
+
+
+def test_ulysses_layout_in_the_plan():
+    cfg = load_plan_config(
+        str(CONFIGS / "tiny.yaml"),
+        ["parallel.ulysses=2", "parallel.tp=2", "train.micro_batch_size=4", "zero.stage=2"],
+        vocab_size=2048,
+    )
+    plan = make_plan(cfg, 2, 4, 80 * GIB)
+    d = plan.to_dict()
+    assert d["layout"] == {"tp": 2, "pp": 1, "dp": 2, "ulysses": 2, "sequence_parallel": False}
+    # tp fastest, then the Ulysses rank, then dp: rank = (dp * 2 + sp) * 2 + tp
+    assert [(r["dp"], r["sp"], r["tp"]) for r in d["ranks"]] == [
+        (dp, sp, tp) for dp in range(2) for sp in range(2) for tp in range(2)
+    ]
+    (stage,) = plan.stages
+    (one,) = estimate(with_changes(cfg, {"parallel.ulysses": 1}), 4)  # tp 2 x dp 2
+    assert stage.gradients == pytest.approx(one.gradients / 2, rel=1e-3)  # ZeRO-2 over dp x sp = 4, not 2
+    assert stage.activations["none"] < one.activations["none"] / 1.9  # half the tokens (the head's too)
+
+
+def test_offloaded_states_by_hand():
+    """pretrain/memory.py offloaded(): N = 1000 parameters in partitions of 250, bf16 (2 B)."""
+    from pretrain.memory import offloaded
+
+    st = zero_state_bytes(N, 1, DP, "bf16")
+    got = offloaded(st, 250, 1, "bf16", "cpu")
+    assert got["gpu"] == {"parameters": 2000, "gradients": 2000, "optimizer": 0.0}  # ZeRO-1 keeps whole grads
+    assert got["cpu"] == 16 * 250 and got["nvme"] == 0  # fp32 master, its gradient, Adam m and v
+    st = zero_state_bytes(N, 3, DP, "bf16")
+    got = offloaded(st, 250, 3, "bf16", "cpu", "cpu", persistent=10)
+    assert got["gpu"] == {"parameters": 2 * 10, "gradients": 0.0, "optimizer": 0.0}
+    assert got["cpu"] == (12 + 2) * 250 + 4 * 250 + 2 * 250  # master, m, v, 16-bit grads, sub-group grad, params
+    got = offloaded(st, 250, 3, "bf16", "nvme", "nvme", param_buffers=5 * 100, params_in_cpu=50)
+    assert got["nvme"] == 16 * 250 + 2 * 200  # master, m, v, fp32 grads; the 16-bit parameters beyond 50
+    assert got["cpu"] == 2 * 250 + 4 * 4 * 250 + 2 * (50 + 500)  # 16-bit grads, swap buffers, 50 params, buffers
+
+
+def test_offload_per_node_against_cpu_memory():
+    sets = ["zero.stage=3", "zero.offload_optimizer=cpu", "zero.offload_params=cpu"]
+    cfg = load_plan_config(str(CONFIGS / "gpt-1.3b.yaml"), sets)
+    plan = make_plan(cfg, 1, 8, 80 * GIB, search=False, cpu_memory=64 * GIB)
+    (stage,) = plan.stages
+    assert stage.optimizer == 0 and stage.gradients == 0 and stage.cpu > 0
+    assert plan.node_bytes("cpu") == pytest.approx(8 * stage.cpu)
+    # 1.3B x (12 + 2 + 2) B over 8 ranks plus a sub-group's fp32 gradient each: ~21 GB per node
+    assert plan.node_bytes("cpu") == pytest.approx(1_317_373_952 * 16 + 8 * 4 * 1_317_373_952 / 8, rel=1e-3)
+    assert plan.verdict == "fits"
+    small = make_plan(cfg, 1, 8, 80 * GIB, search=False, cpu_memory=16 * GIB)
+    assert small.gpu_verdict == "fits" and small.verdict == "does not fit"
+    assert "CPU memory per node" in small.node_problems[0]
+
+
+def test_startup_peak_sharded_against_whole_by_hand():
+    """tp 2 on 2 GPUs, fp32, ZeRO-1: the sharded build holds its fp32 half plus the replay's largest in-flight
+    tensors (the 2048 x 64 embedding and its copy); the whole build the fp32 model and then its half."""
+    cfg = load_plan_config(str(CONFIGS / "tiny.yaml"), ["parallel.tp=2", "train.micro_batch_size=8"], vocab_size=2048)
+    (stage,) = estimate(cfg, 2)
+    assert stage.startup_build == 4 * TINY_TP2 + 2 * 4 * 2048 * 64
+    assert stage.startup_whole >= 4 * TINY_TOTAL + 4 * TINY_TP2
 
 
 # ---------------------------------------------- pipeline stages against DeepSpeed's PipelineModule

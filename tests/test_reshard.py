@@ -1,12 +1,19 @@
 """Resuming on another cluster shape: a checkpoint written under one layout (dp, tp, pp, ZeRO stage)
-is converted to DeepSpeed's universal format and loaded under another; the losses after the
-resume must match a single-process run of the same config (every layout computes the same
-global batch, so they agree to float rounding)."""
+is converted to DeepSpeed's universal format and loaded under another; the run must then match a
+single-process run of the same config -- loss and gradient norm at every step, every parameter at
+the end -- within the layout-equality tolerances (bench/layout_equality.py TOLERANCE: loss 1e-5).
+
+Why no looser than the layout tests (this file allowed 1e-4 before): the conversion moves the fp32
+master weights and both Adam moments bit for bit (ds_to_universal concatenates and re-slices fp32
+tensors; nothing is recomputed or cast), the step and schedule carry over exactly, and with dropout 0
+the reseeded RNG draws nothing. What remains is the same fp32 summation order as in any other layout:
+measured max |delta loss| 2.4e-7 .. 9.5e-7 (README)."""
 
 from __future__ import annotations
 
 import pytest
 
+from bench.layout_equality import differences, within
 from tests.conftest import check, run_module, tiny_args
 from tests.conftest import train_losses as losses
 
@@ -14,14 +21,13 @@ pytestmark = pytest.mark.distributed
 
 STEPS, STOP = 10, 5
 BASE = [f"train.max_steps={STEPS}", "checkpoint.every=5", "train.eval_every=0", "train.diagnostics_every=0"]
-TOLERANCE = 1e-4  # measured differences are ~1e-6 (float summation order)
 
 
 @pytest.fixture(scope="module")
 def one_process(bundled_dir, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("reshard") / "one-process"
     check(run_module(tiny_args(bundled_dir, run_dir, *BASE), nproc=1))
-    return losses(run_dir)
+    return run_dir
 
 
 CASES = {
@@ -42,10 +48,9 @@ def test_resume_on_another_layout_continues_the_curve(bundled_dir, one_process, 
     proc = check(run_module(tiny_args(bundled_dir, run_dir, *BASE, *sets_b) + ["--resume", "must"], nproc=n_b))
     out = proc.stdout + proc.stderr
     assert "to DeepSpeed's universal format" in out and "resumed from" in out
-    curve = losses(run_dir)
-    assert sorted(curve) == list(range(1, STEPS + 1))
-    worst = max(abs(curve[s] - one_process[s]) for s in curve)
-    assert worst < TOLERANCE, {s: (curve[s], one_process[s]) for s in curve}
+    assert sorted(losses(run_dir)) == list(range(1, STEPS + 1))
+    diff = differences(run_dir, one_process)
+    assert not within(diff), f"{within(diff)} (worst parameter {diff['worst_param']})"
     universal = run_dir / "checkpoints" / "universal" / f"step_{STOP:06d}"
     assert (universal / "converted.json").is_file()
 

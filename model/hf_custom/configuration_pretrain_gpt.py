@@ -37,6 +37,7 @@ class PretrainGPTConfig(PretrainedConfig):
         mlp: str = "swiglu",
         norm: str = "rmsnorm",
         norm_eps: float = 1e-5,
+        norm_bias: bool | None = None,
         zero_centered_gain: bool = False,
         placement: str = "peri",
         layer_slots: list | None = None,
@@ -58,7 +59,7 @@ class PretrainGPTConfig(PretrainedConfig):
         **kwargs,
     ):
         _check_choice("mlp", mlp, ("swiglu", "gelu"))
-        _check_choice("norm", norm, ("rmsnorm", "layernorm"))
+        _check_choice("norm", norm, ("rmsnorm", "layernorm", "crmsnorm"))
         _check_choice("qk_norm_scope", qk_norm_scope, ("head", "layer"))
         num_key_value_heads = num_key_value_heads or num_attention_heads
         if hidden_size % num_attention_heads or num_attention_heads % num_key_value_heads:
@@ -78,6 +79,7 @@ class PretrainGPTConfig(PretrainedConfig):
         self.mlp = mlp
         self.norm = norm
         self.norm_eps = norm_eps
+        self.norm_bias = norm_bias  # a shift after every norm's gain; None: LayerNorm yes, the others no
         self.zero_centered_gain = zero_centered_gain
         self.placement = placement
         self.layer_slots = layer_slots

@@ -9,6 +9,9 @@ exported directory loads anywhere with `trust_remote_code=True`. The math is the
 with an optional norm after the embedding and an optional final norm before the output layer.
 Norms compute their statistics in fp32; `zero_centered_gain` stores w for the gain (1 + w); the
 in_scale (LayerNorm Scaling's 1/sqrt(l)) is a plain float applied after the gain (and bias).
+`norm` is rmsnorm, layernorm or crmsnorm (Jiang et al. 2023: RMSNorm of the zero-mean vector stored in
+the first d - 1 coordinates, the last being minus their sum); `norm_bias` adds a shift after the gain
+(null: LayerNorm has one, the others do not).
 Attention: RoPE (rotate-half), grouped-query heads, optional QK-norm (before RoPE) per head or over
 all heads of the layer; SwiGLU or tanh-GELU MLP. Weight names follow Llama where there is one.
 """
@@ -37,35 +40,54 @@ _TRANSFORMERS_V5 = int(__import__("transformers").__version__.split(".")[0]) >= 
 
 
 class PretrainGPTNorm(nn.Module):
-    """RMSNorm or LayerNorm with fp32 statistics, optional (1 + w) gain and a constant output scale."""
+    """RMSNorm, LayerNorm or CRMSNorm with fp32 statistics, optional (1 + w) gain, optional shift and a
+    constant output scale."""
 
-    def __init__(self, kind: str, dim: int, eps: float, zero_centered_gain: bool = False, scale: float = 1.0):
+    def __init__(
+        self,
+        kind: str,
+        dim: int,
+        eps: float,
+        zero_centered_gain: bool = False,
+        scale: float = 1.0,
+        bias: bool | None = None,
+    ):
         super().__init__()
         self.kind, self.eps, self.zero_centered_gain, self.scale = kind, eps, zero_centered_gain, float(scale)
         self.weight = nn.Parameter(torch.zeros(dim) if zero_centered_gain else torch.ones(dim))
-        self.bias = nn.Parameter(torch.zeros(dim)) if kind == "layernorm" else None
+        has_bias = kind == "layernorm" if bias is None else bias
+        self.bias = nn.Parameter(torch.zeros(dim)) if has_bias else None
 
     def gain(self) -> torch.Tensor:
         return self.weight + 1.0 if self.zero_centered_gain else self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
-        if self.kind == "rmsnorm":
+        if self.kind == "crmsnorm":  # the first d - 1 coordinates hold the zero-mean vector
+            xf = torch.cat([xf[..., :-1], -xf[..., :-1].sum(-1, keepdim=True)], dim=-1)
+        if self.kind in ("rmsnorm", "crmsnorm"):
             y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.gain().float()
+            if self.bias is not None:
+                y = y + self.bias.float()
         else:
-            y = F.layer_norm(xf, (x.shape[-1],), self.gain().float(), self.bias.float(), self.eps)
+            bias = None if self.bias is None else self.bias.float()
+            y = F.layer_norm(xf, (x.shape[-1],), self.gain().float(), bias, self.eps)
         if self.scale != 1.0:
             y = y * self.scale
         return y.to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"{self.kind}, dim={self.weight.shape[0]}, eps={self.eps}, scale={self.scale:.4g}" + (
-            ", zero_centered" if self.zero_centered_gain else ""
+        return (
+            f"{self.kind}, dim={self.weight.shape[0]}, eps={self.eps}, scale={self.scale:.4g}"
+            + (", zero_centered" if self.zero_centered_gain else "")
+            + (", bias" if self.bias is not None else "")
         )
 
 
 def _norm(config: PretrainGPTConfig, dim: int, scale: float = 1.0) -> PretrainGPTNorm:
-    return PretrainGPTNorm(config.norm, dim, config.norm_eps, config.zero_centered_gain, scale)
+    return PretrainGPTNorm(
+        config.norm, dim, config.norm_eps, config.zero_centered_gain, scale, getattr(config, "norm_bias", None)
+    )
 
 
 # ------------------------------------------------------------------------------------- RoPE

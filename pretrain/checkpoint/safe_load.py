@@ -54,7 +54,10 @@ def unexpected_globals(path: Path) -> list[str]:
     try:
         found = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
     except Exception as e:
-        raise CheckpointError(f"{path}: not a readable torch checkpoint file ({type(e).__name__}: {e})") from None
+        first = str(e).strip().split(". ")[0].splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(
+            f"{path}: not a readable torch checkpoint file ({type(e).__name__}: {first}); truncated or damaged"
+        ) from None
     return sorted(set(found) - ALLOWED_GLOBALS)
 
 

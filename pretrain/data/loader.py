@@ -8,6 +8,7 @@ of ranks and of max_steps, so resuming (even on another data-parallel size) cont
 
 Evaluation reads a split in order, in non-overlapping windows, so every token is predicted once.
 """
+
 from __future__ import annotations
 
 import logging
@@ -82,15 +83,32 @@ class SampleStream:
 
     def batch(self, start: int, count: int) -> Batch:
         items = [self.dataset[self.index(i)] for i in range(start, start + count)]
-        return Batch(
+        batch = Batch(
             tokens=torch.stack([it["tokens"] for it in items]),
             labels=torch.stack([it["labels"] for it in items]),
             loss_mask=torch.stack([it["loss_mask"] for it in items]).float(),
         )
+        self._check_ids(batch, start)
+        return batch
+
+    def _check_ids(self, batch: Batch, start: int) -> None:
+        """Ids outside the vocabulary would index past the embedding (preflight scans small files in
+        full; this catches the rest, batch by batch, for the cost of a max)."""
+        vocab = getattr(getattr(getattr(self.dataset, "config", None), "tokenizer", None), "vocab_size", None)
+        if vocab is None:
+            return
+        largest = int(torch.maximum(batch.tokens.max(), batch.labels.max()))
+        if largest >= vocab:
+            error = DataError(
+                f"training samples {start}..{start + len(batch.tokens) - 1} hold token id {largest}, outside "
+                f"the tokenizer's vocabulary of {vocab}: the data was tokenized with another tokenizer; use that "
+                "one, or prepare the data again with this one"
+            )
+            error.rank_local = True  # other ranks read other samples: this rank says it
+            raise error
 
 
-def micro_batch_start(step: int, micro: int, dp_rank: int, global_batch: int, micro_batch: int,
-                      dp_size: int) -> int:
+def micro_batch_start(step: int, micro: int, dp_rank: int, global_batch: int, micro_batch: int, dp_size: int) -> int:
     """First global sample index of a rank's micro-batch. Within one optimizer step the global batch
     is laid out micro-step by micro-step, rank by rank, so the set of samples in a step does not
     depend on how it is split across ranks and accumulation steps."""

@@ -4,6 +4,7 @@ Trained with identity normalization, no whitespace collapsing and byte fallback,
 text -> tokens -> text is exact for any UTF-8 input (newlines and rare characters become byte
 tokens instead of <unk>). The end-of-document token (EOD) is sentencepiece's </s>.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -18,9 +19,15 @@ import sentencepiece as spm
 from pretrain.data.corpus import DataError, Document
 
 
-def train_tokenizer(docs: Iterable[Document], model_prefix: str | Path, vocab_size: int = 8192,
-                    model_type: str = "bpe", max_sentences: int = 2_000_000, seed: int = 0,
-                    threads: int | None = None) -> Path:
+def train_tokenizer(
+    docs: Iterable[Document],
+    model_prefix: str | Path,
+    vocab_size: int = 8192,
+    model_type: str = "bpe",
+    max_sentences: int = 2_000_000,
+    seed: int = 0,
+    threads: int | None = None,
+) -> Path:
     """Trains on `docs` cut into pieces of LINES_PER_SENTENCE lines (at most `max_sentences`
     pieces, sampled with `seed`). Keeping newlines inside the pieces lets the vocabulary learn
     line-initial words; the newline itself is one token."""
@@ -44,7 +51,10 @@ def train_tokenizer(docs: Iterable[Document], model_prefix: str | Path, vocab_si
         allow_whitespace_only_pieces=True,
         user_defined_symbols=["\n"],
         max_sentence_length=1 << 16,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=3,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=3,
         num_threads=threads or os.cpu_count() or 1,
         minloglevel=2,
     )
@@ -71,10 +81,17 @@ class Tokenizer:
     def __init__(self, path: str | Path):
         path = Path(path)
         if not path.is_file():
-            raise DataError(f"tokenizer '{path}' does not exist; run `python -m pretrain.data prepare` "
-                            "or set data.tokenizer")
+            raise DataError(
+                f"tokenizer '{path}' does not exist; run `python -m pretrain.data prepare` or set data.tokenizer"
+            )
         self.path = path
-        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        except (RuntimeError, OSError) as e:  # sentencepiece's parse error for a damaged or foreign file
+            raise DataError(
+                f"tokenizer '{path}' is not a sentencepiece model ({str(e).strip().splitlines()[-1]}); "
+                "point data.tokenizer at the tokenizer.model the data was prepared with"
+            ) from None
         self.sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
         self.vocab_size = self.sp.get_piece_size()
         self.eod = self.sp.eos_id()

@@ -1,9 +1,11 @@
 """Triton-backend behaviour beyond the numeric matrix: limits, layouts, mixed dtypes, unused
-outputs, determinism of the atomic-free gain reduction, argument errors, module forms."""
+outputs, argument errors, module forms. (Bitwise determinism of the atomic-free gain reduction is
+tests/kernels/test_norm_gpu.py's: the interpreter runs a kernel's programs one after another, so on
+CPU it is deterministic by construction and a test of it could not fail.)"""
 
 import pytest
 import torch
-from norm_reference import EPS, LNS_SCALE, TOL, assert_close, check_op, ref_norm
+from norm_reference import EPS, LNS_SCALE, assert_close, check_op, ref_norm, tolerance
 
 from kernels import BackendUnavailableError, backend, resolve_backend, triton_common
 from kernels.modules import AddNorm, LayerNorm, PeriJunction, RMSNorm
@@ -43,34 +45,6 @@ def test_hidden_above_maximum_is_a_clear_error(tops, device):
         resolve_backend("triton", device, hidden_size=h)
 
 
-@pytest.mark.parametrize("kind", ["rmsnorm", "layernorm"])
-def test_backward_is_deterministic(tops, device, kind):
-    # Per-program partial sums + one reduction (no atomics): gradients are bitwise reproducible.
-    g = torch.Generator().manual_seed(0)
-    f, r, dy, ds = (torch.randn(37, 200, generator=g).to(device) for _ in range(4))
-    w = torch.rand(200, generator=g).to(device) + 0.5
-    b = None if kind == "rmsnorm" else torch.randn(200, generator=g).to(device)
-    results = []
-    for _ in range(2):
-        ins = leaves(f, r, w, w)
-        bs = None if b is None else leaves(b, b)
-        s, y = tops.peri_junction(
-            ins[0],
-            ins[1],
-            ins[2],
-            None if bs is None else bs[0],
-            ins[3],
-            None if bs is None else bs[1],
-            EPS,
-            LNS_SCALE,
-            kind=kind,
-        )
-        torch.autograd.backward([s, y], [ds, dy])
-        results.append([t.grad.clone() for t in ins + (bs or [])])
-    for a, b_ in zip(*results):
-        assert torch.equal(a, b_)
-
-
 def test_non_contiguous_inputs(tops, device):
     g = torch.Generator().manual_seed(0)
     big = torch.randn(6, 2 * 123, generator=g).to(device)
@@ -81,9 +55,9 @@ def test_non_contiguous_inputs(tops, device):
         assert not x.is_contiguous()
         y = tops.rms_norm(x, w, EPS, LNS_SCALE)
         ref = ref_norm(x.double(), w.double(), None, "rmsnorm") * LNS_SCALE
-        assert_close(y, ref, torch.float32, "non-contiguous rms_norm")
+        assert_close(y, ref, torch.float32, "non-contiguous rms_norm", 123)
         s, n = tops.add_norm(x, x_strided[: x.shape[0]], w, None, EPS)
-        assert_close(s, (x + x_strided[: x.shape[0]]).double(), torch.float32, "non-contiguous add_norm s")
+        assert_close(s, (x + x_strided[: x.shape[0]]).double(), torch.float32, "non-contiguous add_norm s", 123)
 
 
 def test_expanded_upstream_gradient(tops, torch_ops_, device):
@@ -136,8 +110,8 @@ def test_mixed_dtypes(tops, torch_ops_, device):
         assert x.grad.dtype == torch.bfloat16 and r.grad.dtype == w.grad.dtype == b.grad.dtype == torch.float32
         res[name] = [y, s, n, x.grad, r.grad, w.grad, b.grad]
     for a, b_ in zip(res["triton"], res["torch"]):
-        tol = TOL[a.dtype] if a.dtype != torch.float32 else 1e-3
-        torch.testing.assert_close(a.float(), b_.float(), rtol=tol, atol=tol * b_.abs().max().item())
+        tol = 2 * tolerance(a.dtype, 17 + 123)  # two backends, each within tolerance of the exact value
+        torch.testing.assert_close(a.float(), b_.float(), rtol=0, atol=tol * b_.abs().max().item())
 
 
 @pytest.mark.parametrize("which", ["only_normed", "only_sum"])
@@ -172,9 +146,9 @@ def test_peri_with_one_bias_only(device):
     rn = ref_norm(rs, t["wi"], t["bi"], "layernorm") * LNS_SCALE
     (s.sum() + (n * n).sum()).backward()
     (rs.sum() + (rn * rn).sum()).backward()
-    assert_close(n.detach(), rn.detach(), torch.float32, "normed")
+    assert_close(n.detach(), rn.detach(), torch.float32, "normed", 77)
     for k, v in dict(f=f, r=r, wo=wo, wi=wi, bi=bi).items():
-        assert_close(v.grad, t[k].grad, torch.float32, f"grad {k}")
+        assert_close(v.grad, t[k].grad, torch.float32, f"grad {k}", 5 + 77)
 
 
 @pytest.mark.parametrize("name", ["torch", "triton"])
