@@ -19,13 +19,15 @@
 #   kernels      fused norm kernels fwd/bwd GB/s against torch (and apex when importable) at hidden
 #                1K-8K (kernels.json)
 #   train_step   ours at 125M, 350M and 1.3B, pre and peri, bf16, eager and compiled: tokens/s, MFU,
-#                peak memory; Hugging Face Llama beside ours at 125M (train_step_<size>.json)
+#                peak memory; Hugging Face Llama and our plain (unfused) loss beside ours at 125M
+#                (train_step_<size>_<mode>.json)
 #
 # Every stage has a time limit and the whole run a budget (--budget-s, default 470 s); a stage that
 # fails or runs out of time is recorded as such and the next one runs. OUT_DIR/summary.json collects
 # every stage's status, time and headline figures; OUT_DIR/logs/ holds each stage's output.
 # --smoke runs the same stages on CPU at tiny sizes (tests/test_gpu_check.py runs it).
 set -uo pipefail
+{  # bash reads a script as it runs: inside these braces all of it is read first (an edit mid-run changes nothing)
 
 usage() { sed -n '2,/^set -uo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; }
 
@@ -233,10 +235,11 @@ kernels_stage() {
   fi
 }
 
-train_step_stage() {  # train_step_stage SIZE
-  local size="$1" cfg sets=() sides=(ours:pre ours:peri) micro=4 warmup=2 steps=5
+train_step_stage() {  # train_step_stage SIZE MODE: one mode per stage, so a compiled run that runs out of
+  # time keeps the eager figures; the sides' warm-up steps (compilation) run at once, not one after another
+  local size="$1" mode="$2" cfg sets=() sides=(ours:pre ours:peri) micro=4 warmup=2 steps=5
   case "$size" in
-    125m) cfg=configs/gpt-125m.yaml; micro=8; sides+=(hf:pre) ;;
+    125m) cfg=configs/gpt-125m.yaml; micro=8; sides+=(hf:pre ours:pre:plain-loss) ;;  # + the fused loss's gain
     350m) cfg=configs/gpt-350m.yaml ;;
     1.3b) cfg=configs/gpt-1.3b.yaml ;;
     tiny) cfg=configs/tiny.yaml; sets=(--set model.vocab_size=512); sides+=(hf:pre); warmup=1; steps=2 ;;
@@ -244,7 +247,8 @@ train_step_stage() {  # train_step_stage SIZE
   local dtype=bf16
   [ "$SMOKE" = 1 ] && dtype=fp32
   "$PY" bench/train_step.py --config "$cfg" "${sets[@]}" --dtype "$dtype" --micro-batch "$micro" \
-    --sides "${sides[@]}" --modes eager compiled --warmup "$warmup" --steps "$steps" > "$OUT/train_step_$size.json"
+    --sides "${sides[@]}" --modes "$mode" --warmup "$warmup" --steps "$steps" --concurrent-warmup \
+    > "$OUT/train_step_${size}_$mode.json"
 }
 
 export OUT WHEELS SMOKE PY DATA
@@ -263,11 +267,16 @@ want train_run && stage train_run 150 train_run_stage
 want kernels && stage kernels 90 kernels_stage
 if want train_step; then
   if [ "$SMOKE" = 1 ]; then
-    stage train_step_tiny 900 train_step_stage tiny
+    stage train_step_tiny_eager 300 train_step_stage tiny eager
+    stage train_step_tiny_compiled 600 train_step_stage tiny compiled
   else
-    stage train_step_125m 80 train_step_stage 125m
-    stage train_step_350m 90 train_step_stage 350m
-    stage train_step_1.3b 140 train_step_stage 1.3b
+    # eager first at every size (the figures that need no compiler), then compiled: sides compile at once
+    stage train_step_125m_eager 45 train_step_stage 125m eager
+    stage train_step_350m_eager 45 train_step_stage 350m eager
+    stage train_step_1.3b_eager 60 train_step_stage 1.3b eager
+    stage train_step_125m_compiled 90 train_step_stage 125m compiled
+    stage train_step_350m_compiled 90 train_step_stage 350m compiled
+    stage train_step_1.3b_compiled 120 train_step_stage 1.3b compiled
   fi
 fi
 
@@ -292,17 +301,19 @@ for p in sorted(out.glob("train_step_*.json")):
     r = load(p.name)
     if not r:
         continue
+    size = p.stem.removeprefix("train_step_").rsplit("_", 1)[0]  # train_step_<size>_<mode>.json
     for mode, m in r["modes"].items():
         for side, s in m["sides"].items():
-            rows.append({"size": p.stem.removeprefix("train_step_"), "side": side, "mode": mode,
+            rows.append({"size": size, "side": side, "mode": mode,
                          "tokens_per_s": s["tokens_per_s"], "mfu": s["mfu"], "step_s": s["step_s"],
                          "peak_memory_gib": round(s["peak_memory_bytes"] / 2**30, 2),
                          "compile_s": s.get("compile_s_approx"), "param_dtype": s["param_dtype"]})
-        for key in ("peri_over_pre_step_time", "ours_over_hf_tokens_per_s", "loss_curves_max_abs_diff"):
+        for key in ("peri_over_pre_step_time", "ours_over_hf_tokens_per_s", "loss_curves_max_abs_diff",
+                    "fused_over_plain_loss_tokens_per_s"):
             if key in m:
-                rows.append({"size": p.stem.removeprefix("train_step_"), "mode": mode, key: m[key]})
+                rows.append({"size": size, "mode": mode, key: m[key]})
         if m.get("skipped"):
-            rows.append({"size": p.stem.removeprefix("train_step_"), "mode": mode, "skipped": m["skipped"]})
+            rows.append({"size": size, "mode": mode, "skipped": m["skipped"]})
 summary["train_step"] = rows
 (out / "summary.json").write_text(json.dumps(summary, indent=1))
 bad = [s["stage"] for s in summary["stages"] if s["status"] != "ok"]
@@ -310,3 +321,5 @@ print(f"[gpu_check] {len(summary['stages']) - len(bad)}/{len(summary['stages'])}
       + (f"; not ok: {', '.join(bad)}" if bad else "") + f"; summary: {out / 'summary.json'}")
 sys.exit(1 if bad else 0)
 EOF
+exit $?
+}

@@ -88,7 +88,7 @@ def differences(run_dir: Path, reference_dir: Path) -> dict:
     weights, ref_weights = final_weights(run_dir), final_weights(reference_dir)
     if weights.keys() != ref_weights.keys():
         raise ValueError(f"{run_dir}: parameters {sorted(weights.keys() ^ ref_weights.keys())} differ in name")
-    rel = {k: float((weights[k] - w).norm() / w.norm()) for k, w in ref_weights.items()}
+    rel = {k: float((weights[k] - w).detach().norm() / w.detach().norm()) for k, w in ref_weights.items()}
     out["params"] = max(rel.values())
     out["worst_param"] = max(rel, key=rel.get)
     return out

@@ -11,12 +11,13 @@ vocabulary of 0 (the tokenizer's) is read from the config's tokenizer when it ex
 
 Each side (`ours:pre`, `ours:peri`, `hf:pre`, `ours:pre:plain-loss`, `mcore:pre`) runs in its own
 process, so its peak memory is its own (CPU: the process's peak resident set during the measured
-steps, /proc VmHWM reset after set-up; GPU: torch.cuda.max_memory_allocated). The processes take
-turns step by step (one runs while the others wait), so machine noise hits all sides alike; the
-figures are medians over the measured steps. Modes (`--modes eager compiled`) run one after the
-other, each with all sides. Ours compiled is what `train.compile: true` does (each block under
-torch.compile; the norm kernels and the fused loss are custom ops); the reference compiled is
-torch.compile over its whole forward and loss.
+steps, /proc VmHWM reset after the warm-up steps; GPU: torch.cuda.max_memory_allocated, reset alike).
+The processes take turns step by step (one runs while the others wait), so machine noise hits all sides alike; the
+figures are medians over the measured steps (--concurrent-warmup runs the unmeasured warm-up steps, where
+compilation happens, of all sides at once: bench/gpu_check.sh uses it to fit its time budget).
+Modes (`--modes eager compiled`) run one after the other, each with all sides. Ours compiled is what
+`train.compile: true` does (each block under torch.compile; the norm kernels and the fused loss are
+custom ops); the reference compiled is torch.compile over its whole forward and loss.
 
 The reference is LlamaForCausalLM at the same dimensions, built from our `pre` weights by
 pretrain.export (RMSNorm + SwiGLU + RoPE Pre-LN is exactly Llama), fed the same tokens, trained by the
@@ -240,15 +241,20 @@ def worker(spec: dict) -> int:
     import gc
 
     gc.collect()
-    rss_setup = _proc_status("VmRSS")
+    rss_setup = rss_warm = _proc_status("VmRSS")
     peak_reset = reset_peak_rss()
     reply({"ready": True, "params": sum(p.numel() for p in model.parameters())})
     for line in sys.stdin:
         cmd = line.split()
         if cmd[0] == "step":
             i = int(cmd[1])
-            if device.type == "cuda" and i == spec["warmup"]:
-                torch.cuda.reset_peak_memory_stats(device)
+            if i == spec["warmup"]:  # the peak of the measured steps: not compilation's, not set-up's
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                else:
+                    gc.collect()
+                    rss_warm = _proc_status("VmRSS")  # with the AdamW states and what compilation left
+                    peak_reset = reset_peak_rss()
             data = batches[i % len(batches)].to(device)
             tokens, labels = data[:, :-1].contiguous(), data[:, 1:].contiguous()
             sync()
@@ -272,11 +278,12 @@ def worker(spec: dict) -> int:
                     "memory_kind": "torch.cuda.max_memory_allocated over the measured steps"
                     if device.type == "cuda"
                     else (
-                        "peak RSS of the process during the steps (VmHWM reset after set-up)"
+                        "peak RSS of the process during the measured steps (VmHWM reset after the warm-up)"
                         if peak_reset
                         else "peak RSS of the process since it started"
                     ),  # fmt: skip
                     "rss_after_setup_bytes": rss_setup if device.type != "cuda" else None,
+                    "rss_after_warmup_bytes": rss_warm if device.type != "cuda" else None,
                     "param_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
                     "optimizer_state_dtypes": optimizer_dtypes(opt),
                 }
@@ -306,9 +313,12 @@ class Side:
                 return json.loads(line[len(MARK) :])
         return {"error": f"the worker exited (code {self.proc.wait()}) without replying; see its stderr"}
 
-    def ask(self, command: str) -> dict:
+    def send(self, command: str) -> None:
         self.proc.stdin.write(command + "\n")
         self.proc.stdin.flush()
+
+    def ask(self, command: str) -> dict:
+        self.send(command)
         return self.read()
 
     def close(self) -> None:
@@ -330,8 +340,14 @@ def run_mode(args, mode: str, device: torch.device, cfg, m) -> dict:
         s.info["params"] = reply.get("params")
     live = [s for s in sides if s.error is None]
     for i in range(args.warmup + args.steps):
-        for s in list(live):
-            r = s.ask(f"step {i}")
+        if i < args.warmup and args.concurrent_warmup:  # all sides at once: their compilations overlap
+            for s in live:
+                s.send(f"step {i}")
+            replies = [s.read() for s in live]
+        else:
+            replies = None
+        for j, s in enumerate(list(live)):
+            r = replies[j] if replies is not None else s.ask(f"step {i}")
             if "error" in r:
                 s.error = r["error"]
                 live.remove(s)
@@ -374,8 +390,8 @@ def ratios(sides: dict) -> dict:
     if ours and hf:
         r["ours_over_hf_tokens_per_s"] = round(ours["tokens_per_s"] / hf["tokens_per_s"], 3)
         r["ours_over_hf_peak_memory"] = round(ours["peak_memory_bytes"] / hf["peak_memory_bytes"], 3)
-        if ours.get("rss_after_setup_bytes"):
-            growth = lambda s: s["peak_memory_bytes"] - s["rss_after_setup_bytes"]
+        if ours.get("rss_after_warmup_bytes"):  # what a step adds: activations, gradients, temporaries
+            growth = lambda s: s["peak_memory_bytes"] - s["rss_after_warmup_bytes"]
             r["ours_over_hf_memory_growth_during_steps"] = round(growth(ours) / max(1, growth(hf)), 3)
         r["loss_curves_max_abs_diff"] = max(abs(a - b) for a, b in zip(ours["losses"], hf["losses"]))
     if ours and peri:
@@ -434,6 +450,12 @@ def main(argv=None) -> int:
         "work, --timing cpu --threads 1 measures the work each side does whatever the scheduler does",
     )
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument(
+        "--concurrent-warmup",
+        action="store_true",
+        help="run the warm-up steps of all sides at once (their compilations overlap: a shorter run, "
+        "but the first-step and compile times are then measured with the sides competing for the machine)",
+    )
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--peak-tflops", type=float, default=0.0, help="override the device's peak (TFLOP/s)")
     args = p.parse_args(argv)
@@ -465,7 +487,7 @@ def main(argv=None) -> int:
         "optimizer": "torch.optim.AdamW(foreach=True) on every side, parameters and states in --dtype",
         "flops_per_token": flops_per_token(m),
         "model_flops_per_token": model_flops_per_token(m),
-        "steps": {"warmup": args.warmup, "measured": args.steps},
+        "steps": {"warmup": args.warmup, "measured": args.steps, "concurrent_warmup": args.concurrent_warmup},
         "timing": "wall-clock" if args.timing == "wall" else "process CPU time (user + system) per step",
         "modes": {},
     }

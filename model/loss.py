@@ -31,10 +31,15 @@ from torch import Tensor
 
 from model.tensor_parallel import copy_to_tp, gather_from_sequence, tp_all_reduce, tp_group, vocab_parallel_token_losses
 
-# Chunk size: as many tokens as keep one chunk's fp32 logits near this many elements (16 MiB), but
-# at least MIN_CHUNK_TOKENS so the matmuls stay efficient. Measured on CPU at the quickstart shape
-# (bench/RESULTS.md, issue 19); on a GPU the chunk is large enough for the matmuls to saturate.
+# Chunk size: as many tokens as keep one chunk's fp32 logits near this many elements, but at least
+# MIN_CHUNK_TOKENS so the matmuls stay efficient. CPU: 16 MiB, measured at the quickstart shape
+# (bench/RESULTS.md, issue 19: chunks that stay in cache beat larger ones). GPU: 256 MiB, because each
+# chunk costs about twenty kernel launches from Python, against a whole step of some tens of ms for a
+# 125M model (16K tokens, vocabulary 50K: 13 chunks, not 128); still ~1/20 of the plain path's logits,
+# their fp32 copy and gradient. The GPU figure is reasoned, not measured: bench/gpu_check.sh measures
+# the fused loss against the plain one at 125M.
 CHUNK_ELEMENTS = 4 * 2**20
+CHUNK_ELEMENTS_GPU = 64 * 2**20
 MIN_CHUNK_TOKENS = 128
 
 
@@ -44,13 +49,14 @@ class LossSpec:
 
     fused: bool = True
     z_loss: float = 0.0
-    chunk_tokens: int = 0  # 0 = chosen from CHUNK_ELEMENTS and the local vocabulary size
+    chunk_tokens: int = 0  # 0 = chosen from CHUNK_ELEMENTS(_GPU) and the local vocabulary size
 
 
-def chunk_tokens_for(n_tokens: int, local_vocab: int, requested: int = 0) -> int:
+def chunk_tokens_for(n_tokens: int, local_vocab: int, requested: int = 0, device_type: str = "cpu") -> int:
     if requested > 0:
         return min(requested, max(1, n_tokens))
-    return max(1, min(n_tokens, max(MIN_CHUNK_TOKENS, CHUNK_ELEMENTS // max(1, local_vocab))))
+    elements = CHUNK_ELEMENTS_GPU if device_type == "cuda" else CHUNK_ELEMENTS
+    return max(1, min(n_tokens, max(MIN_CHUNK_TOKENS, elements // max(1, local_vocab))))
 
 
 def token_weights(loss_mask: Tensor | None, n_tokens: int, device, dtype=torch.float32) -> Tensor:
@@ -192,7 +198,7 @@ def linear_cross_entropy(
     y = labels.reshape(-1)
     w = token_weights(loss_mask, y.numel(), h.device, _acc_dtype(h.dtype))
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    chunk = chunk_tokens_for(y.numel(), weight.shape[0], chunk_tokens)
+    chunk = chunk_tokens_for(y.numel(), weight.shape[0], chunk_tokens, h.device.type)
     group_name = "" if group is None else group.group_name
     loss, _, _ = _linear_cross_entropy(
         h, weight, y, w, float(z_loss), chunk, int(vocab_start), group_name, bool(needs_grad)

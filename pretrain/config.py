@@ -40,7 +40,9 @@ class RunConfig:
 @dataclass
 class DataConfig:
     dir: str = _f("data/bundled", "prepared dataset directory (python -m pretrain.data prepare)")
-    tokenizer: str = _f("", "sentencepiece model; empty = <dir>/tokenizer.model")
+    tokenizer: str = _f(
+        "", "sentencepiece .model or Hugging Face tokenizer.json; empty = <dir>/tokenizer.model (or tokenizer.json)"
+    )
     train: list = _f([], "Megatron .bin/.idx prefixes (optionally 'WEIGHT PREFIX') to train on; empty = <dir>/train")
     valid: list = _f([], "validation prefixes; empty = <dir>/valid")
     test: list = _f([], "held-out test prefixes; empty = <dir>/test")
@@ -382,8 +384,12 @@ def read_yaml_mapping(path: Path, what: str = "config file") -> dict:
         raise ConfigError(f"{what} '{path}' does not exist")
     try:
         data = yaml.safe_load(path.read_text()) or {}
+    except yaml.MarkedYAMLError as e:  # one line: where and what, not PyYAML's multi-line report
+        mark = e.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{what} '{path}' is not valid YAML{where}: {e.problem or e.context}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{what} '{path}' is not valid YAML: {e}") from None
+        raise ConfigError(f"{what} '{path}' is not valid YAML: {' '.join(str(e).split())}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{what} '{path}' cannot be read ({e})") from None
     if not isinstance(data, dict):
@@ -792,8 +798,13 @@ def describe_keys() -> str:
 
 
 def tokenizer_path(data: DataConfig) -> str:
-    """data.tokenizer, or the prepared directory's tokenizer.model."""
-    return data.tokenizer or os.path.join(data.dir, "tokenizer.model")
+    """data.tokenizer, or the prepared directory's tokenizer (tokenizer.model, else tokenizer.json)."""
+    if data.tokenizer:
+        return data.tokenizer
+    json_only = not os.path.isfile(os.path.join(data.dir, "tokenizer.model")) and os.path.isfile(
+        os.path.join(data.dir, "tokenizer.json")
+    )
+    return os.path.join(data.dir, "tokenizer.json" if json_only else "tokenizer.model")
 
 
 def run_directory(cfg: Config) -> str:

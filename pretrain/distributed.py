@@ -8,13 +8,20 @@ its CPU accelerator and gloo before it is imported.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
 
 
 def prefer_cpu_accelerator_if_no_gpu() -> None:
-    """DeepSpeed picks its accelerator at import; without CUDA it must be told 'cpu'."""
+    """DeepSpeed picks its accelerator at import; without CUDA it must be told 'cpu'.
+
+    Also gives DeepSpeed's JIT-built ops (the CPU comm op, CPU Adam, async-io) a build folder per
+    environment: torch's default (~/.cache/torch_extensions/py311_cpu) is shared by every virtualenv of
+    one Python, so two environments rebuild over each other, and a build killed mid-way leaves a lock
+    that makes every later run wait forever."""
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 

@@ -65,7 +65,7 @@ def _our_deepspeed_config(cfg, grad_accum: int) -> dict:
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": grad_accum,
-        "zero_optimization": zero_optimization(cfg),  # the stage, and ZeRO-Offload / ZeRO-Infinity (offload.py)
+        "zero_optimization": zero_optimization(cfg),  # the stage, ZeRO-Offload / ZeRO-Infinity (pretrain/zero.py)
         **aio_section(cfg),
         # We pass torch's AdamW: DeepSpeed supports it under ZeRO but asks for this opt-in.
         "zero_allow_untested_optimizer": True,
@@ -103,7 +103,10 @@ def param_groups(model: torch.nn.Module, weight_decay: float, embedding_weight_d
     decay, no_decay = [], []
     for _, p in model.named_parameters():  # a tied weight is listed once
         if p.requires_grad:
-            (decay if p.ndim >= 2 and id(p) not in embeddings else no_decay).append(p)
+            # a ZeRO-3 parameter made by zero.Init (sharded initialization) is a [0] placeholder: its
+            # real shape is ds_shape
+            ndim = len(getattr(p, "ds_shape", p.shape))
+            (decay if ndim >= 2 and id(p) not in embeddings else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

@@ -200,14 +200,19 @@ def token_ids(sp_model: Path | None) -> dict:
     """bos/eos/pad ids for the configs: the tokenizer's, else our convention (pretrain/data/tokenizer.py)."""
     if sp_model is None:
         return {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}
-    import sentencepiece as spm
+    from pretrain.data.tokenizer import Tokenizer
 
-    sp = spm.SentencePieceProcessor(model_file=str(sp_model))
-    ids = {"bos_token_id": sp.bos_id(), "eos_token_id": sp.eos_id(), "pad_token_id": sp.pad_id()}
+    tok = Tokenizer(sp_model)
+    ids = {"bos_token_id": tok.bos, "eos_token_id": tok.eod, "pad_token_id": tok.pad}
     return {k: (v if v >= 0 else None) for k, v in ids.items()}
 
 
 def write_tokenizer(sp_model: Path, out: Path, model_max_length: int | None) -> None:
+    """A sentencepiece model is converted to tokenizer.json (and kept beside it); a tokenizer.json we
+    trained with is the Hugging Face tokenizer already: it is written with its special tokens named."""
+    if sp_model.suffix == ".json":
+        _write_hf_tokenizer(sp_model, out, model_max_length)
+        return
     build_hf_tokenizer(sp_model, model_max_length).save_pretrained(out)
     # transformers 5 writes its own class name (TokenizersBackend); PreTrainedTokenizerFast loads the
     # same tokenizer.json in 5.x and in 4.x.
@@ -216,6 +221,24 @@ def write_tokenizer(sp_model: Path, out: Path, model_max_length: int | None) -> 
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
     config_path.write_text(json.dumps(config, indent=2) + "\n")
     shutil.copy2(sp_model, out / "tokenizer.model")  # the original, for sentencepiece users
+
+
+def _write_hf_tokenizer(path: Path, out: Path, model_max_length: int | None) -> None:
+    from transformers import PreTrainedTokenizerFast
+
+    from pretrain.data.tokenizer import Tokenizer
+
+    tok = Tokenizer(path)
+    name = tok.hf.hf.id_to_token
+    specials = {"eos_token": name(tok.eod), "pad_token": name(tok.pad)}
+    if tok.bos >= 0:
+        specials["bos_token"] = name(tok.bos)
+    fast = PreTrainedTokenizerFast(tokenizer_file=str(path), model_max_length=model_max_length, **specials)
+    fast.save_pretrained(out)
+    config_path = out / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 # ------------------------------------------------------------------------------ the whole export
@@ -275,9 +298,9 @@ def export(
 
 
 def _check_tokenizer_fits(sp_model: Path, vocab_size: int) -> None:
-    import sentencepiece as spm
+    from pretrain.data.tokenizer import Tokenizer
 
-    n = spm.SentencePieceProcessor(model_file=str(sp_model)).get_piece_size()
+    n = Tokenizer(sp_model).vocab_size
     if n > vocab_size:
         raise ExportError(
             f"tokenizer {sp_model}: {n} tokens, more than the model's vocab_size {vocab_size}: "
@@ -329,14 +352,16 @@ def verify_export(model, m, out: Path, fmt: str, dtype: torch.dtype) -> float:
 
 
 def verify_tokenizer(sp_model: Path, out: Path) -> None:
-    import sentencepiece as spm
     from transformers import AutoTokenizer
 
-    sp = spm.SentencePieceProcessor(model_file=str(sp_model))
+    from pretrain.data.tokenizer import Tokenizer
+
+    tok = Tokenizer(sp_model)
     # trust_remote_code: AutoTokenizer reads config.json first, and a custom export's names our code.
     hf = AutoTokenizer.from_pretrained(out, local_files_only=True, trust_remote_code=True)
-    ours, theirs = sp.encode(SAMPLE_TEXT), hf.encode(SAMPLE_TEXT, add_special_tokens=False)
-    if ours != theirs or hf.decode(theirs) != SAMPLE_TEXT:
+    ours, theirs = tok.encode(SAMPLE_TEXT), hf.encode(SAMPLE_TEXT, add_special_tokens=False)
+    text = hf.decode(theirs, clean_up_tokenization_spaces=False)
+    if ours != theirs or text != SAMPLE_TEXT:
         raise ExportError(
             f"verification failed: the exported tokenizer encodes a sample to {theirs[:16]}..., "
             f"ours to {ours[:16]}...; the export was left in {out}"
@@ -447,8 +472,10 @@ def find_tokenizer(cfg, ckpt: Path, explicit: str | None) -> Path:
         if not p.is_file():
             raise ExportError(f"--tokenizer {p}: no such file")
         return p
-    if (ckpt / "tokenizer.model").is_file():
-        return ckpt / "tokenizer.model"
+    from pretrain.data.tokenizer import tokenizer_file_in
+
+    if tokenizer_file_in(ckpt):
+        return tokenizer_file_in(ckpt)
     from pretrain.config import tokenizer_path
 
     name = tokenizer_path(cfg.data)

@@ -21,6 +21,7 @@ from collections import deque
 import torch
 
 from kernels.errors import PretrainError
+from pretrain.distributed import all_reduce
 
 
 class TrainingStopped(PretrainError, RuntimeError):
@@ -51,9 +52,7 @@ class BadStepGuard:
         if loss is not None:
             checks.append(torch.isfinite(loss.detach()).all())
         bad = torch.stack(checks).logical_not().any().float().reshape(1) if checks else torch.zeros(1)
-        bad = bad.to(self.device)
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(bad)
+        bad = all_reduce(bad.to(self.device))
         self._decision = bool(bad.item() > 0)
         return self._decision
 

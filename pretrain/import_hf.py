@@ -9,7 +9,7 @@ tied or untied embeddings, vocab_size = the HF vocabulary with vocab_multiple 1)
 
 starts from those weights. The rest of config.yaml comes from --base (default: every default).
 The training data must be tokenized with the model's tokenizer: when HF_DIR has a sentencepiece
-tokenizer.model it is copied to DIR, for `python -m pretrain.data prepare --tokenizer DIR/tokenizer.model`.
+tokenizer.model (or a tokenizer.json) it is copied to DIR, for `python -m pretrain.data prepare --tokenizer DIR/<it>`.
 
 Rejected with a message: other architectures, RoPE scaling, attention and MLP biases that differ,
 a head_dim other than hidden_size / num_heads, activations other than SiLU.
@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from model.hf_convert import ConversionError, from_llama_state_dict, llama_model_section
+from pretrain.data.tokenizer import tokenizer_file_in
 
 MAX_DEFAULT_SEQ_LEN = 4096  # default training length when the HF context is longer (--seq-len overrides)
 VERIFY_ATOL = 1e-3
@@ -139,17 +140,17 @@ def import_model(args) -> int:
 
 
 def _tokenizer_hint(hf_dir: Path, out: Path) -> None:
-    sp = hf_dir / "tokenizer.model"
-    if sp.is_file():
-        shutil.copy2(sp, out / "tokenizer.model")
+    found = tokenizer_file_in(hf_dir)  # sentencepiece's tokenizer.model first, else tokenizer.json
+    if found:
+        shutil.copy2(found, out / found.name)
         print(
-            f"[import] the model's sentencepiece tokenizer is {out / 'tokenizer.model'}: tokenize the data with it, "
-            f"python -m pretrain.data prepare --tokenizer {out / 'tokenizer.model'} --out data/NAME, then "
+            f"[import] the model's tokenizer is {out / found.name}: tokenize the data with it, "
+            f"python -m pretrain.data prepare --tokenizer {out / found.name} --out data/NAME, then "
             "--set data.dir=data/NAME"
         )
     else:
         print(
-            "[import] warning: no sentencepiece tokenizer.model in the HF directory; the training data must be "
+            "[import] warning: no tokenizer.model or tokenizer.json in the HF directory; the training data must be "
             "tokenized with this model's tokenizer (Megatron .bin/.idx via data.train/valid/test and a matching "
             "data.tokenizer), or the token ids will not mean what the weights learned"
         )

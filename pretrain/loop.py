@@ -237,7 +237,7 @@ class TrainLoop:
                 "consumed_samples": step * t.global_batch_size,
                 "tokens": step * self.tokens_per_step,
                 "world_size": run.dist.world_size,
-                "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp},
+                "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "ulysses": layout.ulysses},
                 "zero_stage": cfg.zero.stage,
                 "config": cfg.to_dict(),
                 "bad_step_guard": self.job.guard.state_dict(),
@@ -245,7 +245,7 @@ class TrainLoop:
                 "tokenizer_sha256": run.tokenizer.sha256,
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
             },
-            extra_files={"tokenizer.model": run.tokenizer.path},
+            extra_files={run.tokenizer.filename: run.tokenizer.path},
         )
 
     def report_memory(self) -> None:
@@ -263,14 +263,18 @@ class TrainLoop:
             "zero_stage": cfg.zero.stage,
             "precision": cfg.train.precision,
             "dp": layout.dp,
-            "ranks": [dict(r, expected=expected_bytes(r["local_params"], cfg.zero.stage, layout.dp)) for r in per_rank],
+            "zero_partitions": layout.zero_partitions,  # dp x ulysses: DeepSpeed's sequence-data-parallel group
+            "ranks": [
+                dict(r, expected=expected_bytes(r["local_params"], cfg.zero.stage, layout.zero_partitions))
+                for r in per_rank
+            ],
         }
         (self.run.run_dir / "memory.json").write_text(json.dumps(report, indent=1))
         r0 = report["ranks"][0]
         note = "" if cfg.train.precision == "fp32" else " (formula for fp32; mixed precision adds fp32 masters)"
         self.log(
             f"[memory] rank 0 holds {r0['held']['parameters'] / 2**20:.2f} MiB of parameters and "
-            f"{r0['held']['optimizer'] / 2**20:.2f} MiB of optimizer state; ZeRO-{cfg.zero.stage} over dp "
-            f"{layout.dp} predicts {r0['expected']['parameters'] / 2**20:.2f} and "
+            f"{r0['held']['optimizer'] / 2**20:.2f} MiB of optimizer state; ZeRO-{cfg.zero.stage} over "
+            f"{layout.zero_partitions} ranks predicts {r0['expected']['parameters'] / 2**20:.2f} and "
             f"{r0['expected']['optimizer'] / 2**20:.2f}{note} (all ranks: memory.json)"
         )

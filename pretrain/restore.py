@@ -86,7 +86,7 @@ def check_tokenizer(saved: dict, tokenizer, cfg: Config, log) -> None:
         return
     raise CheckpointError(
         f"{what}: resuming would train on token ids that mean other text. Use the data and "
-        "tokenizer the run was trained on (the checkpoint keeps a copy: <checkpoint>/tokenizer.model), "
+        "tokenizer the run was trained on (the checkpoint keeps a copy in <checkpoint>/), "
         "or set checkpoint.allow_tokenizer_change=true if the ids are known to agree"
     )
 
@@ -119,7 +119,8 @@ def check_resumable(saved: dict, cfg: Config, layout, log, tokenizer=None) -> st
         raise CheckpointError("the checkpoint's model differs from the config: " + "; ".join(blocking))
     for line in other:
         log(f"[checkpoint] setting changed since the checkpoint: {line}")
-    return needs_conversion(saved, {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "zero_stage": cfg.zero.stage})
+    now = {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "ulysses": layout.ulysses, "zero_stage": cfg.zero.stage}
+    return needs_conversion(saved, now)
 
 
 def locate_resume(run: Run) -> ResumePoint:

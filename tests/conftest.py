@@ -17,6 +17,8 @@ def _env(extra: dict | None = None) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("DS_ACCELERATOR", "cpu")
+    # DeepSpeed's JIT ops built per environment (see pretrain/distributed.py prefer_cpu_accelerator_if_no_gpu)
+    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
     env.setdefault("OMP_NUM_THREADS", "1")
     env.update(extra or {})
     return env

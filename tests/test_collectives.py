@@ -27,6 +27,8 @@ ALLOWED = {
     ("pretrain/distributed.py", "all_reduce"): "the helper itself",
     ("model/tensor_parallel.py", "*"): "the tensor-parallel mappings: activations on the compute device; model/ "
     "cannot import pretrain/",
+    ("model/ulysses.py", "*"): "the Ulysses sequence mappings and loss share: activations and the loss, on the "
+    "compute device; model/ cannot import pretrain/",
 }
 
 

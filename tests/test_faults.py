@@ -318,12 +318,21 @@ def test_a_second_run_on_a_busy_directory_is_refused_and_the_first_finishes_inta
     first = launch(args, 2, log)
     assert wait_for(lambda: (run_dir / "train.log").is_file(), 240, first, poll=0.05), log.read_text()[-3000:]
     holder = worker_with_rank(first.pid, 0)
-    for second in refused_runs(args, [[], ["--resume", "auto"], ["--overwrite"]]):
+    # The first job is frozen (SIGSTOP: it keeps its lock and its state) while the others start, so that
+    # it is still running when they reach the lock however slowly they start on a loaded machine.
+    job = [first.pid, *worker_pids(first.pid)]
+    for pid in job:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        seconds = refused_runs(args, [[], ["--resume", "auto"], ["--overwrite"]])
+    finally:
+        for pid in job:
+            os.kill(pid, signal.SIGCONT)
+    for second in seconds:
         errors = [line for line in second.stderr.splitlines() if "error:" in line]
         assert second.returncode == 2 and len(errors) == 1, second.stderr[-3000:]
         assert f"{run_dir} is in use by another job (pid {holder} on {socket.gethostname()}, since " in errors[0]
         assert "Traceback" not in second.stderr
-    assert first.poll() is None, "the first run finished before the others were refused: nothing was tested"
     assert first.wait(timeout=400) == 0, log.read_text()[-3000:]
     assert losses(run_dir) == reference
     assert not list(run_dir.glob("*.before-*"))  # no refused run kept the running one's curves aside

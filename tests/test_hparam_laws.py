@@ -174,3 +174,38 @@ def test_points_from_a_sweeps_cells():
         [cell(1e-3, 16, 3.2), cell(3e-3, 32, 9.9, diverged=True), cell(1e-2, 8, 3.0, False, False)]
     )
     assert [(p.lr, p.batch, p.loss) for p in points] == [(1e-3, 4096.0, 3.2), (3e-3, 8192.0, math.inf)]
+
+
+def test_at_fixed_tokens_per_parameter_the_law_along_the_line_is_fitted():
+    """A study at D = 20 N (ours): N and D cannot be told apart, so the fit is the law along the line, whose
+    N exponent is alpha + beta of the true law; said in a note."""
+    points = [p for p in synthetic_sweep(0.0) if (p.N, p.D) in ((1e7, 1e9), (5e7, 1e10), (2e8, 1e11))]
+    # D/N is not constant on these three; put them on one line D = 100 N with the same bowl
+    line = []
+    for p in points:
+        D = 100 * p.N
+        lr0, b0 = TRUE_LR(p.N, D), TRUE_BATCH(p.N, D)
+        lr, b = lr0 * (p.lr / TRUE_LR(p.N, p.D)), b0 * (p.batch / TRUE_BATCH(p.N, p.D))
+        line.append(SweepPoint(p.N, D, lr, b, p.loss))
+    fit = fit_laws(line, refine=False)
+    assert fit.lr.fitted == ("N",)
+    assert fit.lr.law.alpha == pytest.approx(TRUE_LR.alpha + TRUE_LR.beta, abs=1e-9)
+    assert fit.lr.law(3e7, 3e9) == pytest.approx(TRUE_LR(3e7, 3e9), rel=1e-9)
+    assert any("proportional to N" in n for n in fit.notes)
+
+
+def test_seeds_are_averaged_before_the_best_cell_is_chosen():
+    """Two seeds per cell: a lucky seed at a worse learning rate must not win over a better mean."""
+    N, D = 1e7, 2e8
+    points = [
+        SweepPoint(N, D, 1e-3, 1e5, 3.00),
+        SweepPoint(N, D, 1e-3, 1e5, 3.02),  # mean 3.01
+        SweepPoint(N, D, 3e-3, 1e5, 2.95),
+        SweepPoint(N, D, 3e-3, 1e5, 3.15),  # mean 3.05, but holds the single lowest loss
+        SweepPoint(N, D, 1e-2, 1e5, 3.20),
+    ]
+    (best,) = optima(points, refine=False)
+    assert best.lr == pytest.approx(1e-3) and best.loss == pytest.approx(3.01)
+    fit = fit_laws(points)  # one batch size in the sweep: no batch law, and not "at the grid's edge" either
+    assert fit.batch is None and best.not_swept == ["batch"] and "batch" not in best.at_edge
+    assert any("batch: one value" in n for n in fit.notes)

@@ -95,6 +95,23 @@ def test_fp16_gradients_of_many_tokens_do_not_underflow():
         assert err < 3e-3, f"relative error {err:.2e}"  # unscaled: 6.5e-3
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_the_gpu_in_bf16_with_the_gpu_chunk_size():
+    """The GPU's default chunk (model/loss.py CHUNK_ELEMENTS_GPU: several chunks here, a ragged last one)
+    against the float64 expression on the same bf16 values."""
+    h, w, y, mask = inputs(dtype=torch.bfloat16, n=4500, d=64, v=32_768, masked=True)
+    h, w = (t.detach().cuda().requires_grad_() for t in (h, w))
+    y, mask = y.cuda(), mask.cuda()
+    assert chunk_tokens_for(4500, 32_768, device_type="cuda") == 2048  # 3 chunks
+    h64, w64 = (t.detach().double().requires_grad_() for t in (h, w))
+    exact = reference(h64, w64, y, mask, 1e-4)
+    fused = linear_cross_entropy(h, w, y, mask, z_loss=1e-4)
+    assert abs(fused.item() - exact.item()) <= 1e-2 * abs(exact.item())
+    (dh, dw), (rh, rw) = grads(fused, h, w), grads(exact, h64, w64)
+    for a, b in ((dh, rh), (dw, rw)):
+        torch.testing.assert_close(a.double(), b, rtol=5e-2, atol=5e-2 * b.abs().max().item())
+
+
 def test_without_grad_only_the_loss():
     h, w, y, mask = inputs(dtype=torch.float32)
     with torch.no_grad():
@@ -107,6 +124,8 @@ def test_chunk_size_rule():
     assert chunk_tokens_for(10_000, 50_304) == 128  # never below MIN_CHUNK_TOKENS
     assert chunk_tokens_for(10_000, 8_192) == 512  # 4M elements of fp32 logits
     assert chunk_tokens_for(100, 8_192) == 100 and chunk_tokens_for(100, 8_192, requested=7) == 7
+    # on a GPU 64M elements (256 MiB of fp32 logits): 16K tokens of a 50K vocabulary in 13 chunks
+    assert chunk_tokens_for(16_384, 50_304, device_type="cuda") == 64 * 2**20 // 50_304 == 1334
 
 
 def model_cfg(**kw) -> ModelConfig:

@@ -145,7 +145,8 @@ def test_state_dict_keys_equal_for_placements_with_the_same_norms():
 
 
 def test_pre_equals_huggingface_llama():
-    transformers = pytest.importorskip("transformers")
+    import transformers  # a dependency: its absence must fail, not skip
+
     cfg = make_cfg(
         placement="pre", vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, seq_len=32
     )

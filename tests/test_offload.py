@@ -171,12 +171,14 @@ def test_zero3_parameter_and_optimizer_offload_to_cpu_trains_like_no_offload(bun
 @pytest.mark.slow
 def test_zero_infinity_to_nvme_files_trains_like_no_offload(bundled_dir, tmp_path):
     """ZeRO-Infinity: parameters and optimizer states swapped through DeepSpeed's async_io op to files in a
-    temporary folder (standing in for an NVMe drive). Hidden 128, so that each rank's fp32 partition passes
-    DeepSpeed's 1 MiB minimum for a swapped tensor, and no parameter kept in CPU memory."""
+    temporary folder (standing in for an NVMe drive), no parameter kept in CPU memory by choice. DeepSpeed swaps
+    only partitions of at least 1 MiB (partitioned_param_swapper.py swappable_tensor: the aio block size, 1 MiB
+    at least) and keeps smaller ones in CPU memory: hidden 256 makes the embedding's fp32 partition on each of
+    the 2 ranks 2048 x 256 / 2 x 4 B = 1 MiB, so it goes to the drive."""
     if not aio_builds():
         pytest.skip(NO_AIO)
     nvme = tmp_path / "nvme"
-    wider = ["model.hidden_size=128", "zero.stage=3"]
+    wider = ["model.hidden_size=256", "zero.stage=3"]
     plain = losses_of(bundled_dir, tmp_path / "plain", wider)
     sets = [*wider, "zero.offload_optimizer=nvme", "zero.offload_params=nvme", f"zero.nvme_path={nvme}"]
     sets += ["zero.nvme_params_in_cpu=0"]

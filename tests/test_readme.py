@@ -6,7 +6,7 @@ A block is runnable when the line before its ```bash fence is an HTML comment
     <!-- runnable: writes=PATH PATH ... -->   and these files must exist afterwards
 Each block runs in its own `bash -e` with .venv activated (the README says commands assume it), in a
 copy of the checkout's files (what git tracks or would track: no runs/, data/, exports/), with the
-checkout's .venv linked in. About 6 minutes on 2 cores; a README change that breaks a command fails it.
+checkout's .venv linked in. 137 s on 2 quiet cores (in -m slow); a README change that breaks a command fails it.
 """
 
 from __future__ import annotations
@@ -75,6 +75,7 @@ def fresh_copy(dest: Path) -> Path:
     return dest
 
 
+@pytest.mark.slow  # 137 s on 2 quiet cores: run it with -m slow, and whenever the README changes
 @pytest.mark.distributed
 def test_the_readme_commands_run_as_documented(tmp_path):
     blocks = runnable_blocks((ROOT / "README.md").read_text())

@@ -9,6 +9,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.conftest import check, run_module, tiny_args
@@ -46,6 +47,7 @@ def run(args: list[str], timeout: int = 600) -> str:
     return check(run_module(["-m", "pretrain.scaling", *args], timeout=timeout)).stdout
 
 
+@pytest.mark.slow  # 75 s; the pieces (LR choice, claims, fits, summary) have their own default tests
 def test_lr_search_study_and_summary_end_to_end(tmp_path, bundled_dir):
     sweep_file = write_sweep(tmp_path, bundled_dir)
     cells = tmp_path / "cells"

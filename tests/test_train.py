@@ -59,7 +59,7 @@ def test_two_process_training_lowers_the_loss(uninterrupted):
 @pytest.mark.parametrize(
     "layout",
     [
-        [],
+        pytest.param([], marks=pytest.mark.slow),  # slow: the default suite resumes ZeRO-3, TP+SP and PP
         pytest.param(["zero.stage=2"], marks=pytest.mark.slow),
         ["zero.stage=3"],
         ["parallel.tp=2", "parallel.sequence_parallel=true", "train.micro_batch_size=8"],

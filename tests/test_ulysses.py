@@ -33,6 +33,10 @@ TOLERANCE = 1e-5  # fp32; the layouts add the same numbers in another order (see
         (["parallel.ulysses=4", "model.num_kv_heads=2"], "does not divide model.num_kv_heads=2"),
         (["parallel.ulysses=2", "parallel.tp=2", "model.num_kv_heads=2"], "= 4 does not divide model.num_kv_heads=2"),
         (["parallel.ulysses=2", "model.seq_len=63"], "model.seq_len=63 is not divisible by parallel.ulysses=2"),
+        (
+            ["parallel.ulysses=2", "parallel.tp=2", "parallel.sequence_parallel=true", "model.seq_len=66"],
+            "model.seq_len=66 is not divisible by parallel.ulysses x parallel.tp (sequence parallel) = 4",
+        ),
         (["parallel.ulysses=2", "parallel.pp=2"], "with parallel.pp=2 is not supported"),
         (["parallel.ulysses=0"], "parallel.ulysses: 0 is below the minimum 1"),
     ],
@@ -70,9 +74,13 @@ def test_rank_layout_is_megatrons_tp_cp_dp_pp_order():
 # name -> (processes, overrides): micro-batch 2 per data-parallel rank, one micro-batch a step
 GRAD_CASES = {
     "u2-zero3-gqa": (2, ["parallel.ulysses=2", "zero.stage=3", "model.num_kv_heads=2"]),
-    "dp2xu2-zero1": (4, ["parallel.ulysses=2", "zero.stage=1"]),
+    "dp2xu2-zero1-full-recompute": (4, ["parallel.ulysses=2", "zero.stage=1", "train.activation_checkpointing=full"]),
     "tp2xu2-sp-zero2": (4, ["parallel.ulysses=2", "parallel.tp=2", "parallel.sequence_parallel=true", "zero.stage=2"]),
-    "u4-zero0-qknorm": (4, ["parallel.ulysses=4", "zero.stage=0", "model.qk_norm=true", "model.placement=pre"]),
+    "u4-zero0-qknorm-selective": (
+        4,
+        ["parallel.ulysses=4", "zero.stage=0", "model.qk_norm=true", "model.placement=pre"]
+        + ["train.activation_checkpointing=selective"],  # the all-to-all inside recomputed code
+    ),
 }
 MICRO = 2
 
@@ -193,10 +201,11 @@ def test_ulysses_with_zero3_and_gqa_matches_one_process(tmp_path):
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_ulysses_with_data_tensor_and_sequence_parallelism_matches_one_process(tmp_path):
-    """4 processes: dp 2 x ulysses 2 (ZeRO-1 over both), tp 2 x ulysses 2 with Megatron sequence parallelism
-    (ZeRO-2), ulysses 4 (ZeRO-0, QK-norm)."""
-    results = _run_grad_cases(tmp_path, ["dp2xu2-zero1", "tp2xu2-sp-zero2", "u4-zero0-qknorm"])
-    assert sorted(results) == ["dp2xu2-zero1", "tp2xu2-sp-zero2", "u4-zero0-qknorm"]
+    """4 processes: dp 2 x ulysses 2 (ZeRO-1 over both, whole blocks recomputed), tp 2 x ulysses 2 with Megatron
+    sequence parallelism (ZeRO-2), ulysses 4 (ZeRO-0, QK-norm, the attention core recomputed)."""
+    names = ["dp2xu2-zero1-full-recompute", "tp2xu2-sp-zero2", "u4-zero0-qknorm-selective"]
+    results = _run_grad_cases(tmp_path, names)
+    assert sorted(results) == names
     for result in results.values():
         _assert_same_as_one_process(result)
 
@@ -233,6 +242,7 @@ def test_ulysses_training_curve_matches_one_process(bundled_dir, tmp_path):
     assert max(abs(a[s] - b[s]) for s in a) <= TOLERANCE
 
 
+@pytest.mark.slow  # 36 s; the default suite's resume cases cover the checkpoint path, this the Ulysses layout
 @pytest.mark.distributed
 def test_ulysses_resume_continues_bit_for_bit(bundled_dir, tmp_path):
     """ulysses 2 with ZeRO-1: stopped after step 2 with a checkpoint and resumed, steps 3-4 equal the
@@ -251,3 +261,19 @@ def test_ulysses_resume_continues_bit_for_bit(bundled_dir, tmp_path):
 if __name__ == "__main__":  # the worker of the gradient tests, started by torchrun
     if sys.argv[1:2] == ["--grads"]:
         _grads_worker(sys.argv[2], sys.argv[3], sys.argv[4:])
+
+
+def test_a_resume_across_a_change_of_the_ulysses_size_is_refused_cleanly():
+    """DeepSpeed would stop on the world size with a traceback; the run stops with exit 3 and says what to do.
+    A checkpoint written before `ulysses` was recorded counts as ulysses 1."""
+    from pretrain.checkpoint import CheckpointError
+    from pretrain.checkpoint.universal import needs_conversion
+
+    saved = {"world_size": 2, "zero_stage": 1, "layout": {"tp": 1, "pp": 1, "dp": 1, "ulysses": 2}}
+    now = {"tp": 1, "pp": 1, "dp": 1, "ulysses": 1, "zero_stage": 1}
+    with pytest.raises(CheckpointError, match=r"parallel.ulysses=2 .* resume with parallel.ulysses=2") as e:
+        needs_conversion(saved, now)
+    assert e.value.exit_code == 3
+    assert needs_conversion(saved, dict(now, ulysses=2)) is None
+    old = {"world_size": 2, "zero_stage": 1, "layout": {"tp": 1, "pp": 1, "dp": 2}}
+    assert needs_conversion(old, dict(now, dp=2)) is None

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         help="held out as test when there is neither --test-input nor the bundled test set",
     )
     p.add_argument("--vocab-size", type=int, default=8192)
-    p.add_argument("--tokenizer", default="", help="reuse this sentencepiece model instead of training one")
+    p.add_argument("--tokenizer", default="", help="reuse this tokenizer instead of training one: a sentencepiece .model, a Hugging Face tokenizer.json, or a directory holding one")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--workers", type=int, default=0, help="tokenizer processes (default: CPU count, max 8)")
     p.add_argument("--force", action="store_true", help="rebuild even if the directory is prepared")

@@ -12,18 +12,20 @@ import numpy as np
 
 from pretrain.data.corpus import DataError, Document
 
-_worker_sp = None
+_worker_tokenizer = None
 
 
 def _init_worker(model_path: str) -> None:
-    import sentencepiece as spm
+    # (a worker whose initializer raises is respawned forever by multiprocessing: the parent has
+    # loaded this same file already, so it loads here too)
+    from pretrain.data.tokenizer import Tokenizer
 
-    global _worker_sp
-    _worker_sp = spm.SentencePieceProcessor(model_file=model_path)
+    global _worker_tokenizer
+    _worker_tokenizer = Tokenizer(model_path)
 
 
 def _encode(text: str) -> list[int]:
-    return _worker_sp.encode(text)
+    return _worker_tokenizer.encode(text)
 
 
 def write_indexed(docs: Sequence[Document], tokenizer, prefix: str | Path, workers: int = 0) -> dict:

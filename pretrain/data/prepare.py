@@ -29,7 +29,7 @@ from pretrain.data.corpus import (
     user_documents,
 )
 from pretrain.data.indexed import write_indexed
-from pretrain.data.tokenizer import Tokenizer, train_tokenizer
+from pretrain.data.tokenizer import TOKENIZER_FILES, Tokenizer, tokenizer_file_in, train_tokenizer
 from pretrain.fsutil import atomic_write_text
 
 MANIFEST = "manifest.json"
@@ -47,7 +47,7 @@ class PrepareArgs:
     valid_fraction: float = 0.02  # per source, at least one document
     test_fraction: float = 0.01  # only when there is no separate test set
     vocab_size: int = 8192
-    tokenizer: str = ""  # reuse an existing sentencepiece model instead of training one
+    tokenizer: str = ""  # reuse an existing tokenizer (sentencepiece .model or tokenizer.json) instead of training one
     seed: int = 1234
     workers: int = 0
 
@@ -126,15 +126,25 @@ def prepare(args: PrepareArgs, force: bool = False, log=print) -> Path:
         manifest_path.unlink()  # from here on the directory is incomplete until the new manifest lands
     tok_path = out / "tokenizer.model"
     if args.tokenizer:
-        if not os.path.isfile(args.tokenizer):
-            raise DataError(f"--tokenizer '{args.tokenizer}' does not exist")
-        shutil.copyfile(args.tokenizer, tok_path)
-        log(f"[data] using the existing tokenizer {args.tokenizer}")
+        given = Path(args.tokenizer)
+        if given.is_dir() and tokenizer_file_in(given):
+            given = tokenizer_file_in(given)
+        if not given.is_file():
+            raise DataError(
+                f"--tokenizer '{args.tokenizer}' does not exist (give a sentencepiece .model, a Hugging Face "
+                "tokenizer.json, or a directory holding one)"
+            )
+        tok_path = out / Tokenizer(given).filename  # loading it first refuses a file that is neither
+        for stale in TOKENIZER_FILES:  # an earlier prepare's tokenizer of the other kind must not be found
+            (out / stale).unlink(missing_ok=True)
+        shutil.copyfile(given, tok_path)
+        log(f"[data] using the existing tokenizer {given}")
     else:
         log(f"[data] training a {args.vocab_size}-token sentencepiece BPE tokenizer on the training split")
         trained = train_tokenizer(train, out / "tokenizer.tmp", vocab_size=args.vocab_size, seed=args.seed)
         os.replace(trained, tok_path)
         os.replace(out / "tokenizer.tmp.vocab", out / "tokenizer.vocab")
+        (out / "tokenizer.json").unlink(missing_ok=True)  # an earlier prepare's, which would be found first
     tokenizer = Tokenizer(tok_path)
 
     splits = {}
@@ -151,7 +161,7 @@ def prepare(args: PrepareArgs, force: bool = False, log=print) -> Path:
         "test_set": f"SOTU {SOTU_TEST_FROM_YEAR}-" if args.bundled and not args.test_inputs else "user",
         "bundled_corpus": BUNDLED_CORPUS_VERSION if args.bundled else None,
         "tokenizer": {
-            "path": "tokenizer.model",
+            "path": tok_path.name,
             "vocab_size": tokenizer.vocab_size,
             "sha256": tokenizer.sha256,
             "eod": tokenizer.eod,

@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 from pretrain.data.corpus import DataError
+from pretrain.data.tokenizer import tokenizer_file_in
 from pretrain.fsutil import sha256_file
 
 
@@ -52,10 +53,10 @@ def init_from_tokenizer_sha(path: Path) -> tuple[str, str] | None:
             sha = json.loads(meta.read_text()).get("tokenizer_sha256")
             if sha:
                 return sha, str(meta)
-        candidate = path / "tokenizer.model"
+        candidate = tokenizer_file_in(path)
     else:
-        candidate = path.parent / "tokenizer.model"
-    return (sha256_file(candidate), str(candidate)) if candidate.is_file() else None
+        candidate = tokenizer_file_in(path.parent)
+    return (sha256_file(candidate), str(candidate)) if candidate else None
 
 
 def check_init_from_tokenizer(init_from: str, tokenizer) -> None:

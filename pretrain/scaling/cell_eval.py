@@ -32,6 +32,7 @@ import torch
 from pretrain.checkpoint import CheckpointError, find_resumable
 from pretrain.config import parse_blend
 from pretrain.data import DataError, Tokenizer, TokenStream
+from pretrain.data.tokenizer import tokenizer_file_in
 from pretrain.fsutil import atomic_write_text
 from pretrain.scaling.cell_files import EVAL_FILE, EVAL_VERSION
 
@@ -130,7 +131,7 @@ def depth(model, cfg, tokenizer: Tokenizer, device: torch.device, sequences: int
 
 def _tokenizer(ckpt: Path, cfg, meta: dict) -> Tokenizer:
     """The tokenizer the checkpoint was trained with (its own copy), checked against the data's."""
-    tok = Tokenizer(ckpt / "tokenizer.model" if (ckpt / "tokenizer.model").is_file() else cfg.data.tokenizer)
+    tok = Tokenizer(tokenizer_file_in(ckpt) or cfg.data.tokenizer)
     if meta.get("tokenizer_sha256") and meta["tokenizer_sha256"] != tok.sha256:
         raise DataError(
             f"{ckpt}: trained with tokenizer sha256 {meta['tokenizer_sha256'][:12]} but {tok.path} is {tok.sha256[:12]}"

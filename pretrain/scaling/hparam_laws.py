@@ -117,6 +117,7 @@ class Optimum:
     loss: float
     cells: int
     at_edge: list = field(default_factory=list)  # "lr" / "batch" when the best value is at the grid's edge
+    not_swept: list = field(default_factory=list)  # "lr" / "batch" when the grid has one value of it here
 
 
 @dataclass
@@ -143,13 +144,16 @@ def _parabola_vertex(xs: list[float], ys: list[float]) -> float | None:
     return float(-b / (2 * a))
 
 
-def _refine(grid: dict, best: tuple, axis: int) -> tuple[float, bool]:
+def _refine(grid: dict, best: tuple, axis: int) -> tuple[float, bool | None]:
     """log of the optimum along one axis (0 = lr, 1 = batch) through the best cell and its two grid
-    neighbours at the best value of the other axis; (log value of the best cell, True) at an edge."""
+    neighbours at the best value of the other axis; (log value of the best cell, True) at an edge, (.., None)
+    when the axis has one value only (not swept)."""
     other = best[1 - axis]
     line = sorted((key[axis], loss) for key, loss in grid.items() if key[1 - axis] == other)
     values = [v for v, _ in line]
     i = values.index(best[axis])
+    if len(values) == 1:
+        return math.log(best[axis]), None
     if i == 0 or i == len(values) - 1:
         return math.log(best[axis]), True
     xs = [math.log(values[j]) for j in (i - 1, i, i + 1)]
@@ -163,18 +167,26 @@ def optima(points: list[SweepPoint], refine: bool = True) -> list[Optimum]:
     """The best (lr, batch) of every (N, D): the cell with the lowest finite loss; with `refine`, each
     coordinate moved to the vertex of the parabola (in log lr or log batch) through the best cell and its
     grid neighbours along that axis. A best value at the grid's edge is flagged and left as it is."""
-    by_nd: dict[tuple, dict] = defaultdict(dict)
+    # Seeds of one (N, D, lr, batch) are averaged: the optimum is chosen on the mean, not on the lucky seed.
+    by_cell: dict[tuple, list] = defaultdict(list)
     for p in points:
         if math.isfinite(p.loss):
-            by_nd[(p.N, p.D)][(p.lr, p.batch)] = p.loss
+            by_cell[(p.N, p.D, p.lr, p.batch)].append(p.loss)
+    by_nd: dict[tuple, dict] = defaultdict(dict)
+    for (N, D, lr, batch), losses in by_cell.items():
+        by_nd[(N, D)][(lr, batch)] = sum(losses) / len(losses)
     out = []
     for (N, D), grid in sorted(by_nd.items()):
         best = min(grid, key=grid.get)
         opt = Optimum(N, D, best[0], best[1], grid[best], len(grid))
         for axis, name in ((0, "lr"), (1, "batch")):
-            log_v, edge = _refine(grid, best, axis) if refine else (math.log(best[axis]), False)
-            if edge:
+            log_v, edge = _refine(grid, best, axis)
+            if edge is None:
+                opt.not_swept.append(name)
+            elif edge:
                 opt.at_edge.append(name)
+            if not refine:
+                log_v = math.log(best[axis])
             setattr(opt, name, math.exp(log_v))
         out.append(opt)
     return out
@@ -182,6 +194,8 @@ def optima(points: list[SweepPoint], refine: bool = True) -> list[Optimum]:
 
 def _fit_log_linear(N, D, y) -> FittedLaw | None:
     """log y = log c + alpha log N + beta log D by least squares, over the variables that vary."""
+    if not y:
+        return None
     N, D, y = (np.log(np.asarray(v, dtype=float)) for v in (N, D, y))
     columns, names = [np.ones_like(y)], []
     for name, v in (("N", N), ("D", D)):
@@ -189,6 +203,10 @@ def _fit_log_linear(N, D, y) -> FittedLaw | None:
             columns.append(v)
             names.append(name)
     X = np.stack(columns, axis=1)
+    if len(names) == 2 and np.linalg.matrix_rank(X) < 3:
+        # D proportional to N (a sweep at fixed tokens per parameter): only the law along that line is
+        # determined; its N exponent is alpha + beta of a law in N and D.
+        X, names = X[:, :2], ["N"]
     if len(y) < X.shape[1] or np.linalg.matrix_rank(X) < X.shape[1]:
         return None
     coef, *_ = np.linalg.lstsq(X, y, rcond=None)
@@ -206,7 +224,11 @@ def fit_laws(points: list[SweepPoint], refine: bool = True) -> LawFit:
     notes = []
     fits = {}
     for name in ("lr", "batch"):
-        inside = [o for o in found if name not in o.at_edge]
+        if found and all(name in o.not_swept for o in found):
+            notes.append(f"{name}: one value per (N, D) in the sweep: no law to fit")
+            fits[name] = None
+            continue
+        inside = [o for o in found if name not in o.at_edge and name not in o.not_swept]
         dropped = len(found) - len(inside)
         if dropped:
             notes.append(f"{name}: {dropped} of {len(found)} optima at the grid's edge, left out (widen the grid)")
@@ -215,7 +237,12 @@ def fit_laws(points: list[SweepPoint], refine: bool = True) -> LawFit:
             notes.append(f"{name}: {len(inside)} usable optima do not determine the law")
         else:
             held = [v for v in ("N", "D") if v not in fit.fitted]
-            if held:
+            if held == ["D"] and len({o.D for o in inside}) > 1:
+                notes.append(
+                    f"{name}: D is proportional to N in the sweep: fitted along that line, the N exponent "
+                    "stands for the sum of the N and D exponents"
+                )
+            elif held:
                 notes.append(f"{name}: one value of {' and '.join(held)} in the sweep: its exponent is held at 0")
         fits[name] = fit
     return LawFit(fits["lr"], fits["batch"], found, notes)
@@ -242,11 +269,13 @@ def _g(v: float | None) -> str:
     return "–" if v is None or not math.isfinite(v) else f"{v:.3g}"
 
 
-def comparison_lines(fit: LawFit, paper: HparamLaws = STEP_LAW) -> list[str]:
+def comparison_lines(
+    fit: LawFit, paper: HparamLaws = STEP_LAW, title: str = "## Hyperparameter laws: the paper's and ours"
+) -> list[str]:
     """A markdown section: the paper's laws and ours side by side, then each (N, D) of the sweep with its
     best observed (lr, batch) against both laws' predictions."""
     lines = [
-        "## Hyperparameter laws: the paper's and ours",
+        title,
         "",
         f"Optimal peak learning rate and batch size (tokens) as power laws of the non-embedding parameters N "
         f"and the training tokens D. Paper: {paper.name} ({paper.source}). Ours: least squares in log space "

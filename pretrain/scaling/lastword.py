@@ -56,17 +56,8 @@ class PieceBytes:
     """The UTF-8 bytes of every token id (byte-fallback tokens: their byte; control tokens: None)."""
 
     def __init__(self, tokenizer):
-        sp = tokenizer.sp
         self.vocab_size = tokenizer.vocab_size
-        self.table: list[bytes | None] = []
-        for i in range(self.vocab_size):
-            piece = sp.id_to_piece(i)
-            if sp.is_control(i) or sp.is_unknown(i):
-                self.table.append(None)
-            elif sp.is_byte(i):
-                self.table.append(bytes([int(piece[3:-1], 16)]))
-            else:
-                self.table.append(piece.replace("\u2581", " ").encode("utf-8"))
+        self.table: list[bytes | None] = tokenizer.piece_bytes()
 
     def __getitem__(self, token: int) -> bytes | None:
         return self.table[token] if 0 <= token < self.vocab_size else None

@@ -21,7 +21,7 @@ import numpy as np
 
 from pretrain.config import ConfigError
 from pretrain.fsutil import atomic_write_text
-from pretrain.scaling import claims, lrsearch, plots, summary
+from pretrain.scaling import claims, hparam_laws, lrsearch, plots, summary
 from pretrain.scaling.fit import DEFAULT_METRIC, FIT_FILE, fit_sweep, held_out_summary, write_fit
 from pretrain.scaling.growth import growth_summary
 from pretrain.scaling.results import METRICS, CellResult, collect, group_label, seed_noise, size_label, size_order
@@ -325,7 +325,28 @@ def lr_section(
             "",
         ]
         lines += _table(["size"] + groups, sens_rows) + [""]
+    lines += law_comparison_lines(results, groups)
     return lines, record
+
+
+def law_comparison_lines(results: list[CellResult], groups: list[str]) -> list[str]:
+    """The Step Law's lr* and B* next to the laws fitted on the LR search, one table per group (a law is
+    a property of the architecture: placements are not pooled)."""
+    searched = [r for r in results if r.cell.search and r.evaluation]
+    if not searched:
+        return []
+    lines = [
+        "### The paper's learning-rate law against the search",
+        "",
+        "The LR search is the data for our own lr*(N, D) law (pretrain/scaling/hparam_laws.py); the paper's "
+        "law was fitted on much larger models, so this checks how far it transfers down to these sizes.",
+        "",
+    ]
+    for g in groups:
+        points = hparam_laws.points_from_results([r for r in searched if r.label == g])
+        if points:
+            lines += hparam_laws.comparison_lines(hparam_laws.fit_laws(points), title=f"#### {g}")
+    return lines
 
 
 def write_report(
