@@ -211,19 +211,19 @@ def write_tokenizer(sp_model: Path, out: Path, model_max_length: int | None) -> 
     """A sentencepiece model is converted to tokenizer.json (and kept beside it); a tokenizer.json we
     trained with is the Hugging Face tokenizer already: it is written with its special tokens named."""
     if sp_model.suffix == ".json":
-        _write_hf_tokenizer(sp_model, out, model_max_length)
-        return
-    build_hf_tokenizer(sp_model, model_max_length).save_pretrained(out)
+        _fast_tokenizer_from_json(sp_model, model_max_length).save_pretrained(out)
+    else:
+        build_hf_tokenizer(sp_model, model_max_length).save_pretrained(out)
+        shutil.copy2(sp_model, out / "tokenizer.model")  # the original, for sentencepiece users
     # transformers 5 writes its own class name (TokenizersBackend); PreTrainedTokenizerFast loads the
     # same tokenizer.json in 5.x and in 4.x.
     config_path = out / "tokenizer_config.json"
     config = json.loads(config_path.read_text())
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
     config_path.write_text(json.dumps(config, indent=2) + "\n")
-    shutil.copy2(sp_model, out / "tokenizer.model")  # the original, for sentencepiece users
 
 
-def _write_hf_tokenizer(path: Path, out: Path, model_max_length: int | None) -> None:
+def _fast_tokenizer_from_json(path: Path, model_max_length: int | None):
     from transformers import PreTrainedTokenizerFast
 
     from pretrain.data.tokenizer import Tokenizer
@@ -233,12 +233,7 @@ def _write_hf_tokenizer(path: Path, out: Path, model_max_length: int | None) -> 
     specials = {"eos_token": name(tok.eod), "pad_token": name(tok.pad)}
     if tok.bos >= 0:
         specials["bos_token"] = name(tok.bos)
-    fast = PreTrainedTokenizerFast(tokenizer_file=str(path), model_max_length=model_max_length, **specials)
-    fast.save_pretrained(out)
-    config_path = out / "tokenizer_config.json"
-    config = json.loads(config_path.read_text())
-    config["tokenizer_class"] = "PreTrainedTokenizerFast"
-    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    return PreTrainedTokenizerFast(tokenizer_file=str(path), model_max_length=model_max_length, **specials)
 
 
 # ------------------------------------------------------------------------------ the whole export
