@@ -268,3 +268,25 @@ def descendants(pid: int) -> list[int]:
         out += children
         todo += children
     return out
+
+
+def end_worker_case() -> None:
+    """Between the cases of one torchrun worker: megatron-core's groups torn down, every rank in step."""
+    import torch
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    torch.distributed.barrier()
+
+
+def finish_worker(rank: int, results: dict, out_path: str) -> None:
+    """The end of a torchrun worker: rank 0 writes the results as JSON, then the process group goes."""
+    import json
+
+    import torch
+
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(results, f)
+    torch.distributed.destroy_process_group()

@@ -19,7 +19,7 @@ import torch
 from model import build_model
 from model.init import init_steps, materialize, parameter_names, transient_peak
 from pretrain.config import load_config, resolve
-from tests.conftest import ROOT, run_module
+from tests.conftest import ROOT, end_worker_case, finish_worker, run_module
 
 TINY = str(ROOT / "configs" / "tiny.yaml")
 SEED = 1234
@@ -145,7 +145,6 @@ def _consolidate_layouts(out_path: str, run_root: str) -> None:
 
     dist = init_distributed()
     import deepspeed
-    from megatron.core import parallel_state
 
     from model.parallelize import unshard
     from pretrain.job import build_model as job_build_model
@@ -189,13 +188,8 @@ def _consolidate_layouts(out_path: str, run_root: str) -> None:
                 ],
                 "dtype": str(next(iter(merged.values())).dtype),
             }
-        if parallel_state.model_parallel_is_initialized():
-            parallel_state.destroy_model_parallel()
-        torch.distributed.barrier()
-    if dist.rank == 0:
-        with open(out_path, "w") as f:
-            json.dump(results, f)
-    torch.distributed.destroy_process_group()
+        end_worker_case()
+    finish_worker(dist.rank, results, out_path)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import torch
 
 from pretrain.config import ConfigError, check_world, load_config, resolve
 from pretrain.parallel import Layout
-from tests.conftest import ROOT, run_module, tiny_args, train_losses
+from tests.conftest import ROOT, end_worker_case, finish_worker, run_module, tiny_args, train_losses
 
 TINY = str(ROOT / "configs" / "tiny.yaml")
 TOLERANCE = 1e-5  # fp32; the layouts add the same numbers in another order (see tests/test_parallel.py)
@@ -107,7 +107,6 @@ def _grads_worker(out_path: str, run_root: str, names: list[str]) -> None:
 
     dist = init_distributed()
     from deepspeed.utils import safe_get_full_grad
-    from megatron.core import parallel_state
 
     from model import build_model
     from model.init import parameter_names
@@ -166,13 +165,8 @@ def _grads_worker(out_path: str, run_root: str, names: list[str]) -> None:
                 "missing": sorted(set(ref) - set(grads)),
             }
         engine.destroy()  # ZeRO-3's hooks on the model, before the next case builds another
-        if parallel_state.model_parallel_is_initialized():
-            parallel_state.destroy_model_parallel()
-        torch.distributed.barrier()
-    if dist.rank == 0:
-        with open(out_path, "w") as f:
-            json.dump(results, f)
-    torch.distributed.destroy_process_group()
+        end_worker_case()
+    finish_worker(dist.rank, results, out_path)
 
 
 def _run_grad_cases(tmp_path, names: list[str]) -> dict:
