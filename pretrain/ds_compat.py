@@ -20,6 +20,12 @@ works around; when the pin moves, re-check each one (the tests named here fail i
    (pretrain/engine.py apply_optimizer_settings).
 5. `set_lr_after_skipped_step`: DeepSpeed's fp16/bf16 overflow path skips `lr_scheduler.step()`, so
    a skipped update would shift the schedule; we set the LambdaLR state to the step index directly.
+6. `one_model_parallel_reduce_in_grad_norm`: ZeRO-1/2's `scaled_global_norm`
+   (runtime/zero/stage_1_and_2.py) all-reduces over the model-parallel group once per NON-EMPTY
+   parameter group (`get_grad_norm_direct`), and the engine drops empty groups. A pipeline stage that
+   holds only the untied embedding has one group, the others two: the stages then disagree on the
+   number of collectives and deadlock. We defer those all-reduces and do one over the sum of squares
+   (the same norm); tests/test_parallel.py, untied embeddings under pp2-zero1.
 """
 
 from __future__ import annotations
@@ -113,3 +119,28 @@ def set_lr_schedule_step(engine, steps_done: int) -> None:
     for group, base_lr, lr_lambda in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base_lr * lr_lambda(steps_done)
     scheduler._last_lr = [group["lr"] for group in groups]
+
+
+def one_model_parallel_reduce_in_grad_norm(engine) -> None:
+    """Makes a ZeRO-1/2 optimizer's gradient norm do one model-parallel all-reduce, whatever the
+    number of its parameter groups on this rank (item 6). Same value: the norm over groups is the
+    root of the summed squares of the per-group norms, and summing over ranks commutes with that."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    zero = engine.optimizer
+    if not isinstance(zero, DeepSpeedZeroOptimizer):
+        return
+    per_rank_norm = zero.scaled_global_norm  # bound: this rank's groups, each reduced over data parallel
+
+    def scaled_global_norm(norm_type=2):
+        reduce = zero._model_parallel_all_reduce
+        zero._model_parallel_all_reduce = lambda tensor, op: None
+        try:
+            local = per_rank_norm(norm_type)  # inf when a group's norm was not finite
+        finally:
+            del zero._model_parallel_all_reduce
+        total = local.float().pow(2)
+        reduce(tensor=total, op=torch.distributed.ReduceOp.SUM)
+        return total.sqrt()
+
+    zero.scaled_global_norm = scaled_global_norm

@@ -6,7 +6,11 @@ import torch
 
 from kernels.errors import ConfigError
 from model.tensor_parallel import VocabParallelEmbedding
-from pretrain.ds_compat import restore_group_hyperparameters, set_lr_schedule_step
+from pretrain.ds_compat import (
+    one_model_parallel_reduce_in_grad_norm,
+    restore_group_hyperparameters,
+    set_lr_schedule_step,
+)
 from pretrain.schedule import make_lr_lambda
 from pretrain.zero import aio_section, offload_adam, zero_optimization
 
@@ -117,7 +121,11 @@ def build_engine(
     import deepspeed
 
     t = cfg.train
-    groups = param_groups(model, t.weight_decay, t.embedding_weight_decay)
+    # DeepSpeed drops empty groups (a pipeline stage holding only the untied embedding has no undecayed
+    # parameter); drop them here so we know which of ours each remaining group is.
+    both = param_groups(model, t.weight_decay, t.embedding_weight_decay)
+    decayed = [i == 0 for i, g in enumerate(both) if g["params"]]  # [decayed, not decayed], as param_groups
+    groups = [g for g in both if g["params"]]
     if cfg.zero.offload_optimizer != "none":  # offloaded states are stepped on the CPU by DeepSpeed's CPU Adam
         optimizer = offload_adam(groups, t)
     else:
@@ -132,6 +140,8 @@ def build_engine(
     engine, _, _, lr_scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, mpu=mpu
     )
+    engine.param_group_decayed = decayed  # for apply_optimizer_settings
+    one_model_parallel_reduce_in_grad_norm(engine)
     return engine, lr_scheduler
 
 
@@ -143,5 +153,6 @@ def apply_optimizer_settings(engine, t) -> None:
     ZeRO-3 universal load, which copies the first group's hyperparameters to all groups (ds_compat)."""
     engine.lr_scheduler.base_lrs = [t.lr for _ in engine.optimizer.param_groups]
     common = dict(betas=(t.beta1, t.beta2), eps=t.adam_eps, initial_lr=t.lr)
-    restore_group_hyperparameters(engine, [dict(common, weight_decay=t.weight_decay), dict(common, weight_decay=0.0)])
+    per_group = [dict(common, weight_decay=t.weight_decay if d else 0.0) for d in engine.param_group_decayed]
+    restore_group_hyperparameters(engine, per_group)
     set_lr_schedule_step(engine, engine.lr_scheduler.last_epoch)

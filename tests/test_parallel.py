@@ -191,15 +191,10 @@ DEFAULT_LAYOUT = {
     "deepnorm": "pp2-zero1",
     "reordered": "tp2-sp",
 }
-# Known bugs the matrix found (strict xfail: the marker must go when the fix lands). Untied embeddings
-# under pp2 deadlock for every placement without an embedding norm (peri has one): the first stage then
-# holds the embedding alone, no parameter of the no-decay group, and DeepSpeed's ZeRO gradient norm does
-# one model-parallel all-reduce per non-empty param group -- the stages disagree on how many (stacks:
-# one rank in stage_1_and_2.get_grad_norm_direct's all-reduce, the other already in
-# pipe/engine._aggregate_total_loss). At HEAD too; the fix belongs in pretrain/engine.py (the same
-# groups on every stage) or pretrain/ds_compat.py.
-UNTIED_PP_DEADLOCK = "deadlock: untied embeddings under pp2 without an embedding norm (see the comment above)"
-KNOWN = {(placement, "pp2-zero1"): UNTIED_PP_DEADLOCK for placement in ("pre", "mix", "reordered")}
+# Known bugs the matrix found (strict xfail: the marker must go when the fix lands). None open: untied
+# embeddings under pp2 used to deadlock (the first stage held the embedding alone, so one param group
+# fewer, and ZeRO's gradient norm did one model-parallel all-reduce per group: pretrain/ds_compat.py item 6).
+KNOWN: dict[tuple[str, str], str] = {}
 
 
 def _matrix_param(placement: str, layout: str):

@@ -64,8 +64,10 @@ def test_two_process_training_lowers_the_loss(uninterrupted):
         ["zero.stage=3"],
         ["parallel.tp=2", "parallel.sequence_parallel=true", "train.micro_batch_size=8"],
         ["parallel.pp=2"],
+        # the first stage holds the untied embedding alone: one optimizer group fewer than the last stage
+        ["parallel.pp=2", "model.placement=pre", "model.tie_embeddings=false"],
     ],
-    ids=["dp2-zero1", "dp2-zero2", "dp2-zero3", "tp2-sp", "pp2"],
+    ids=["dp2-zero1", "dp2-zero2", "dp2-zero3", "tp2-sp", "pp2", "pp2-untied-embedding-stage"],
 )
 def test_stop_and_resume_reproduces_the_uninterrupted_losses(bundled_dir, uninterrupted, tmp_path, layout):
     run_dir = tmp_path / "resumed"
