@@ -48,6 +48,7 @@ def preflight(
     check_data(cfg, tokenizer)
     check_init_from_tokenizer(cfg.checkpoint.init_from, tokenizer)
     check_environment(cfg)
+    check_something_to_resume(cfg)
     lock = None
     if int(os.environ.get("RANK", "0")) == 0:
         run_dir = Path(cfg.run.dir)
@@ -58,6 +59,16 @@ def preflight(
             lock.release()
             raise
     return cfg, tokenizer, lock
+
+
+def check_something_to_resume(cfg: Config) -> None:
+    """--resume must with no checkpoint at all fails before the run directory, its lock or its log
+    exist (a damaged or half-written checkpoint is left to the checkpointer, which reports it)."""
+    from pretrain.checkpoint import CheckpointError
+
+    root = Path(cfg.run.dir) / "checkpoints"
+    if cfg.checkpoint.resume == "must" and not (root.is_dir() and any(root.iterdir())):
+        raise CheckpointError(f"--resume must: no complete checkpoint under {root} (found: nothing)")
 
 
 # ---------------------------------------------------------------------------------------- data

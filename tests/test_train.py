@@ -90,6 +90,7 @@ def test_resume_must_without_checkpoint_fails_clearly(bundled_dir, tmp_path):
     proc = run_module(tiny_args(bundled_dir, tmp_path / "empty") + ["--resume", "must"], nproc=1)
     assert proc.returncode == 3
     assert "--resume must: no complete checkpoint under" in proc.stderr
+    assert not (tmp_path / "empty").exists()  # refused before the run directory (lock, log) was made
 
 
 def test_resume_refuses_a_different_model_shape(bundled_dir, uninterrupted, tmp_path):
