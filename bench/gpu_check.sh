@@ -21,6 +21,9 @@
 #   train_step   ours at 125M, 350M and 1.3B, pre and peri, bf16, eager and compiled: tokens/s, MFU,
 #                peak memory; Hugging Face Llama and our plain (unfused) loss beside ours at 125M
 #                (train_step_<size>_<mode>.json)
+#   gpu_tests    the test suite's GPU-only cases (pytest -m gpu: compiled Triton kernels, NCCL
+#                collectives, the fused loss, the GPU init replay, offload from GPU memory), each
+#                against its torch reference (gpu_tests.xml, counts in summary.json)
 #
 # Every stage has a time limit and the whole run a budget (--budget-s, default 470 s); a stage that
 # fails or runs out of time is recorded as such and the next one runs. OUT_DIR/summary.json collects
@@ -40,7 +43,7 @@ LIMIT_FACTOR=1
 BUDGET=470
 PY="${PYTHON:-python3}"
 BUILD_WHEELS=""
-STAGES="env install train_run kernels train_step"
+STAGES="env install train_run kernels train_step gpu_tests"
 while [ $# -gt 0 ]; do
   case "$1" in
     --wheels) WHEELS="$2"; shift 2 ;;
@@ -59,10 +62,10 @@ done
 # The wheels to carry: this stack's pinned versions (requirements.txt) and their dependencies, for
 # CPython 3.12 on x86-64 Linux. deepspeed is published as source only: built here (no CUDA ops; they
 # are JIT-compiled where needed). torch, triton, sentencepiece and tensorboard are not carried.
-PINNED="deepspeed==0.19.8 megatron-core==0.16.1 transformers==5.23.0 pyyaml==6.0.3"
+PINNED="deepspeed==0.19.8 megatron-core==0.16.1 transformers==5.23.0 pyyaml==6.0.3 pytest==9.2.0 pytest-timeout==2.4.0"
 DEPENDENCIES="annotated-doc annotated-types anyio click einops filelock fsspec h11 hf-xet hjson httpcore2 httpx2
-huggingface-hub idna markdown-it-py mdurl msgpack ninja numpy packaging psutil py-cpuinfo pydantic pydantic-core
-pygments regex rich safetensors shellingham tokenizers tqdm truststore typer typing-extensions typing-inspection"
+huggingface-hub idna iniconfig markdown-it-py mdurl msgpack ninja numpy packaging psutil py-cpuinfo pydantic pydantic-core
+pluggy pygments regex rich safetensors shellingham tokenizers tqdm truststore typer typing-extensions typing-inspection"
 if [ -n "$BUILD_WHEELS" ]; then
   mkdir -p "$BUILD_WHEELS"
   platforms=(--platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64
@@ -76,7 +79,7 @@ EOF
   # shellcheck disable=SC2086
   "$PY" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --abi cp312 --abi abi3 --abi none "${platforms[@]}" -d "$BUILD_WHEELS" \
-    megatron-core==0.16.1 transformers==5.23.0 pyyaml==6.0.3 $deps || exit 5
+    megatron-core==0.16.1 transformers==5.23.0 pyyaml==6.0.3 pytest==9.2.0 pytest-timeout==2.4.0 $deps || exit 5
   DS_BUILD_OPS=0 "$PY" -m pip wheel --no-deps --no-build-isolation deepspeed==0.19.8 -w "$BUILD_WHEELS" || exit 5
   echo "gpu_check: wheels for Python 3.12 in $BUILD_WHEELS ($(ls "$BUILD_WHEELS" | wc -l) files); do not commit them"
   exit 0
@@ -153,7 +156,8 @@ missing_modules() {
   "$PY" - <<'EOF'
 import importlib.util
 need = {"deepspeed": "deepspeed==0.19.8", "megatron.core": "megatron-core==0.16.1",
-        "transformers": "transformers==5.23.0", "yaml": "pyyaml==6.0.3"}
+        "transformers": "transformers==5.23.0", "yaml": "pyyaml==6.0.3",
+        "pytest": "pytest==9.2.0", "pytest_timeout": "pytest-timeout==2.4.0"}
 print(" ".join(req for mod, req in need.items() if importlib.util.find_spec(mod.split(".")[0]) is None
                or (mod == "megatron.core" and importlib.util.find_spec(mod) is None)))
 EOF
@@ -251,8 +255,15 @@ train_step_stage() {  # train_step_stage SIZE MODE: one mode per stage, so a com
     > "$OUT/train_step_${size}_$mode.json"
 }
 
+gpu_tests_stage() {  # on CPU (--smoke) every case skips: the stage then checks that they are collected
+  "$PY" -m pytest -q -m gpu -p no:cacheprovider --timeout=300 --junitxml "$OUT/gpu_tests.xml" tests
+  local rc=$?
+  [ "$rc" -eq 5 ] && { echo "no test is marked gpu"; return 1; }  # pytest: nothing collected
+  return $rc
+}
+
 export OUT WHEELS SMOKE PY DATA
-export -f env_stage missing_modules install_stage train_run_stage kernels_stage train_step_stage
+export -f env_stage missing_modules install_stage train_run_stage kernels_stage train_step_stage gpu_tests_stage
 
 want env && stage env 60 env_stage
 if [ "$SMOKE" = 0 ] && want env && ! grep -q '"stage": "env", "status": "ok"' "$OUT/stages.jsonl"; then
@@ -279,6 +290,7 @@ if want train_step; then
     stage train_step_1.3b_compiled 120 train_step_stage 1.3b compiled
   fi
 fi
+want gpu_tests && stage gpu_tests 120 gpu_tests_stage
 
 "$PY" - "$OUT" "$(($(date +%s) - START))" <<'EOF'
 import json, sys
@@ -315,6 +327,15 @@ for p in sorted(out.glob("train_step_*.json")):
         if m.get("skipped"):
             rows.append({"size": size, "mode": mode, "skipped": m["skipped"]})
 summary["train_step"] = rows
+try:  # pytest's JUnit XML: one <testsuite> with the counts
+    import xml.etree.ElementTree as ET
+    suite = ET.parse(out / "gpu_tests.xml").getroot()
+    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    summary["gpu_tests"] = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+    summary["gpu_tests"]["failed"] = [c.get("classname", "") + "::" + c.get("name", "") for c in suite.iter("testcase")
+                                      if c.find("failure") is not None or c.find("error") is not None]
+except (OSError, ET.ParseError, AttributeError):
+    summary["gpu_tests"] = None
 (out / "summary.json").write_text(json.dumps(summary, indent=1))
 bad = [s["stage"] for s in summary["stages"] if s["status"] != "ok"]
 print(f"[gpu_check] {len(summary['stages']) - len(bad)}/{len(summary['stages'])} stages ok in {summary['seconds']}s"

@@ -127,6 +127,7 @@ def test_gloo_collectives_run_on_cpu_and_leave_the_input_alone(monkeypatch):
     assert pd.all_reduce_sum([1.5, 3.0]) == [3.0, 6.0]
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (NCCL takes only CUDA tensors)")
 def test_nccl_collectives_move_cpu_tensors_to_the_current_gpu(monkeypatch):
     fake = FakeGroup(monkeypatch, "nccl")

@@ -68,7 +68,13 @@ def test_rng_states_are_cpu_tensors_and_restore_through_a_checkpoint_file(tmp_pa
 
 @pytest.mark.parametrize(
     "device",
-    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))],
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")],
+        ),
+    ],
 )
 def test_batches_reach_the_device_with_their_values(device):
     """On a GPU through pinned memory and a non-blocking copy (the caching host allocator keeps the pinned

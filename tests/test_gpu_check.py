@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.conftest import ROOT, _env
 
@@ -52,3 +53,12 @@ def test_smoke_run_with_the_train_step_benchmark(tmp_path):
     assert all(r["tokens_per_s"] > 0 and r["peak_memory_gib"] > 0 for r in rows)
     curves = [r["loss_curves_max_abs_diff"] for r in s["train_step"] if "loss_curves_max_abs_diff" in r]
     assert len(curves) == 2 and max(curves) <= 1e-3
+
+
+def test_smoke_run_collects_the_gpu_only_tests(tmp_path):
+    """The gpu_tests stage runs `pytest -m gpu`; on CPU every case skips, which the summary must say."""
+    s = smoke(tmp_path / "out", "env gpu_tests", timeout=300)
+    counts = s["gpu_tests"]
+    assert counts["tests"] >= 50  # the compiled-kernel grid alone has dozens of cases
+    if not torch.cuda.is_available():
+        assert counts["skipped"] == counts["tests"] and counts["failures"] == counts["errors"] == 0

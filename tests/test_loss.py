@@ -95,6 +95,7 @@ def test_fp16_gradients_of_many_tokens_do_not_underflow():
         assert err < 3e-3, f"relative error {err:.2e}"  # unscaled: 6.5e-3
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_on_the_gpu_in_bf16_with_the_gpu_chunk_size():
     """The GPU's default chunk (model/loss.py CHUNK_ELEMENTS_GPU: several chunks here, a ragged last one)

@@ -189,6 +189,7 @@ def test_zero_infinity_to_nvme_files_trains_like_no_offload(bundled_dir, tmp_pat
 
 
 @pytest.mark.distributed
+@pytest.mark.gpu
 @pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU: offloading from GPU memory to pinned CPU memory"
 )

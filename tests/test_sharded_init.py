@@ -68,6 +68,7 @@ def test_replayed_init_is_the_full_build_bit_for_bit(sets):
     assert set(part) == some and all(torch.equal(part[n], reference[n]) for n in some)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the replay on the GPU's own generator")
 def test_replay_on_a_gpu_is_the_full_build_on_that_gpu():
     """On a GPU the full build draws from the CUDA generator (Philox): the replay there gives the same bits."""

@@ -11,7 +11,10 @@ from norm_reference import CASE_IDS, CASES, DTYPES, LNS_SCALE, check_op
 
 from kernels import resolve_backend, triton_common, triton_norm
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled Triton kernels)")
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled Triton kernels)"),
+]
 
 CUDA = torch.device("cuda")
 
