@@ -108,6 +108,17 @@ def all_reduce(tensor: torch.Tensor, op=torch.distributed.ReduceOp.SUM, group=No
     return on_group.to(tensor.device)
 
 
+def all_gather(tensor: torch.Tensor, group=None) -> list[torch.Tensor]:
+    """Every rank's `tensor` (same shape on all) in rank order within `group`, on `tensor`'s device."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size(group) == 1:
+        return [tensor]
+    device = group_device(group)
+    on_group = tensor.to(device).contiguous()
+    parts = [torch.empty_like(on_group) for _ in range(torch.distributed.get_world_size(group))]
+    torch.distributed.all_gather(parts, on_group, group=group)
+    return [part.to(tensor.device) for part in parts]
+
+
 def all_reduce_sum(values: list[float], device: torch.device | None = None, group=None) -> list[float]:
     """Sums a few floats across the ranks of `group` (default: all) in one collective (float64, so
     sums of many tokens stay exact). `device` is accepted for callers that pass it; the collective

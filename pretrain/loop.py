@@ -217,6 +217,27 @@ class TrainLoop:
             prefix="diag",
         )
 
+        # Training-stability signals (Wortsman et al. 2023; Zhai et al. 2023): per-layer lists indexed like
+        # layer_attn_entropy (entry i = block i+1), their extreme over layers, and the output logits.
+        def extreme(pick, xs):  # a non-finite layer makes the summary non-finite (max/min would skip a nan)
+            return float("nan") if any(math.isnan(x) for x in xs) else pick(xs)
+
+        attn_logit_max = extreme(max, stats["attn_logit_max"])
+        attn_entropy_min = extreme(min, stats["attn_entropy_min"])
+        self.metrics.log(
+            {
+                "step": self.step,
+                "attn_logit_max": attn_logit_max,
+                "attn_entropy_min": attn_entropy_min,
+                "logit_mean": stats["logit_mean"],
+                "logit_max": stats["logit_max"],
+                "log_z_mean": stats["log_z_mean"],
+                "layer_attn_logit_max": stats["attn_logit_max"],
+                "layer_attn_entropy_min": stats["attn_entropy_min"],
+            },
+            prefix="stability",
+        )
+
         def fmt(xs):
             return " ".join(f"{x:.3g}" for x in xs)
 
@@ -224,6 +245,11 @@ class TrainLoop:
             f"[diag] step {self.step}: residual var by layer [{fmt(stats['var'])}] | max|x| "
             f"[{fmt(stats['max_abs'])}] | grad norm [{fmt(grad_norms)}] | attn entropy "
             f"[{fmt(stats['attn_entropy'])}]"
+        )
+        self.log(
+            f"[stability] step {self.step}: attn logit max {attn_logit_max:.3g} [{fmt(stats['attn_logit_max'])}] | "
+            f"head entropy min {attn_entropy_min:.3g} [{fmt(stats['attn_entropy_min'])}] | output logits mean "
+            f"{stats['logit_mean']:.3g} max {stats['logit_max']:.3g} | log Z mean {stats['log_z_mean']:.3g}"
         )
 
     def save(self) -> None:

@@ -8,6 +8,8 @@ metrics.jsonl schema: one JSON object per line, every one with `step` and `kind`
                    grad_norm, tokens_per_s, step_time, mfu, mem_mb
     kind=valid     loss, perplexity, bits_per_byte, tokens (validation tokens evaluated)
     kind=diag      layer_var, layer_rms, layer_max_abs, layer_attn_entropy, layer_grad_norm (per layer)
+    kind=stability attn_logit_max, attn_entropy_min (over layers), logit_mean, logit_max, log_z_mean (output
+                   layer), layer_attn_logit_max, layer_attn_entropy_min (per layer; pretrain/diagnostics.py)
     kind=bad_step  skipped, bad_steps;   kind=spike  loss, sigma
 Non-finite numbers are written as the strings "nan" / "inf". Files written before `kind` existed
 are read by `read_metrics`, which infers it.

@@ -120,7 +120,12 @@ class EngineRunner(_Runner):
 
     def probe(self, tokens) -> dict:
         return activation_stats(
-            lambda x: self.engine(x), self.blocks(), tokens, self.tp_group, self.layout.sequence_parallel
+            lambda x: self.engine(x),
+            self.blocks(),
+            tokens,
+            self.tp_group,
+            self.layout.sequence_parallel,
+            model=self.engine.module,
         )
 
 
@@ -166,5 +171,11 @@ class PipelineRunner(_Runner):
             self.engine.reset_activation_shape()
 
         return activation_stats(
-            forward, self.blocks(), tokens, self.tp_group, self.layout.sequence_parallel, self.pp_group
+            forward,
+            self.blocks(),
+            tokens,
+            self.tp_group,
+            self.layout.sequence_parallel,
+            self.pp_group,
+            model=self.engine.module,
         )
