@@ -23,6 +23,7 @@ from model.norms import NormFactory
 from model.parallel_rng import TP_RNG
 from model.recompute import recomputed
 from model.rope import Rotary
+from model.sigma_reparam import linear
 
 
 class Attention(nn.Module):
@@ -38,13 +39,14 @@ class Attention(nn.Module):
         norms: NormFactory,
         rotary: Rotary,
         qk_norm_scope: str = "head",
+        sigma_reparam: bool = False,
     ):
         super().__init__()
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.head_dim = hidden // num_heads
         self.q_per_kv = num_heads // num_kv_heads
-        self.qkv = nn.Linear(hidden, (num_heads + 2 * num_kv_heads) * self.head_dim, bias=bias)
-        self.proj = nn.Linear(num_heads * self.head_dim, hidden, bias=bias)
+        self.qkv = linear(hidden, (num_heads + 2 * num_kv_heads) * self.head_dim, bias, sigma_reparam)
+        self.proj = linear(num_heads * self.head_dim, hidden, bias, sigma_reparam)
         # "head": one gain of head_dim shared by the heads; "layer": one norm over all heads (OLMo 2).
         per_layer = qk_norm_scope == "layer"
         self.qk_norm_per_layer = per_layer

@@ -47,9 +47,20 @@ class ModelConfig:
         None, "a learnable shift after every norm's gain; null = LayerNorm has one, RMSNorm / CRMSNorm do not"
     )
     norm_eps: float = _f(1e-5, "epsilon of every norm", gt=0)
-    qk_norm: bool = _f(False, "normalize queries and keys before RoPE and attention")
+    qk_norm: bool = _f(
+        False,
+        "normalize queries and keys before RoPE and attention; against attention-logit growth at high learning "
+        "rates (Dehghani et al. 2023; Wortsman et al. 2023)",
+    )
     qk_norm_scope: Literal["head", "layer"] = _f(
         "head", "qk_norm over each head's dimensions (Gemma 3, Qwen 3) or over all heads at once (OLMo 2)"
+    )
+    sigma_reparam: bool = _f(
+        False,
+        "sigma-Reparam (Zhai et al. 2023): attention qkv/proj and MLP fc1/fc2 use (gamma / sigma(W)) * W, sigma the "
+        "spectral norm by one power-iteration step per training forward, gamma learned (initialised to sigma(W)); "
+        "against attention entropy collapse and loss spikes. Not on the embedding / output layer "
+        "(model/sigma_reparam.py)",
     )
     embedding_norm: Optional[bool] = _f(None, "norm after the token embedding; null = the placement's default")
     depth_scale: Optional[Literal["none", "inv_sqrt_layer"]] = _f(

@@ -78,6 +78,37 @@ def folded_settings(m, fmt: str) -> list[str]:
     return out
 
 
+def reparam_folded(m) -> list[str]:
+    """What every export folds into the weights whatever the format (the function is exact, the learned
+    parameterisation is not kept)."""
+    if not getattr(m, "sigma_reparam", False):
+        return []
+    return ["model.sigma_reparam=true: attention and MLP matrices stored as (gamma / sigma(W)) * W, sigma from u, v"]
+
+
+def fold_sigma_reparam(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A plain (unsharded) state dict with every sigma-Reparam layer's W replaced by the matrix the model uses
+    in eval mode, (gamma / u^T W v) * W (model/sigma_reparam.py computes it, with its own first-forward
+    estimate if u, v were never set), and its gamma, u, v removed."""
+    from model.sigma_reparam import SigmaReparam
+
+    out = dict(state)
+    for key in [k for k in state if k.endswith(".sigma.gamma")]:
+        prefix = key.removesuffix(".sigma.gamma")
+        weight = state.get(prefix + ".weight")
+        if weight is None:
+            raise ConversionError(f"{key}: sigma-Reparam without its weight {prefix}.weight; cannot fold it")
+        reparam = SigmaReparam(*weight.shape).eval()
+        with torch.no_grad():
+            reparam.gamma.copy_(state[key])
+            reparam.u.copy_(state[prefix + ".sigma.u"])
+            reparam.v.copy_(state[prefix + ".sigma.v"])
+            out[prefix + ".weight"] = reparam.to(weight.device)(weight.float()).to(weight.dtype)
+        for leaf in ("gamma", "u", "v"):
+            del out[f"{prefix}.sigma.{leaf}"]
+    return out
+
+
 def auto_format(m) -> str:
     """Llama for a plain Llama (pre, no bias), OLMo 2 for a plain OLMo 2, else custom: no folding."""
     if not format_blockers(m, "llama") and m.placement == "pre" and not m.bias and not folded_settings(m, "llama"):
@@ -142,6 +173,7 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], m, fmt: str) -> dict[str, t
     hd = m.hidden_size // m.num_heads
     specs = layer_specs(m)
     fold = fmt != "custom"
+    state = fold_sigma_reparam(state)  # every format: none has sigma-Reparam's parameterisation
     out: dict[str, torch.Tensor] = {}
 
     def gain(key: str, scale: float = 1.0) -> torch.Tensor:

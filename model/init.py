@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from model.norms import Norm
+from model.sigma_reparam import SigmaReparam, initial_sigma
 
 
 @dataclass(frozen=True)
@@ -53,13 +54,15 @@ def construction_steps(gpt: nn.Module) -> list[InitStep]:
         own = list(module.named_parameters(recurse=False))
         if not own:
             continue
-        if type(module) is nn.Linear:
+        if isinstance(module, nn.Linear):  # also model/sigma_reparam.py's ReparamLinear (its gamma: below)
             n = (names[id(module.weight)],) + ((names[id(module.bias)],) if module.bias is not None else ())
             steps.append(InitStep(n, _linear_default))
         elif type(module) is nn.Embedding:
             if module.padding_idx is not None:
                 raise NotImplementedError(f"model/init.py: {prefix} has a padding_idx, which the replay does not set")
             steps.append(InitStep((names[id(module.weight)],), nn.init.normal_))
+        elif isinstance(module, SigmaReparam):  # set to sigma(W) once W is final (reset_steps)
+            steps.append(InitStep((names[id(module.gamma)],), lambda t: t.fill_(1.0)))
         elif isinstance(module, Norm):
             gain = 0.0 if module.zero_centered_gain else 1.0
             steps.append(InitStep((names[id(module.weight)],), lambda t, v=gain: t.fill_(v)))
@@ -111,6 +114,10 @@ def reset_steps(gpt: nn.Module) -> list[InitStep]:
             steps += [scaled(lin.weight, beta) for lin in (attn.proj, mlp.fc1, mlp.fc2)]
         else:
             steps += [normal(attn.proj.weight, out_std), normal(mlp.fc2.weight, out_std)]
+        for lin in (attn.qkv, attn.proj, mlp.fc1, mlp.fc2):  # sigma-Reparam: gamma = sigma(W_init)
+            if isinstance(getattr(lin, "sigma", None), SigmaReparam):
+                names_ = (names[id(lin.weight)], names[id(lin.sigma.gamma)])
+                steps.append(InitStep(names_, lambda w, g: g.copy_(initial_sigma(w)), full=False))
     return steps
 
 

@@ -38,6 +38,10 @@ SHARDING = [
     (re.compile(r"(^|\.)mlp\.fn\.fc1\.(weight|bias)$"), "fc1"),
     (re.compile(r"(^|\.)mlp\.fn\.fc2\.weight$"), "cols"),
     (re.compile(r"^(embed|head)\.weight$"), "rows"),
+    # sigma-Reparam's vectors of a sharded dimension: u of a column-parallel layer, v of a row-parallel one
+    (re.compile(r"(^|\.)attn\.fn\.qkv\.sigma\.u$"), "rows"),
+    (re.compile(r"(^|\.)mlp\.fn\.fc1\.sigma\.u$"), "fc1"),
+    (re.compile(r"(^|\.)(attn\.fn\.proj|mlp\.fn\.fc2)\.sigma\.v$"), "rows"),
 ]
 
 
@@ -77,21 +81,35 @@ def unshard_state_dicts(states: list[dict], swiglu: bool) -> dict:
     return {name: unshard(name, [s[name] for s in states], swiglu) for name in states[0]}
 
 
+def _copy_sigma(linear: nn.Linear, out, tp: int, rank: int, name: str, swiglu: bool) -> None:
+    """sigma-Reparam's gamma (replicated) and this rank's share of u, v (model/sigma_reparam.py)."""
+    if out.sigma is None:
+        return
+    out.sigma.gamma.copy_(linear.sigma.gamma)
+    for vec in ("u", "v"):
+        full = getattr(linear.sigma, vec)
+        getattr(out.sigma, vec).copy_(shard(f"{name}.sigma.{vec}", full, tp, rank, swiglu).to(full.device))
+
+
 def _column(linear: nn.Linear, tp: int, rank: int, sp: bool, name: str, swiglu: bool) -> ColumnParallelLinear:
-    out = ColumnParallelLinear(linear.in_features, linear.out_features, linear.bias is not None, tp, sp)
+    reparam = getattr(linear, "sigma", None) is not None
+    out = ColumnParallelLinear(linear.in_features, linear.out_features, linear.bias is not None, tp, sp, reparam)
     with torch.no_grad():
         out.weight.copy_(shard(name + ".weight", linear.weight, tp, rank, swiglu))
         if linear.bias is not None:
             out.bias.copy_(shard(name + ".bias", linear.bias, tp, rank, swiglu))
+        _copy_sigma(linear, out, tp, rank, name, swiglu)
     return out
 
 
 def _row(linear: nn.Linear, tp: int, rank: int, sp: bool, name: str) -> RowParallelLinear:
-    out = RowParallelLinear(linear.in_features, linear.out_features, linear.bias is not None, tp, sp)
+    reparam = getattr(linear, "sigma", None) is not None
+    out = RowParallelLinear(linear.in_features, linear.out_features, linear.bias is not None, tp, sp, reparam)
     with torch.no_grad():
         out.weight.copy_(shard(name + ".weight", linear.weight, tp, rank, False))
         if linear.bias is not None:
             out.bias.copy_(linear.bias)
+        _copy_sigma(linear, out, tp, rank, name, False)
     return out
 
 

@@ -18,6 +18,13 @@ from torch.utils.checkpoint import checkpoint
 from model.parallel_rng import TP_RNG
 
 MODES = ("none", "full", "selective")
+_RECOMPUTING = [0]  # depth of recomputations in progress (read by model/sigma_reparam.py)
+
+
+def recomputing() -> bool:
+    """True while a checkpointed forward is being recomputed in backward: state a forward updates (sigma-Reparam's
+    power iteration) must not be updated a second time."""
+    return _RECOMPUTING[0] > 0
 
 
 def _rng_contexts():
@@ -26,9 +33,11 @@ def _rng_contexts():
     @contextmanager
     def recompute():
         current, TP_RNG.state = TP_RNG.state, snapshot
+        _RECOMPUTING[0] += 1
         try:
             yield
         finally:
+            _RECOMPUTING[0] -= 1
             TP_RNG.state = current
 
     return nullcontext(), recompute()

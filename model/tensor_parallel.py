@@ -4,7 +4,8 @@ Same semantics as megatron-core's ColumnParallelLinear / RowParallelLinear / Voc
 and its sequence-parallel mappings. Those allocate their sequence-parallel buffers with
 `torch.cuda.current_device()` and cannot run on CPU, so the layers are written here (plain
 `F.linear` plus one collective each); the process groups and the vocab-parallel cross-entropy are
-megatron-core's own.
+megatron-core's own. The collectives themselves (copy / reduce / gather / scatter regions) are in
+model/tp_mappings.py.
 
 Activations are sequence-first (S, B, d). With sequence parallelism the residual stream lives in
 sequence shards (S/tp, B, d): a column-parallel layer all-gathers the sequence on its input
@@ -19,85 +20,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def tp_group():
-    from megatron.core import parallel_state
-
-    return parallel_state.get_tensor_model_parallel_group()
-
-
-def _all_gather_first_dim(x: torch.Tensor, group) -> torch.Tensor:
-    world = torch.distributed.get_world_size(group)
-    out = torch.empty((x.shape[0] * world, *x.shape[1:]), dtype=x.dtype, device=x.device)
-    torch.distributed.all_gather_into_tensor(out, x.contiguous(), group=group)
-    return out
-
-
-def _reduce_scatter_first_dim(x: torch.Tensor, group) -> torch.Tensor:
-    world = torch.distributed.get_world_size(group)
-    out = torch.empty((x.shape[0] // world, *x.shape[1:]), dtype=x.dtype, device=x.device)
-    torch.distributed.reduce_scatter_tensor(out, x.contiguous(), group=group)
-    return out
-
-
-def tp_all_reduce(x: torch.Tensor, group, op=torch.distributed.ReduceOp.SUM) -> torch.Tensor:
-    """In place. The model's collectives all live in this module and act on activations (or their
-    gradients), which are on the compute device, the group's, by construction; pretrain/'s own
-    collectives go through pretrain.distributed.all_reduce (tests/test_collectives.py)."""
-    torch.distributed.all_reduce(x, op=op, group=group)
-    return x
-
-
-_all_reduce = tp_all_reduce
-
-
-def _all_gather_last_dim(x: torch.Tensor, group) -> torch.Tensor:
-    world = torch.distributed.get_world_size(group)
-    parts = [torch.empty_like(x) for _ in range(world)]
-    torch.distributed.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts, dim=-1)
-
-
-class _Region(torch.autograd.Function):
-    """A collective in forward and its adjoint in backward."""
-
-    @staticmethod
-    def forward(ctx, x, fwd, bwd):
-        ctx.bwd = bwd
-        return fwd(x, tp_group())
-
-    @staticmethod
-    def backward(ctx, grad):
-        return ctx.bwd(grad.contiguous(), tp_group()), None, None
-
-
-def _identity(x, group):
-    return x
-
-
-def copy_to_tp(x):  # column input without SP: every rank needs all of x; gradients sum
-    return _Region.apply(x, _identity, lambda g, grp: _all_reduce(g.clone(), grp))
-
-
-def reduce_from_tp(x):  # row output without SP: partial sums -> the full output on every rank
-    return _Region.apply(x, lambda y, grp: _all_reduce(y.clone(), grp), _identity)
-
-
-def gather_from_sequence(x):  # column input with SP: (S/tp, B, d) -> (S, B, d)
-    return _Region.apply(x, _all_gather_first_dim, _reduce_scatter_first_dim)
-
-
-def reduce_scatter_to_sequence(x):  # row output with SP: partial sums -> summed sequence shard
-    return _Region.apply(x, _reduce_scatter_first_dim, _all_gather_first_dim)
-
-
-def gather_last_dim(x):  # vocab-parallel logits -> full logits (for inference-style calls)
-    return _Region.apply(x, _all_gather_last_dim, lambda g, grp: _split_last_dim(g, grp))
-
-
-def _split_last_dim(x, group):
-    world, rank = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
-    return x.chunk(world, dim=-1)[rank].contiguous()
+from model.sigma_reparam import SigmaReparam
+from model.tp_mappings import (  # noqa: F401  (re-exported: the layers' users import them from here)
+    copy_to_tp,
+    gather_from_sequence,
+    gather_last_dim,
+    reduce_from_tp,
+    reduce_scatter_to_sequence,
+    tp_all_reduce,
+    tp_group,
+)
 
 
 def _mark_sharded(p: nn.Parameter, dim: int) -> None:
@@ -110,7 +42,9 @@ def _mark_sharded(p: nn.Parameter, dim: int) -> None:
 class ColumnParallelLinear(nn.Module):
     """y = x W^T + b with W split by output rows; the output stays split (gather_output=False)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, tp: int, sequence_parallel: bool):
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, tp: int, sequence_parallel: bool, sigma_reparam=False
+    ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.sequence_parallel = sequence_parallel
@@ -119,26 +53,32 @@ class ColumnParallelLinear(nn.Module):
         _mark_sharded(self.weight, 0)
         if self.bias is not None:
             _mark_sharded(self.bias, 0)
+        # sigma-Reparam of the full matrix: u is sharded with the rows (model/sigma_reparam.py)
+        self.sigma = SigmaReparam(out_features // tp, in_features, split="out") if sigma_reparam else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = gather_from_sequence(x) if self.sequence_parallel else copy_to_tp(x)
-        return F.linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight if self.sigma is None else self.sigma(self.weight), self.bias)
 
 
 class RowParallelLinear(nn.Module):
     """y = x W^T + b with W split by input columns and x already split the same way; the partial
     products are summed over the tensor-parallel group; the bias is replicated and added after."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, tp: int, sequence_parallel: bool):
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, tp: int, sequence_parallel: bool, sigma_reparam=False
+    ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.sequence_parallel = sequence_parallel
         self.weight = nn.Parameter(torch.empty(out_features, in_features // tp))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         _mark_sharded(self.weight, 1)
+        # sigma-Reparam of the full matrix: v is sharded with the columns (model/sigma_reparam.py)
+        self.sigma = SigmaReparam(out_features, in_features // tp, split="in") if sigma_reparam else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = F.linear(x, self.weight if self.sigma is None else self.sigma(self.weight))
         y = reduce_scatter_to_sequence(y) if self.sequence_parallel else reduce_from_tp(y)
         return y if self.bias is None else y + self.bias
 
@@ -174,5 +114,5 @@ def all_reduce_grad_over_tp(param: nn.Parameter) -> None:
     """Replicated parameters that see only this rank's share of the data (norm gains under
     sequence parallelism, per-head QK-norm gains under TP) get their gradient summed over the
     tensor-parallel group as it is produced, before DeepSpeed reduces it over data parallelism."""
-    param.register_hook(lambda g: _all_reduce(g.clone(), tp_group()))
+    param.register_hook(lambda g: tp_all_reduce(g.clone(), tp_group()))
     param.sequence_parallel_grad = True

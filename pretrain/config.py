@@ -102,7 +102,18 @@ class TrainConfig:
         min=0,
     )
     constant_lr_ratio: float = _f(0.5, "infinite: the constant phase's LR as a fraction of train.lr", gt=0, max=1)
-    weight_decay: float = _f(0.1, "AdamW weight decay on matrices (never on norm gains and biases)", min=0)
+    weight_decay: float = _f(
+        0.1,
+        "AdamW weight decay on matrices (never on norm gains and biases); its meaning depends on weight_decay_mode",
+        min=0,
+    )
+    weight_decay_mode: Literal["coupled", "independent"] = _f(
+        "coupled",
+        "coupled: each step decays p by lr_t * weight_decay * p (torch AdamW; typical weight_decay 0.1). "
+        "independent: by weight_decay * (lr_t / lr_peak) * p, so the total decay does not change with the peak "
+        "LR (Loshchilov & Hutter's AdamW; Wortsman et al. 2023 sec. 3.2.2, who use weight_decay 1e-4; at most "
+        "0.01); against the instability of high learning rates",
+    )
     embedding_weight_decay: bool = _f(
         True,
         "decay the token embedding (and a tied output layer) too, as Megatron-LM "
@@ -153,7 +164,7 @@ class TrainConfig:
     z_loss: float = _f(
         0.0,
         "coefficient of the z-loss term z_loss * logsumexp(logits)^2 added per token (to the training and the "
-        "logged loss); 0 = off",
+        "logged loss); keeps the output logits from diverging (PaLM; Wortsman et al. 2023 use 1e-4); 0 = off",
         min=0,
     )
     compile: bool = _f(
@@ -487,6 +498,7 @@ def validate(cfg: Config) -> None:
             f"train.z_loss: {t.z_loss} with parallel.tp={cfg.parallel.tp} needs train.fused_loss: true "
             "(the plain vocab-parallel loss is megatron-core's, which has no z-loss term)"
         )
+    _validate_weight_decay_mode(t)
     if t.precision == "fp16" and m.norm_eps < 1e-5:
         raise ConfigError(f"model.norm_eps: {m.norm_eps} underflows in fp16; use >= 1e-5 with train.precision=fp16")
     r = cfg.checkpoint.resume
@@ -496,6 +508,18 @@ def validate(cfg: Config) -> None:
         for item in getattr(cfg.data, name):
             _parse_blend_item(f"data.{name}", item)
     _validate_faults_and_signals(cfg)
+
+
+INDEPENDENT_DECAY_MAX = 0.01  # a decay per step above this shrinks the matrices to nothing within a few hundred steps
+
+
+def _validate_weight_decay_mode(t: TrainConfig) -> None:
+    if t.weight_decay_mode == "independent" and t.weight_decay > INDEPENDENT_DECAY_MAX:
+        raise ConfigError(
+            f"train.weight_decay: {t.weight_decay} with train.weight_decay_mode: independent is the decay per step "
+            f"at the peak LR (not multiplied by the LR); allowed: at most {INDEPENDENT_DECAY_MAX} (Wortsman et al. "
+            "2023 use 1e-4), or weight_decay_mode: coupled"
+        )
 
 
 def _validate_steps(t: TrainConfig) -> None:

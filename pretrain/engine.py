@@ -114,6 +114,16 @@ def param_groups(model: torch.nn.Module, weight_decay: float, embedding_weight_d
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def group_weight_decay(t) -> float:
+    """The decayed group's weight_decay for train.weight_decay_mode. AdamW (torch's, and DeepSpeed's CPU /
+    fused Adam with adamw_mode) decays p by lr_t * group_wd * p each step, and the LR schedule (LambdaLR)
+    changes only lr_t: coupled is group_wd = weight_decay; independent is group_wd = weight_decay / lr_peak,
+    so the step's decay is weight_decay * lr_t / lr_peak whatever the peak LR (tests/test_weight_decay_mode.py)."""
+    if t.weight_decay_mode == "independent":
+        return t.weight_decay / t.lr
+    return t.weight_decay
+
+
 def build_engine(
     model: torch.nn.Module, cfg, grad_accum: int, device: torch.device, mpu=None, load_universal: bool = False
 ):
@@ -123,7 +133,7 @@ def build_engine(
     t = cfg.train
     # DeepSpeed drops empty groups (a pipeline stage holding only the untied embedding has no undecayed
     # parameter); drop them here so we know which of ours each remaining group is.
-    both = param_groups(model, t.weight_decay, t.embedding_weight_decay)
+    both = param_groups(model, group_weight_decay(t), t.embedding_weight_decay)
     decayed = [i == 0 for i, g in enumerate(both) if g["params"]]  # [decayed, not decayed], as param_groups
     groups = [g for g in both if g["params"]]
     if cfg.zero.offload_optimizer != "none":  # offloaded states are stepped on the CPU by DeepSpeed's CPU Adam
@@ -153,6 +163,6 @@ def apply_optimizer_settings(engine, t) -> None:
     ZeRO-3 universal load, which copies the first group's hyperparameters to all groups (ds_compat)."""
     engine.lr_scheduler.base_lrs = [t.lr for _ in engine.optimizer.param_groups]
     common = dict(betas=(t.beta1, t.beta2), eps=t.adam_eps, initial_lr=t.lr)
-    per_group = [dict(common, weight_decay=t.weight_decay if d else 0.0) for d in engine.param_group_decayed]
+    per_group = [dict(common, weight_decay=group_weight_decay(t) if d else 0.0) for d in engine.param_group_decayed]
     restore_group_hyperparameters(engine, per_group)
     set_lr_schedule_step(engine, engine.lr_scheduler.last_epoch)

@@ -36,6 +36,7 @@ from model.hf_convert import (
     choose_format,
     folded_settings,
     hf_config,
+    reparam_folded,
     to_hf_state_dict,
 )
 
@@ -268,7 +269,7 @@ def export(
         "format": fmt,
         "architecture": ARCHITECTURES[fmt],
         "dtype": dtype,
-        "folded": folded_settings(m, fmt),
+        "folded": folded_settings(m, fmt) + reparam_folded(m),
         "tokenizer": sp_model is not None,
         **(info or {}),
     }

@@ -26,7 +26,7 @@ DIST_MODULES = {"torch.distributed", "torch.distributed.distributed_c10d", "deep
 ALLOWED = {
     ("pretrain/distributed.py", "all_reduce"): "the helper itself",
     ("pretrain/distributed.py", "all_gather"): "the helper itself",
-    ("model/tensor_parallel.py", "*"): "the tensor-parallel mappings: activations on the compute device; model/ "
+    ("model/tp_mappings.py", "*"): "the tensor-parallel mappings: activations on the compute device; model/ "
     "cannot import pretrain/",
     ("model/ulysses.py", "*"): "the Ulysses sequence mappings and loss share: activations and the loss, on the "
     "compute device; model/ cannot import pretrain/",

@@ -118,6 +118,15 @@ def needs_conversion(saved: dict, now: dict) -> str | None:
             "which ZeRO-3 and ZeRO-1/2 read differently; resume with "
             f"zero.stage={saved['zero_stage']}{' (or 1/2)' if saved['zero_stage'] in (1, 2) else ''}"
         )
+    if saved.get("config", {}).get("model", {}).get("sigma_reparam"):
+        # The conversion carries parameters and optimizer states; sigma-Reparam's power-iteration vectors u, v are
+        # module buffers (sharded with their matrix under tp), which ds_to_universal does not convert.
+        raise CheckpointError(
+            f"resuming with {', '.join(changes)} needs DeepSpeed's universal checkpoint, which does not carry "
+            "model.sigma_reparam's power-iteration buffers (u, v); resume on the checkpoint's layout "
+            f"(tp {was['tp']}, pp {was['pp']}, dp {was['dp']}, ZeRO-{saved['zero_stage']}), or start a new run from "
+            "its weights (checkpoint.init_from)"
+        )
     return ", ".join(changes)
 
 
