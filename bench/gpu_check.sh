@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU readiness check (issue 19): one script a person runs on a machine with one GPU (H100/H200),
-# from the repository root or anywhere, in under 10 minutes:
+# from the repository root or anywhere, in under 8 minutes:
 #
 #   bash bench/gpu_check.sh OUT_DIR --wheels WHEEL_DIR     # on the GPU machine (no network needed)
 #   bash bench/gpu_check.sh OUT_DIR --smoke                # on CPU: tiny sizes, the same code paths
@@ -25,7 +25,7 @@
 #                peak memory; Hugging Face Llama and our plain (unfused) loss beside ours at 125M
 #                (train_step_<size>_<mode>.json)
 #
-# Every stage has a time limit and the whole run a budget (--budget-s, default 570 s); a stage that
+# Every stage has a time limit and the whole run a budget (--budget-s, default 470 s); a stage that
 # fails or runs out of time is recorded as such and the next one runs. OUT_DIR/summary.json collects
 # every stage's status, time and headline figures; OUT_DIR/logs/ holds each stage's output.
 # --smoke runs the same stages on CPU at tiny sizes (tests/test_gpu_check.py runs it).
@@ -40,7 +40,7 @@ WHEELS=""
 DATA=""
 SMOKE=0
 LIMIT_FACTOR=1
-BUDGET=570
+BUDGET=470
 PY="${PYTHON:-python3}"
 BUILD_WHEELS=""
 STAGES="env install train_run kernels gpu_tests train_step"
@@ -276,7 +276,7 @@ if want install; then
 fi
 want train_run && stage train_run 150 train_run_stage
 want kernels && stage kernels 90 kernels_stage
-want gpu_tests && stage gpu_tests 120 gpu_tests_stage
+want gpu_tests && stage gpu_tests 90 gpu_tests_stage
 if want train_step; then
   if [ "$SMOKE" = 1 ]; then
     stage train_step_tiny_eager 300 train_step_stage tiny eager
