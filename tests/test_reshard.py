@@ -36,8 +36,12 @@ CASES = {
     "tp2-to-tp1": (2, ["parallel.tp=2", "train.micro_batch_size=8"], 1, []),
     "pp2-to-pp1": (2, ["parallel.pp=2"], 1, []),
     "zero3-dp2-to-dp1": (2, ["zero.stage=3"], 1, ["zero.stage=3"]),
+    "ulysses2-to-dp2": (2, ["parallel.ulysses=2"], 2, []),
+    "zero3-ulysses2-to-dp1": (2, ["parallel.ulysses=2", "zero.stage=3"], 1, ["zero.stage=3"]),
+    "dp2-to-ulysses2": (2, [], 2, ["parallel.ulysses=2"]),
 }
-SLOW = {"dp1-to-dp2", "tp2-to-tp1", "zero3-dp2-to-dp1"}  # the default suite keeps dp2->dp1 and pp2->pp1
+SLOW = {"dp1-to-dp2", "tp2-to-tp1", "zero3-dp2-to-dp1", "zero3-ulysses2-to-dp1", "dp2-to-ulysses2"}
+# the default suite keeps dp2->dp1, pp2->pp1 and ulysses2->dp2
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW else c for c in CASES])

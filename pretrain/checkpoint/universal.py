@@ -88,21 +88,15 @@ def needs_conversion(saved: dict, now: dict) -> str | None:
     """Why a resume from `saved` (checkpoint meta) into layout `now` needs the universal
     checkpoint, or None when DeepSpeed can load the checkpoint as it is."""
     was = {"ulysses": 1, **saved.get("layout", {"tp": 1, "pp": 1, "dp": saved["world_size"]})}
-    if was["ulysses"] != now.get("ulysses", 1):
-        # ZeRO's partitions span dp x ulysses ranks and DeepSpeed's universal conversion is not tested
-        # across Ulysses sizes here: refuse cleanly rather than let DeepSpeed fail on the world size.
-        raise CheckpointError(
-            f"the checkpoint was written with parallel.ulysses={was['ulysses']} and this run has "
-            f"parallel.ulysses={now.get('ulysses', 1)}: resuming across a change of the Ulysses size is not "
-            f"supported; resume with parallel.ulysses={was['ulysses']}, or start a new run from the weights "
-            "(checkpoint.init_from)"
-        )
-    changes = [f"{k} {was[k]} -> {now[k]}" for k in ("tp", "pp", "dp") if was[k] != now[k]]
+    now = {"ulysses": 1, **now}
+    # Ulysses splits sequences, not parameters: for the checkpoint it is more data parallelism (ZeRO
+    # partitions its states over dp x ulysses ranks)
+    changes = [f"{k} {was[k]} -> {now[k]}" for k in ("tp", "pp", "dp", "ulysses") if was[k] != now[k]]
     if saved["zero_stage"] != now["zero_stage"]:
         changes.append(f"ZeRO-{saved['zero_stage']} -> ZeRO-{now['zero_stage']}")
     if not changes:
         return None
-    only_dp = all(c.startswith("dp ") for c in changes)
+    only_dp = all(c.startswith(("dp ", "ulysses ")) for c in changes)
     if only_dp and saved["zero_stage"] == 0 and now["zero_stage"] == 0:
         return None  # ZeRO-0 replicates everything: any data-parallel size loads it directly
     if saved["zero_stage"] == 0 or now["zero_stage"] == 0:
