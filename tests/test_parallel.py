@@ -191,10 +191,16 @@ DEFAULT_LAYOUT = {
     "deepnorm": "pp2-zero1",
     "reordered": "tp2-sp",
 }
-# Known bugs the matrix found (strict xfail: the marker must go when the fix lands). None open: untied
-# embeddings under pp2 used to deadlock (the first stage held the embedding alone, so one param group
-# fewer, and ZeRO's gradient norm did one model-parallel all-reduce per group: pretrain/ds_compat.py item 6).
-KNOWN: dict[tuple[str, str], str] = {}
+# Known bugs the matrix found (strict xfail: the marker must go when the fix lands). Untied embeddings
+# under pp2 used to deadlock (the first stage held the embedding alone, so one param group fewer, and
+# ZeRO's gradient norm did one model-parallel all-reduce per group: pretrain/ds_compat.py item 6); fixed.
+# Open: Peri-LN's embedding norm under tp2 + sequence parallelism with an untied embedding drifts from one
+# process by 1.47e-4 (embed.weight, relative; tolerance 1e-4; grad norm 5.7e-6, 20x the other layouts'),
+# at c335f51 too. Measured 2026-12-03 with the same switches: without the embedding norm 3.5e-6 (grad
+# norm 1.4e-7), tied 3.9e-5, without GQA and QK-norm 8.8e-5. Not yet diagnosed: summation order or a real
+# gradient difference through the embedding norm on sequence shards.
+EMBED_NORM_SP_DRIFT = "embedding norm + untied embedding under tp2-sp: embed.weight 1.47e-4 > 1e-4 (see above)"
+KNOWN: dict[tuple[str, str], str] = {("peri", "tp2-sp"): EMBED_NORM_SP_DRIFT}
 
 
 def _matrix_param(placement: str, layout: str):
@@ -217,7 +223,7 @@ def test_the_matrix_covers_the_registry_by_default():
 def test_every_placement_with_gqa_qk_norm_untied_under_parallelism(placement, layout, single, bundled_dir, tmp_path):
     nproc, sets = MATRIX_LAYOUTS[layout]
     switches = matrix_switches(placement)
-    # a known deadlock is given up on after 3 minutes; a healthy run has 10 (it takes ~40 s on 2 idle cores,
+    # a known case is given up on after 3 minutes (a deadlock would hang); a healthy run has 10 (~40 s on 2 idle cores,
     # several minutes on a loaded machine)
     timeout = 180 if (placement, layout) in KNOWN else 600
     run_dir = train(bundled_dir, tmp_path / "run", nproc, sets + switches, timeout=timeout)
