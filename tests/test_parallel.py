@@ -197,8 +197,8 @@ DEFAULT_LAYOUT = {
 # Open: Peri-LN's embedding norm under tp2 + sequence parallelism with an untied embedding drifts from one
 # process by 1.47e-4 (embed.weight, relative; tolerance 1e-4; grad norm 5.7e-6, 20x the other layouts'),
 # at c335f51 too. Measured 2026-12-03 with the same switches: without the embedding norm 3.5e-6 (grad
-# norm 1.4e-7), tied 3.9e-5, without GQA and QK-norm 8.8e-5. Not yet diagnosed: summation order or a real
-# gradient difference through the embedding norm on sequence shards.
+# norm 1.4e-7), tied 3.9e-5, without GQA and QK-norm 8.8e-5; tp2 WITHOUT sequence parallelism gives the very
+# same numbers, so it is tensor parallelism with the embedding norm, not SP. Not yet diagnosed.
 EMBED_NORM_SP_DRIFT = "embedding norm + untied embedding under tp2-sp: embed.weight 1.47e-4 > 1e-4 (see above)"
 KNOWN: dict[tuple[str, str], str] = {("peri", "tp2-sp"): EMBED_NORM_SP_DRIFT}
 
