@@ -174,3 +174,16 @@ def test_two_cell_sweep_interrupted_resumed_fitted_and_reported(tmp_path, bundle
     assert json.loads((report_dir / "fit.json").read_text())["cells"]["evaluated"] == 2
     summary = json.loads((report_dir / "summary.json").read_text())
     assert [c["name"] for c in summary["cells"]] == ["size-a_placement-pre", "size-b_placement-pre"]
+
+    # 5. The results archived without checkpoints (what a study commits) read back as the live sweep:
+    #    the same summary from `report --out`, and `sweep --out` finds nothing to train.
+    archive = tmp_path / "archive"
+    out = run([sys.executable, "-m", "pretrain.scaling", "archive", str(sweep_file), "--to", str(archive)]).stdout
+    assert "2 finished cells copied" in out, out
+    assert not list(archive.rglob("checkpoints")) and sum(f.stat().st_size for f in archive.rglob("*")) < 200_000
+    out = run(sweep_cmd(sweep_file, "--out", str(archive))).stdout
+    assert "2 finished, 0 to run" in out, out
+    archived_report = tmp_path / "archived-report"
+    scaling_report = [sys.executable, "-m", "pretrain.scaling", "report", str(sweep_file), "--bootstrap", "10"]
+    run([*scaling_report, "--out", str(archive), "--out-dir", str(archived_report)])
+    assert json.loads((archived_report / "summary.json").read_text())["cells"] == summary["cells"]

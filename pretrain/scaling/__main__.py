@@ -1,9 +1,12 @@
-"""python -m pretrain.scaling {sweep,evaluate,fit,report} ...
+"""python -m pretrain.scaling {sweep,evaluate,archive,fit,report} ...
 
   sweep configs/sweeps/NAME.yaml [--only PATTERN ...] [--cpus N] [--gpus N] [--out DIR] [--no-eval] [--dry-run]
       train and evaluate every cell of the grid (finished cells skipped, interrupted ones resumed)
   evaluate --cell DIR [--light]
       evaluate one cell's final checkpoint (what the sweep runs after training a cell)
+  archive configs/sweeps/NAME.yaml --to DIR [--out DIR]
+      copy the finished cells' results, without checkpoints, to a directory small enough to commit;
+      `--out DIR` then reads it back in every command (`sweep` counts its cells as finished)
   fit configs/sweeps/NAME.yaml [--out DIR] [--metric valid_loss|valid_bpb|test_loss|test_bpb] [--json FILE]
       scaling-law fits per placement with bootstrap intervals; the held-out size predicted by the law,
       a 2-parameter power law and the naive baseline (fit.json)
@@ -100,6 +103,19 @@ def _evaluate(args) -> int:
     return 0
 
 
+def _archive(args) -> int:
+    from pretrain.scaling.archive import archive_sweep
+    from pretrain.scaling.sweep import trained_step
+
+    sweep = _load(args)
+    archived, left_out = archive_sweep(sweep, Path(args.to), trained_step)
+    print(f"[archive] {sweep.name}: {len(archived)} finished cells copied to {args.to}")
+    if left_out:
+        shown = ", ".join(left_out[:5]) + (f" and {len(left_out) - 5} more" if len(left_out) > 5 else "")
+        print(f"[archive] {len(left_out)} cells not finished, left out: {shown}")
+    return 0
+
+
 def _fit(args) -> int:
     from pretrain.scaling.fit import FIT_FILE, fit_sweep, summary_lines, write_fit
 
@@ -163,6 +179,11 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--cell", required=True, help="the cell's run directory")
     e.add_argument("--light", action="store_true", help="held-out losses and the initial loss only (LR-search cells)")
     e.set_defaults(fn=_evaluate)
+    a = sub.add_parser("archive", help="copy the finished cells' results (no checkpoints) to a directory to commit")
+    a.add_argument("file", help="sweep definition (configs/sweeps/*.yaml)")
+    a.add_argument("--out", help="where the cells are (default: the sweep's out)")
+    a.add_argument("--to", required=True, help="the archive directory (read back with --out DIR)")
+    a.set_defaults(fn=_archive)
     f = sub.add_parser("fit", help="fit scaling laws to the evaluated cells")
     _fit_options(f)
     f.add_argument("--json", help="where to write the fits (default: <out>/fit.json)")

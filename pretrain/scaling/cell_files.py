@@ -11,6 +11,7 @@ from pathlib import Path
 EVAL_VERSION = 3  # 3: init (L0, depth at initialization), diverged, level, growth
 EVAL_FILE = "scaling_eval.json"
 DIVERGED_FILE = "diverged.json"
+ARCHIVE_FILE = "archived.json"  # an archived cell (pretrain/scaling/archive.py): results kept, checkpoints not
 
 
 def read_evaluation(cell_dir: Path) -> dict | None:
@@ -35,3 +36,9 @@ def diverged(cell_dir: Path) -> dict | None:
     """The record of a run stopped by non-finite losses, or None."""
     path = Path(cell_dir) / DIVERGED_FILE
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def archived_step(cell_dir: Path) -> int:
+    """The step an archived cell's training finished at (0 for a cell that is not archived)."""
+    path = Path(cell_dir) / ARCHIVE_FILE
+    return int(json.loads(path.read_text())["step"]) if path.is_file() else 0

@@ -1,8 +1,9 @@
 """Runs a sweep: every cell is an ordinary run directory (<out>/<cell>) trained by pretrain.train and
 then evaluated by `python -m pretrain.scaling evaluate`.
 
-- Finished cells are skipped (their newest complete checkpoint is at max_steps and their
-  evaluation is current); interrupted ones resume from their newest checkpoint (--resume auto).
+- Finished cells are skipped (their newest complete checkpoint is at max_steps, or they are archived
+  results -- pretrain/scaling/archive.py -- and their evaluation is current); interrupted ones resume
+  from their newest checkpoint (--resume auto).
 - Cells run one after another or several at once, within a CPU/GPU budget (resources.cpus,
   resources.gpus; a cell takes nproc_per_cell x threads_per_proc CPUs, or nproc_per_cell GPUs).
 - A cell being run is locked (flock on <cell>/.sweep.lock), so two sweep processes on the same
@@ -32,7 +33,7 @@ from pathlib import Path
 from pretrain.checkpoint import META, complete_checkpoints, verify
 from pretrain.fsutil import atomic_write_text
 from pretrain.metrics import format_duration
-from pretrain.scaling.cell_files import DIVERGED_FILE, diverged, evaluation_current
+from pretrain.scaling.cell_files import DIVERGED_FILE, archived_step, diverged, evaluation_current
 from pretrain.scaling.spec import Cell, Sweep
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,7 +43,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def trained_step(cell_dir: Path) -> int:
-    """The step of the newest complete checkpoint (0 when there is none)."""
+    """The step of the newest complete checkpoint, or the step an archived cell finished at (its
+    checkpoints were not kept: pretrain/scaling/archive.py); 0 when there is neither."""
+    if step := archived_step(cell_dir):
+        return step
     for ckpt in reversed(complete_checkpoints(cell_dir / "checkpoints")):
         try:
             verify(ckpt, "size")
