@@ -1,4 +1,5 @@
-"""Plain torch norm ops: the reference every fused backend is tested against, and the CPU path.
+"""Torch norm ops: the CPU path and the backend every fused one must agree with (the tests compare all of
+them with float64 references). RMSNorm has a hand-written backward (_RMSNorm); LayerNorm is torch's.
 
 Statistics are computed in fp32 whatever the input dtype; the output has the input's dtype.
 `scale` is a constant multiplier applied after the gain (LayerNorm Scaling's 1/sqrt(l)).
@@ -25,14 +26,45 @@ from torch import Tensor
 from kernels.checks import check_add_norm, check_params, check_peri_junction, check_same_shape
 
 
+class _RMSNorm(torch.autograd.Function):
+    """RMSNorm with a hand-written backward: autograd of the composition keeps five intermediates and
+    runs about ten elementwise passes; this saves x and the per-row 1/rms and runs four (CPU eager: 1.7x
+    faster forward + backward at 2048 x 256, bench/RESULTS.md). Under torch.compile dynamo traces both
+    halves and inductor fuses them like the composition."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float, scale: float) -> Tensor:
+        xf = x.float()
+        d = x.shape[-1]
+        # 1/rms from the 2-norm: one pass, no x^2 temporary
+        rstd = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).div_(d**0.5).square_().add_(eps).rsqrt_()
+        w = weight.float() * scale if scale != 1.0 else weight.float()
+        ctx.save_for_backward(x, weight, rstd)
+        ctx.scale = scale
+        return (xf * rstd).mul_(w).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        scale = ctx.scale
+        g = grad.float()
+        xhat = x.float() * rstd
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = (g * xhat).flatten(0, -2).sum(0)
+            grad_w = (grad_w * scale if scale != 1.0 else grad_w).to(weight.dtype)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            gw = g * (weight.float() * scale if scale != 1.0 else weight.float())
+            # d/dx of x * rstd: (gw - xhat * mean(gw * xhat)) * rstd
+            c = (gw * xhat).mean(-1, keepdim=True)
+            grad_x = gw.sub_(xhat.mul_(c)).mul_(rstd).to(x.dtype)
+        return grad_x, grad_w, None, None
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, scale: float = 1.0) -> torch.Tensor:
     check_params("rms_norm", x.shape[-1], weight, None, True)
-    xf = x.float()
-    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    y = y * weight.float()
-    if scale != 1.0:
-        y = y * scale
-    return y.to(x.dtype)
+    return _RMSNorm.apply(x, weight, eps, scale)
 
 
 def layer_norm(
