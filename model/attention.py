@@ -64,7 +64,7 @@ class Attention(nn.Module):
         s, b = qkv.shape[:2]
         qkv = qkv.view(s, b, self.num_kv_heads, self.q_per_kv + 2, self.head_dim)
         # torch.split, not indexing: its backward is one cat, where three index backwards would each
-        # zero-fill a tensor of qkv's size and copy into it (on CPU 2.7x the cost of this step's backward)
+        # zero-fill a tensor of qkv's size and copy into it (CPU, 2048 tokens x 768: 6.9 ms against 18.5)
         q, k, v = torch.split(qkv, [self.q_per_kv, 1, 1], dim=3)
         q = q.reshape(s, b, self.num_heads, self.head_dim)
         k, v = k.squeeze(3), v.squeeze(3)
