@@ -449,8 +449,8 @@ def write_report(
             if any(r.cell.search for r in results)
             else ""
         )
-        + f"; seeds {', '.join(map(str, seeds))}. N = non-embedding parameters, D = trained tokens; losses "
-        f"in nats per token{_vocabulary(results)}. " + compute_line(sweep, results),
+        + f"; seeds {', '.join(map(str, seeds)) or 'none evaluated yet'}. N = non-embedding parameters, "
+        f"D = trained tokens; losses in nats per token{_vocabulary(results)}. " + compute_line(sweep, results),
         "",
     ]
     missing = [r for r in study if r.evaluation is None]
