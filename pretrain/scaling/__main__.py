@@ -105,10 +105,9 @@ def _evaluate(args) -> int:
 
 def _archive(args) -> int:
     from pretrain.scaling.archive import archive_sweep
-    from pretrain.scaling.sweep import trained_step
 
     sweep = _load(args)
-    archived, left_out = archive_sweep(sweep, Path(args.to), trained_step)
+    archived, left_out = archive_sweep(sweep, Path(args.to))
     print(f"[archive] {sweep.name}: {len(archived)} finished cells copied to {args.to}")
     if left_out:
         shown = ", ".join(left_out[:5]) + (f" and {len(left_out) - 5} more" if len(left_out) > 5 else "")

@@ -14,25 +14,26 @@ of a checkpoint (pretrain/scaling/sweep.py: trained_step). Unfinished cells are 
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
+from pretrain.config import ConfigError
 from pretrain.fsutil import atomic_write_text
 from pretrain.scaling.cell_files import ARCHIVE_FILE, DIVERGED_FILE, EVAL_FILE, diverged, evaluation_current
 from pretrain.scaling.spec import Sweep
+from pretrain.scaling.sweep import trained_step
 
 # What the readers need (results.collect, report.train_seconds, the LR choice, summary's recipe); the
 # run's config.yaml and the sweep's record of the cell make the archive self-describing.
 RESULT_FILES = ("config.yaml", "sweep_cell.json", "metrics.jsonl", f"eval/{EVAL_FILE}", DIVERGED_FILE)
 
 
-def archive_sweep(sweep: Sweep, dest: Path, trained_step) -> tuple[list[str], list[str]]:
-    """Copies every finished cell's RESULT_FILES from sweep.out to dest; returns (archived, left out).
-    `trained_step(cell_dir)` is the sweep's own reading of how far a cell trained."""
+def archive_sweep(sweep: Sweep, dest: Path) -> tuple[list[str], list[str]]:
+    """Copies every finished cell's RESULT_FILES (all text) from sweep.out to dest; returns (archived,
+    left out)."""
     dest = Path(dest)
     if dest.resolve() == Path(sweep.out).resolve():
-        raise ValueError(f"--to {dest}: that is the sweep's own directory; archive into another one")
+        raise ConfigError(f"--to {dest}: that is the sweep's own directory (--out); archive into another one")
     archived, left_out = [], []
     for cell in sweep.cells:
         src = Path(sweep.out) / cell.name
@@ -45,9 +46,7 @@ def archive_sweep(sweep: Sweep, dest: Path, trained_step) -> tuple[list[str], li
         (out / "eval").mkdir(parents=True, exist_ok=True)
         for name in RESULT_FILES:
             if (src / name).is_file():
-                tmp = out / f"{name}.tmp"
-                shutil.copyfile(src / name, tmp)
-                tmp.replace(out / name)  # atomic: a reader never sees half a file
+                atomic_write_text(out / name, (src / name).read_text())
         record = {
             "step": step,
             "max_steps": cell.max_steps,
