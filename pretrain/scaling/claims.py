@@ -305,6 +305,10 @@ def _growth_across_sizes(ev: Evidence) -> list[dict]:
             x, y = np.array(pts).T
             coef, cov = np.polyfit(x, y, 1, cov=True)
             slopes[placement] = (float(coef[0]), float(math.sqrt(cov[0, 0])), len(pts))
+    rule = (
+        "slope of ln(variance after the last block) against ln N, least squares over every seed; "
+        "the slopes differ by more than 2 standard errors"
+    )
     out = []
     for other, source in (("peri", "Peri-LN"), ("lns", "The Curse of Depth")):
         claim = f"Across sizes, Pre-LN's last-layer variance rises faster with N than {other}'s"
@@ -313,7 +317,7 @@ def _growth_across_sizes(ev: Evidence) -> list[dict]:
                 {
                     "claim": claim,
                     "source": source,
-                    "rule": "",
+                    "rule": rule,
                     "verdict": UNMEASURED,
                     "decided_by": "fewer than 3 sizes evaluated",
                     "spread": "",
@@ -329,8 +333,7 @@ def _growth_across_sizes(ev: Evidence) -> list[dict]:
             {
                 "claim": claim,
                 "source": source,
-                "rule": "slope of ln(variance after the last block) against ln N, least squares over every "
-                "seed; the slopes differ by more than 2 standard errors",
+                "rule": rule,
                 "verdict": v,
                 "decided_by": f"slope difference {diff:+.3f}, resolved beyond +-{thr:.3f}",
                 "spread": "standard errors of the slopes (residual scatter, seeds included)",

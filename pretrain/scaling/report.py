@@ -500,7 +500,9 @@ def write_report(
     lines += depth_section(study, sizes, size_of, groups, figs)
     lines += ["## Evidence for each claim", ""]
     for c in checked:
-        lines += [f"**{c['claim']}** ({c['source']}): {c['verdict']}. Rule: {c['rule']}. {c['spread']}.", ""]
+        parts = [f"**{c['claim']}** ({c['source']}): {c['verdict']}"]
+        parts += [f"Rule: {c['rule']}"] * bool(c["rule"]) + [c["spread"]] * bool(c["spread"])
+        lines += [". ".join(parts) + ".", ""]
         if c["rows"]:
             lines += _table(c["header"], c["rows"]) + [""]
     if figs.get("loss_curves") is not None:
