@@ -78,12 +78,27 @@ def test_layout_matches_single_process(layout, placement, single, bundled_dir, t
     assert_trains_like_one_process(run_dir, single(f"model.placement={placement}"))
 
 
+# The matrix runs AdamW with eps 1e-6 instead of 1e-8, on both sides. Why (measured 2026-12-03, peri with
+# GQA, QK-norm and an untied embedding, tp2 against one process, 6 steps): with eps 1e-8, embed.weight
+# differed by 1.56e-4 (relative, tolerance 1e-4; 1.47e-4 under tp2 + SP), all of it from ONE element of
+# 131,072. Its step-1 gradient is a cancellation -- the embedding norm's backward subtracts the component along the
+# normalized row -- and came out -1.8e-9 on one process and +8.4e-10 under tp2 (the row's median |g| is
+# 1.9e-3; the two runs' embedding gradients differ by at most 2.2e-8, median 6.7e-7 relative: fp32
+# rounding of the tp partial sums). Adam divides by sqrt(v) + eps, so a gradient at the eps scale is
+# turned into an update of up to lr whose sign is the rounding's: 6.8e-4 apart after one step. That is
+# Adam's sensitivity, not the layout's. With eps 1e-6 an update is Lipschitz in the gradient at the
+# rounding scale (|d update| <= lr |d g| / eps), and the same pair differs by 5.9e-6 (params) and 8.5e-8
+# (grad norm), while a gradient of typical size (1e-4 .. 1e-2) is still normalized as Adam does: the fault
+# test below shows a wrong gradient is still caught at this eps.
+MATRIX_EPS = "train.adam_eps=1e-6"
+
+
 @pytest.mark.parametrize(
     "layout, placement, fault, caught_by, eps",
     [
         ("dp2-zero1", "pre", "dp-grad-sum", "grad_norm", []),  # x2: Adam and clipping hide it in the weights
         # at the registry matrix's Adam eps (below): a larger eps must not hide a wrong gradient
-        ("tp2-sp", "peri", "sp-norm-grad-unreduced", "params", ["train.adam_eps=1e-6"]),
+        ("tp2-sp", "peri", "sp-norm-grad-unreduced", "params", [MATRIX_EPS]),
     ],
 )
 def test_the_comparison_catches_a_wrong_gradient(
@@ -170,22 +185,9 @@ def test_eval_consolidates_tensor_and_pipeline_parallel_checkpoints(bundled_dir,
 # Every placement of the registry, with the switches that change what parallelism must split or reduce
 # -- GQA (2 KV heads for 4 query heads: one per tensor-parallel rank), QK-norm (per-head gains whose
 # gradient is summed over tp), untied embeddings (a separate vocabulary-parallel output layer / last
-# pipeline layer) and LayerNorm (a bias to reduce) -- against the single-process run of the same config.
+# pipeline layer) and LayerNorm (a bias to reduce) -- against the single-process run of the same config,
+# at Adam eps 1e-6 on both sides (MATRIX_EPS above says why).
 MATRIX_LAYOUTS = {name: LAYOUTS[name] for name in ("tp2-sp", "pp2-zero1", "dp2-zero3")}
-
-# The matrix runs AdamW with eps 1e-6 instead of 1e-8, on both sides. Why (measured 2026-12-03, peri with
-# GQA, QK-norm and an untied embedding, tp2 against one process, 6 steps): with eps 1e-8, embed.weight
-# differed by 1.56e-4 (relative, tolerance 1e-4; 1.47e-4 under tp2 + SP), all of it from ONE element of
-# 131,072. Its step-1 gradient is a cancellation -- the embedding norm's backward subtracts the component along the
-# normalized row -- and came out -1.8e-9 on one process and +8.4e-10 under tp2 (the row's median |g| is
-# 1.9e-3; the two runs' embedding gradients differ by at most 2.2e-8, median 6.7e-7 relative: fp32
-# rounding of the tp partial sums). Adam divides by sqrt(v) + eps, so a gradient at the eps scale is
-# turned into an update of up to lr whose sign is the rounding's: 6.8e-4 apart after one step. That is
-# Adam's sensitivity, not the layout's. With eps 1e-6 an update is Lipschitz in the gradient at the
-# rounding scale (|d update| <= lr |d g| / eps), and the same pair differs by 5.9e-6 (params) and 8.5e-8
-# (grad norm), while a gradient of typical size (1e-4 .. 1e-2) is still normalized as Adam does: the fault
-# test above shows a wrong gradient is still caught at this eps.
-MATRIX_EPS = "train.adam_eps=1e-6"
 
 
 def matrix_switches(placement: str) -> list[str]:
