@@ -115,8 +115,9 @@ def test_loss_order_claims(claims):
     assert claims["Post-LN reaches a higher validation loss than Pre-LN"]["verdict"] == HOLDS
     within = claims["Tuned Post-LN lands within 5% of Pre-LN at these depths"]
     assert within["verdict"] == FAILS and within["rows"][0][3] == "+16.67%"
-    # the seed spread that decides: the pooled sd of (x +- 0.002) pairs is 0.002 * sqrt(2)
-    assert "pooled seed-to-seed sd 0.00283" in claims["Peri-LN reaches a lower validation loss than Pre-LN"]["spread"]
+    # the seed spread that decides, per size: the pooled sd of (x +- 0.002) pairs is 0.002 * sqrt(2), with
+    # 4 degrees of freedom (4 placements x (2 seeds - 1)), so t = 2.776 (scipy's Student t, 97.5%)
+    assert "m 0.00283 (4 dof, t 2.78)" in claims["Peri-LN reaches a lower validation loss than Pre-LN"]["spread"]
 
 
 def test_variance_growth_claims(claims):
@@ -147,3 +148,25 @@ def test_one_seed_resolves_nothing():
     assert out["Peri-LN reaches a lower validation loss than Pre-LN"]["verdict"] == UNRESOLVED
     assert "one seed per cell" in out["Peri-LN reaches a lower validation loss than Pre-LN"]["decided_by"]
     assert math.isclose(float(out["Peri-LN is less sensitive to the learning rate than Pre-LN"]["rows"][0][1]), 1.8)
+
+
+def test_each_size_is_judged_by_its_own_seed_spread():
+    """The spread shrinks with size (20x in the placement study): a difference at the largest size that is
+    far outside that size's spread must be resolved, though it is inside the smallest size's spread; and
+    Peri-LN's advantage at the small sizes must not outvote its resolved deficit at the largest."""
+    spread = {"s": 0.3, "m": 0.05, "l": 0.005}  # each seed at loss +- spread
+    gap = {"s": -0.4, "m": -0.1, "l": +0.05}  # peri - pre
+    out = []
+    for size, N in SIZES.items():
+        for placement in LOSS:
+            for seed, sign in ((1, -1), (2, 1)):
+                loss = 3.0 + (gap[size] if placement == "peri" else 0.0) + sign * spread[size]
+                out.append(Fake(placement, size, seed, N, {"placement": placement, "valid": {"loss": loss}}))
+    peri = {c["claim"]: c for c in check(out, lambda r: r.size, list(SIZES))}[
+        "Peri-LN reaches a lower validation loss than Pre-LN"
+    ]
+    states = {row[0]: row[-1] for row in peri["rows"]}
+    # per size: sd = spread * sqrt(2), threshold t(4 dof) * sd * sqrt(2/2) = 2.776 * 1.414 * spread (l: 0.0196
+    # < 0.05); one sd pooled over every size (0.25) would have put l's 0.05 inside the noise
+    assert states == {"s": "within noise", "m": "within noise", "l": "against"}
+    assert peri["verdict"] == UNRESOLVED and "resolved against the claim at l" in peri["decided_by"]

@@ -13,10 +13,14 @@ Claims (source in brackets):
   LR sensitivity   Peri-LN is less sensitive to the learning rate than Pre-LN [Peri-LN]
 
 How a verdict is decided. Every claim compares a per-cell number (a loss, a log growth, ...) between
-placements, size by size, as a difference of seed means d_s. Its noise comes from the pooled
-seed-to-seed spread of that same number over the whole study (pretrain/scaling/results.py:
-seed_noise): a difference is resolved when |d_s| > 2 standard errors. Over the S sizes the mean
-difference has a standard error sqrt(sum of the per-size squared errors) / S. Verdict:
+placements, size by size, as a difference of seed means d_s. Its noise comes from the seed-to-seed
+spread of that same number at that size, pooled over the placements (pretrain/scaling/results.py:
+seed_noise): the spread shrinks with size (the placement study's validation-loss sd is 0.16 at its
+smallest size and 0.009 at its largest), so one sd pooled over every size would hide a difference at
+the large sizes behind the small sizes' noise. A difference is resolved when |d_s| exceeds t standard
+errors, t the two-sided 95% Student-t quantile at the pooled sd's degrees of freedom (2.78 for 2 seeds
+x 4 placements). Over the S sizes the mean difference has a threshold sqrt(sum of the per-size squared
+thresholds) / S. Verdict:
   holds           the mean difference is resolved in the claimed direction, and no size is resolved
                   against it
   does not hold   the mean difference is resolved against the claim
@@ -30,6 +34,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.stats import t as t_dist
 
 from pretrain.scaling.growth import linear_ratio
 from pretrain.scaling.lrsearch import sensitivity_table
@@ -43,14 +48,13 @@ METRIC_WORDS = {
     "valid_bpb": "validation bits per byte",
     "test_bpb": "test bits per byte",
 }
-K_SIGMA = 2.0
 
 
 @dataclass
 class Comparison:
     size: str
     diff: float  # claimed direction: negative (see `verdict`)
-    threshold: float | None  # K_SIGMA standard errors of diff
+    threshold: float | None  # t standard errors of diff (95%, two-sided)
 
 
 def verdict(comparisons: list[Comparison]) -> tuple[str, str]:
@@ -65,10 +69,13 @@ def verdict(comparisons: list[Comparison]) -> tuple[str, str]:
         )
     overall = math.sqrt(sum(c.threshold**2 for c in comparisons)) / len(comparisons)
     against = [c.size for c in comparisons if c.diff > c.threshold]
+    claimed = [c.size for c in comparisons if c.diff < -c.threshold]
     decided = (
         f"mean difference over {len(comparisons)} size(s) {mean:+.4g} (the claim says negative), resolved "
-        f"beyond +-{overall:.3g} ({K_SIGMA:g} standard errors from the seed spread)"
+        f"beyond +-{overall:.3g} (t standard errors from each size's seed spread)"
     )
+    if claimed:
+        decided += f"; resolved as claimed at {', '.join(claimed)}"
     if against:
         decided += f"; resolved against the claim at {', '.join(against)}"
     if mean > overall:
@@ -114,9 +121,12 @@ class Evidence:
         self.sizes = [s for s in sizes if any(k[1] == s for k in self.cells)]
         self._noise = {}
 
-    def noise(self, name: str, value):
+    def noise(self, name: str, value) -> dict:
+        """{size: SeedNoise of value(cell) at that size, pooled over the placements}."""
         if name not in self._noise:
-            self._noise[name] = seed_noise(self.results, "", self.size_of, value)
+            self._noise[name] = {
+                size: seed_noise(self.results, "", self.size_of, value, size=size) for size in self.sizes
+            }
         return self._noise[name]
 
     def compare(self, name: str, value, other: str, base: str, sign: float = 1.0):
@@ -128,7 +138,7 @@ class Evidence:
             b, nb = _seed_mean(self.cells.get((base, size), []), value)
             if a is None or b is None:
                 continue
-            thr = noise.difference_threshold(na, nb, K_SIGMA)
+            thr = noise[size].difference_threshold(na, nb)
             c = Comparison(size, sign * (a - b), thr)
             comparisons.append(c)
             rows.append((size, a, b, na, nb, c))
@@ -141,10 +151,12 @@ def _state(c: Comparison) -> str:
     return "as claimed" if c.diff < -c.threshold else "against" if c.diff > c.threshold else "within noise"
 
 
-def _noise_text(noise, what: str) -> str:
-    if noise.sd is None:
+def _noise_text(noise: dict, what: str) -> str:
+    measured = {size: n for size, n in noise.items() if n.sd is not None}
+    if not measured:
         return f"{what}: one seed per cell, spread not measured"
-    return f"{what}: pooled seed-to-seed sd {noise.sd:.3g} ({noise.dof} dof over {noise.cells} cells)"
+    per_size = ", ".join(f"{size} {n.sd:.3g} ({n.dof} dof, t {n.critical:.2f})" for size, n in measured.items())
+    return f"{what}: seed-to-seed sd per size, pooled over the placements: {per_size}"
 
 
 def _claim(claim: str, source: str, rule: str, rows, comparisons, noise, what: str, header, fmt) -> dict:
@@ -204,7 +216,7 @@ def check(results, size_of, sizes: list[str], metric: str = "valid_loss") -> lis
         m, n = _seed_mean(ev.cells.get(("pre", size), []), _log_linear_ratio)
         if m is None:
             continue
-        thr = None if noise.sd is None else K_SIGMA * noise.sd / math.sqrt(n)
+        thr = None if noise[size].sd is None else noise[size].critical * noise[size].sd / math.sqrt(n)
         c = Comparison(size, -m, thr)
         comps.append(c)
         rows.append((size, m, 0.0, n, 0, c))
@@ -265,7 +277,7 @@ def _post_within(ev: Evidence, loss, metric: str) -> dict:
         pre, n_pre = _seed_mean(ev.cells.get(("pre", size), []), loss)
         if post is None or pre is None:
             continue
-        thr = noise.difference_threshold(n_post, n_pre, K_SIGMA)
+        thr = noise[size].difference_threshold(n_post, n_pre)
         # Claimed: post - pre < 5% of pre.
         c = Comparison(size, (post - pre) - POST_LN_TOLERANCE * pre, thr)
         comps.append(c)
@@ -307,7 +319,7 @@ def _growth_across_sizes(ev: Evidence) -> list[dict]:
             slopes[placement] = (float(coef[0]), float(math.sqrt(cov[0, 0])), len(pts))
     rule = (
         "slope of ln(variance after the last block) against ln N, least squares over every seed; "
-        "the slopes differ by more than 2 standard errors"
+        "the slopes differ by more than t standard errors (95%, the fits' residual degrees of freedom)"
     )
     out = []
     for other, source in (("peri", "Peri-LN"), ("lns", "The Curse of Depth")):
@@ -326,8 +338,9 @@ def _growth_across_sizes(ev: Evidence) -> list[dict]:
                 }
             )
             continue
-        (sp, ep, _), (so, eo, _) = slopes["pre"], slopes[other]
-        diff, thr = so - sp, K_SIGMA * math.sqrt(ep**2 + eo**2)
+        (sp, ep, n_pre), (so, eo, n_other) = slopes["pre"], slopes[other]
+        # t at the smaller fit's residual degrees of freedom (points - 2)
+        diff, thr = so - sp, float(t_dist.ppf(0.975, min(n_pre, n_other) - 2)) * math.sqrt(ep**2 + eo**2)
         v = HOLDS if diff < -thr else FAILS if diff > thr else UNRESOLVED
         out.append(
             {
@@ -367,10 +380,11 @@ def _lr_sensitivity(ev: Evidence, metric: str) -> dict:
         k = len(pre["lrs"])
         # Each sensitivity is a mean of K capped losses minus their minimum: its noise is about
         # sd * sqrt(1 + 1/K) / sqrt(seeds); the difference of two has sqrt(2) times that.
+        at = noise.get(size)
         thr = (
             None
-            if noise.sd is None
-            else K_SIGMA * noise.sd * math.sqrt(2 * (1 + 1 / k) / min(pre["seeds"], peri["seeds"]))
+            if at is None or at.sd is None
+            else at.critical * at.sd * math.sqrt(2 * (1 + 1 / k) / min(pre["seeds"], peri["seeds"]))
         )
         c = Comparison(size, peri["sensitivity"] - pre["sensitivity"], thr)
         comps.append(c)
@@ -390,7 +404,7 @@ def _lr_sensitivity(ev: Evidence, metric: str) -> dict:
         "below pre's",
         "verdict": v,
         "decided_by": decided,
-        "spread": _noise_text(noise, METRIC_WORDS.get(metric, metric))
+        "spread": _noise_text({size: noise[size] for size in sizes if size in noise}, METRIC_WORDS.get(metric, metric))
         + "; a sensitivity's noise is taken as sd x sqrt(1 + 1/K)",
         "header": ["size", "Pre-LN", "Post-LN", "Peri-LN", "LNS", "peri - pre", "state"],
         "rows": rows,

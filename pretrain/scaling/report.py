@@ -371,7 +371,6 @@ def write_report(
         fit = fit_sweep(sweep, metric, resamples, seed, delta, results)
         write_fit(fit, out_dir / FIT_FILE)
     checked = claims.check(results, size_of, sizes, metric)
-    noise = seed_noise(results, metric, size_of)
     figs: dict = {}
     lr_lines, lr_record = lr_section(sweep, results, sizes, size_of, groups, out_dir, figs)
     var = lambda e: e["depth"]["var"]
@@ -472,14 +471,22 @@ def write_report(
     lines += _table(header, headline_rows(study, sizes, size_of, groups, metric)) + [""]
     lines += ["Test split (State of the Union 2000-2026, never trained on), bits per byte:", ""]
     lines += _table(header, headline_rows(study, sizes, size_of, groups, "test_bpb")) + [""]
+    per_size = [(size, seed_noise(results, metric, size_of, size=size)) for size in sizes]
+    per_size = [(size, n) for size, n in per_size if n.sd is not None]
+    n = max(1, len(seeds))
     lines += [
         (
-            "Seed-to-seed spread: pooled sd of the " + metric_label + f" {noise.sd:.4f} ({noise.dof} degrees of "
-            f"freedom over {noise.cells} cells); a difference between two cells' means of n seeds is resolved when "
-            f"it exceeds 2 x sd x sqrt(2/n) = {2 * noise.sd * math.sqrt(2 / max(1, len(seeds))):.4f} "
-            f"for n = {len(seeds)}."
+            f"Seed-to-seed spread of the {metric_label} per size, pooled over the placements (it shrinks with "
+            f"size, so each size is judged by its own): a difference between two cells' means of n = {n} seeds "
+            "is resolved when it exceeds t x sd x sqrt(2/n), t the 95% Student-t quantile at the sd's degrees "
+            "of freedom: "
+            + "; ".join(
+                f"{size} sd {ns.sd:.4f} ({ns.dof} dof), resolved beyond {ns.difference_threshold(n, n):.4f}"
+                for size, ns in per_size
+            )
+            + "."
         )
-        if noise.sd is not None
+        if per_size
         else "One seed per cell: the seed-to-seed spread is not measured and no difference is resolved.",
         "",
     ]
@@ -487,7 +494,10 @@ def write_report(
         "## The papers' claims at this scale",
         "",
         "Each verdict follows the rule stated with it (pretrain/scaling/claims.py): a difference counts only "
-        "when it exceeds 2 standard errors from the seed-to-seed spread of the same number.",
+        "when it exceeds t standard errors (95% Student-t at the spread's degrees of freedom) from the "
+        "seed-to-seed spread of the same number at the same size. A claim holds when the mean over the sizes "
+        "is resolved as claimed and no size is resolved against it; the sizes where it is resolved either way "
+        "are named.",
         "",
     ]
     lines += _table(
