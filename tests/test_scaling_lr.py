@@ -123,6 +123,15 @@ def test_lr_from_takes_another_sweeps_choice(tmp_path):
     assert {c.name.split("_lr-")[1] for c in depth.cells if "placement-pre" in c.name} == {"0.01"}
     assert {c.config.train.lr for c in depth.cells if "placement-post" in c.name} == {0.001}
     assert len(depth.cells) == 8 and all(c.study and not c.search for c in depth.cells)
+    # the same choice read from the study's cells moved elsewhere (an archive), named by lr_from.out
+    archive = tmp_path / "archive"
+    study.out.rename(archive)
+    unread = load_sweep(write_sweep(tmp_path, "lr_from: {sweep: study.yaml}", name="depth"))
+    assert unread.cells == [] and sum(unread.waiting.values()) == 8  # the study's own out is empty now
+    moved = load_sweep(write_sweep(tmp_path, f"lr_from: {{sweep: study.yaml, out: {archive}}}", name="depth"))
+    assert sorted(c.name for c in moved.cells) == sorted(c.name for c in depth.cells)
+    with pytest.raises(ConfigError, match=r"lr_from.out: '.*nowhere' is not a directory"):
+        load_sweep(write_sweep(tmp_path, f"lr_from: {{sweep: study.yaml, out: {tmp_path / 'nowhere'}}}", name="d"))
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ Sweep file keys (pretrain/scaling/spec.py parses them):
       at: {size: [xs, m], run.seed: [1]}   # which cells of the grid are searched (axis -> value names)
       per: [placement]                      # one best learning rate per value of these axes
     lr_from: {sweep: other.yaml}            # or: take the best learning rates of another sweep's search
+    lr_from: {sweep: other.yaml, out: DIR}  # ... read from its cells in DIR (e.g. its committed archive)
 
 The best learning rate of a group is the grid value with the lowest mean capped loss (min(L, L0))
 over the group's searched cells (sizes x seeds), on the validation split. It is resolved from the
@@ -45,6 +46,7 @@ class LrSearch:
 class LrFrom:
     sweep: Path  # another sweep file whose lr_search decides
     per: tuple
+    out: Path | None = None  # where that sweep's cells are, when not at its own `out` (e.g. an archive)
 
 
 @dataclass

@@ -256,19 +256,33 @@ def compute_line(sweep, results: list[CellResult]) -> str:
     )
 
 
+def _shown_path(path: Path) -> str:
+    """`path` relative to the working directory when it is under it (reports are committed)."""
+    path = Path(path)
+    try:
+        return f"`{path.resolve().relative_to(Path.cwd())}`"
+    except ValueError:
+        return f"`{path}`"
+
+
 def lr_section(
     sweep, results: list[CellResult], sizes: list[str], size_of, groups: list[str], out_dir: Path, figs: dict
 ) -> tuple[list[str], dict]:
     table = lrsearch.sensitivity_table(results, size_of)
     choices = lrsearch.choice_record(sweep.lr_choices)
-    record = {"choices": choices, "sensitivity": table, "source": str(sweep.lr_from.sweep) if sweep.lr_from else None}
+    source = None
+    if sweep.lr_from:
+        source = _shown_path(sweep.lr_from.sweep)
+        if sweep.lr_from.out is not None:
+            source += f" (its cells in {_shown_path(sweep.lr_from.out)})"
+    record = {"choices": choices, "sensitivity": table, "source": source}
     if not choices:
         return [], record
     chosen = {group_label(tuple(c["group"].items())): c["lr"] for c in choices}
     figs["lr_sweep"] = plots.lr_sweep(table, groups, sizes, chosen, out_dir / "lr_sweep.png")
     lines = ["## Learning rates", ""]
     if sweep.lr_from:
-        lines += [f"Each placement trains at the best learning rate of the LR search of `{sweep.lr_from.sweep}`.", ""]
+        lines += [f"Each placement trains at the best learning rate of the LR search of {source}.", ""]
     else:
         s = sweep.lr_search
         lines += [
@@ -464,7 +478,8 @@ def write_report(
     lines += [
         "## Headline: each placement at its best learning rate",
         "",
-        f"{metric_label.capitalize()}, mean ± sd over seeds (the held-out size is not in the fits):",
+        f"{metric_label.capitalize()}, mean ± sd over seeds"
+        + (" (the held-out size is not in the fits):" if sweep.kind == "scaling" else ":"),
         "",
     ]
     header = ["size", "N", "D/N"] + groups

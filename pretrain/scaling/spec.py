@@ -332,12 +332,17 @@ def _lr_search(path: Path, raw, axes: dict) -> LrSearch:
 
 
 def _lr_from(path: Path, raw, axes: dict) -> LrFrom:
-    if not isinstance(raw, dict) or set(raw) != {"sweep"}:
-        raise _err(path, "lr_from", f"expected {{sweep: OTHER.yaml}}, got {raw!r}")
+    if not isinstance(raw, dict) or "sweep" not in raw or not set(raw) <= {"sweep", "out"}:
+        raise _err(path, "lr_from", f"expected {{sweep: OTHER.yaml}} or {{sweep: OTHER.yaml, out: DIR}}, got {raw!r}")
     other = (path.parent / str(raw["sweep"])).resolve()
     if not other.is_file():
         raise _err(path, "lr_from.sweep", f"'{raw['sweep']}' (resolved to {other}) does not exist")
-    return LrFrom(other, ())
+    out = None
+    if "out" in raw:  # resolved like the sweep's own `out`: from the working directory
+        out = Path(str(raw["out"]))
+        if not out.is_dir():
+            raise _err(path, "lr_from.out", f"'{raw['out']}' is not a directory (the other sweep's cells)")
+    return LrFrom(other, (), out)
 
 
 def _overrides_to_sets(path: Path, where: str, overrides: dict) -> tuple[list[str], dict]:
@@ -447,6 +452,9 @@ def _expand_with_lr(sweep: Sweep, grid: list) -> list[Cell]:
         choices = lrsearch.choose(runs)
     else:
         other = load_sweep(sweep.lr_from.sweep)
+        if sweep.lr_from.out is not None:
+            other.out = sweep.lr_from.out
+            other.cells = expand(other)
         if other.lr_search is None:
             raise _err(sweep.path, "lr_from.sweep", f"{sweep.lr_from.sweep} has no lr_search")
         per = other.lr_search.per
@@ -458,7 +466,7 @@ def _expand_with_lr(sweep: Sweep, grid: list) -> list[Cell]:
                     f"{other.path} chooses a learning rate per '{axis}', which is not "
                     f"an axis here (axes: {', '.join(sweep.axes)})",
                 )
-        sweep.lr_from = LrFrom(sweep.lr_from.sweep, per)
+        sweep.lr_from = LrFrom(sweep.lr_from.sweep, per, sweep.lr_from.out)
         choices = other.lr_choices
     sweep.lr_choices, sweep.waiting = choices, {}
     for labels, sets, pseudo in grid:
