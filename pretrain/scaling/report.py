@@ -295,6 +295,15 @@ def lr_section(
             "selection).",
             "",
         ]
+        unsearched = [size for size in sizes if not any(size in v for v in s.at.values())]
+        if unsearched and any(len(v) for v in s.at.values()):
+            lines += [
+                f"The rate is held fixed at the unsearched sizes ({', '.join(unsearched)}). Where a placement's "
+                "best rate moves with size (the per-size optima in the tables below), its larger cells train "
+                "off their optimum, so a difference between placements at those sizes can be the rate's "
+                "transfer rather than the placement's; a claim decided only there says so by naming the sizes.",
+                "",
+            ]
     rows = []
     for c in choices:
         best = next((t for t in c["table"] if t["lr"] == c["lr"]), None)
