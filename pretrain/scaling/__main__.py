@@ -27,13 +27,9 @@ from pathlib import Path
 
 
 def _load(args):
-    from pretrain.scaling.spec import expand, load_sweep
+    from pretrain.scaling.spec import load_sweep
 
-    sweep = load_sweep(args.file)
-    if getattr(args, "out", None):
-        sweep.out = Path(args.out)
-        sweep.cells = expand(sweep)
-    return sweep
+    return load_sweep(args.file, out=getattr(args, "out", None))
 
 
 def _sweep(args) -> int:

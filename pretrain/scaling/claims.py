@@ -15,7 +15,7 @@ Claims (source in brackets):
 How a verdict is decided. Every claim compares a per-cell number (a loss, a log growth, ...) between
 placements, size by size, as a difference of seed means d_s. Its noise comes from the seed-to-seed
 spread of that same number at that size, pooled over the placements (pretrain/scaling/results.py:
-seed_noise): the spread shrinks with size (the placement study's validation-loss sd is 0.16 at its
+seed_noise): the spread shrinks with size (the placement study's validation-loss sd is 0.17 at its
 smallest size and 0.009 at its largest), so one sd pooled over every size would hide a difference at
 the large sizes behind the small sizes' noise. A difference is resolved when |d_s| exceeds t standard
 errors, t the two-sided 95% Student-t quantile at the pooled sd's degrees of freedom (2.78 for 2 seeds
@@ -34,11 +34,10 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import t as t_dist
 
 from pretrain.scaling.growth import linear_ratio
 from pretrain.scaling.lrsearch import sensitivity_table
-from pretrain.scaling.results import seed_noise
+from pretrain.scaling.results import seed_noise, t_critical
 
 HOLDS, FAILS, UNRESOLVED, UNMEASURED = "holds", "does not hold", "not resolved", "not measured"
 POST_LN_TOLERANCE = 0.05  # "tuned Post-LN within 5% of Pre-LN"
@@ -340,7 +339,7 @@ def _growth_across_sizes(ev: Evidence) -> list[dict]:
             continue
         (sp, ep, n_pre), (so, eo, n_other) = slopes["pre"], slopes[other]
         # t at the smaller fit's residual degrees of freedom (points - 2)
-        diff, thr = so - sp, float(t_dist.ppf(0.975, min(n_pre, n_other) - 2)) * math.sqrt(ep**2 + eo**2)
+        diff, thr = so - sp, t_critical(min(n_pre, n_other) - 2) * math.sqrt(ep**2 + eo**2)
         v = HOLDS if diff < -thr else FAILS if diff > thr else UNRESOLVED
         out.append(
             {

@@ -189,21 +189,23 @@ class SeedNoise:
 
     @property
     def critical(self) -> float | None:
-        """Two-sided 95% Student-t quantile at this sd's degrees of freedom: how many standard errors a
-        difference must exceed (2.78 at 4 dof, 2.06 at 24; about 2 for many)."""
+        """t_critical at this sd's degrees of freedom."""
+        return None if self.sd is None else t_critical(self.dof)
+
+    def difference_threshold(self, n_a: int, n_b: int) -> float | None:
+        """The smallest difference between two means (of n_a and n_b seeds) that is resolved: `critical`
+        standard errors of the difference."""
         if self.sd is None:
             return None
-        from scipy.stats import t
+        return self.critical * self.sd * math.sqrt(1 / max(1, n_a) + 1 / max(1, n_b))
 
-        return float(t.ppf(0.975, self.dof))
 
-    def difference_threshold(self, n_a: int, n_b: int, k: float | None = None) -> float | None:
-        """The smallest difference between two means (of n_a and n_b seeds) that is resolved: k standard
-        errors of the difference (k: the t quantile at this sd's degrees of freedom unless given)."""
-        if self.sd is None:
-            return None
-        k = self.critical if k is None else k
-        return k * self.sd * math.sqrt(1 / max(1, n_a) + 1 / max(1, n_b))
+def t_critical(dof: int) -> float:
+    """Two-sided 95% Student-t quantile: how many standard errors a difference estimated with `dof`
+    degrees of freedom must exceed (2.78 at 4, 2.06 at 24; about 2 for many)."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, dof))
 
 
 def seed_noise(results: list[CellResult], metric: str, size_of, value=None, size: str | None = None) -> SeedNoise:

@@ -185,7 +185,9 @@ def _safe(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9.+-]", "_", s)
 
 
-def load_sweep(path: str | Path) -> Sweep:
+def load_sweep(path: str | Path, out: str | Path | None = None) -> Sweep:
+    """The sweep file at `path`, its cells expanded; `out`: where its cells are, instead of the file's
+    `out` (a copy elsewhere, e.g. an archive)."""
     path = Path(path)
     data = read_yaml_mapping(path, "sweep file")
     for key in data:
@@ -255,7 +257,7 @@ def load_sweep(path: str | Path) -> Sweep:
             raise _err(
                 path, f"hold_out.{axis}", f"'{value}' is not a value of the axis; values: {', '.join(axes[axis])}"
             )
-    out = Path(data.get("out") or Path("runs") / "sweeps" / name)
+    out = Path(out or data.get("out") or Path("runs") / "sweeps" / name)
     kind = data.get("kind", "scaling")
     if kind not in KINDS:
         raise _err(path, "kind", f"'{kind}' is not allowed; allowed: {', '.join(KINDS)}")
@@ -451,10 +453,7 @@ def _expand_with_lr(sweep: Sweep, grid: list) -> list[Cell]:
             )
         choices = lrsearch.choose(runs)
     else:
-        other = load_sweep(sweep.lr_from.sweep)
-        if sweep.lr_from.out is not None:
-            other.out = sweep.lr_from.out
-            other.cells = expand(other)
+        other = load_sweep(sweep.lr_from.sweep, out=sweep.lr_from.out)
         if other.lr_search is None:
             raise _err(sweep.path, "lr_from.sweep", f"{sweep.lr_from.sweep} has no lr_search")
         per = other.lr_search.per
