@@ -50,6 +50,7 @@ class Attention(nn.Module):
         # "head": one gain of head_dim shared by the heads; "layer": one norm over all heads (OLMo 2).
         per_layer = qk_norm_scope == "layer"
         self.qk_norm_per_layer = per_layer
+        self.has_qk_norm = bool(qk_norm)
         self.q_norm = norms.optional(qk_norm, num_heads * self.head_dim if per_layer else self.head_dim)
         self.k_norm = norms.optional(qk_norm, num_kv_heads * self.head_dim if per_layer else self.head_dim)
         self.dropout = dropout
@@ -63,6 +64,12 @@ class Attention(nn.Module):
         qkv = self.qkv(x)  # under sequence parallelism x is a sequence shard and qkv the whole sequence
         s, b = qkv.shape[:2]
         qkv = qkv.view(s, b, self.num_kv_heads, self.q_per_kv + 2, self.head_dim)
+        index, slices = self.sequence_shard
+        cos, sin = self.rotary.tables(s * slices, x.device, qkv.dtype)
+        if slices > 1:  # this rank's tokens sit at positions index*s ... (index+1)*s - 1
+            cos, sin = cos[index * s : (index + 1) * s], sin[index * s : (index + 1) * s]
+        if not self.has_qk_norm:  # split and rotated in one function, whose backward needs no cat
+            return self.rotary.apply_qkv(qkv, self.num_heads, cos, sin)
         # torch.split, not indexing: its backward is one cat, where three index backwards would each
         # zero-fill a tensor of qkv's size and copy into it (CPU, 2048 tokens x 768: 6.9 ms against 18.5)
         q, k, v = torch.split(qkv, [self.q_per_kv, 1, 1], dim=3)
@@ -73,10 +80,6 @@ class Attention(nn.Module):
             k = self.k_norm(k.reshape(s, b, -1)).view_as(k)
         else:
             q, k = self.q_norm(q), self.k_norm(k)
-        index, slices = self.sequence_shard
-        cos, sin = self.rotary.tables(s * slices, x.device, q.dtype)
-        if slices > 1:  # this rank's tokens sit at positions index*s ... (index+1)*s - 1
-            cos, sin = cos[index * s : (index + 1) * s], sin[index * s : (index + 1) * s]
         return self.rotary.apply(q, cos, sin), self.rotary.apply(k, cos, sin), v
 
     def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

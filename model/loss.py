@@ -106,9 +106,16 @@ def _linear_cross_entropy(
     # the matmuls: the loss scaler's factor only arrives in backward.
     rescale = hidden.dtype != acc
     scale = 1.0 / weights.max().clamp(min=torch.finfo(acc).tiny) if rescale and n else None
+    # One logits buffer for every chunk: a fresh [chunk x V_local] tensor per chunk costs its page faults
+    # again on CPU (glibc hands large blocks back to the system when they are freed).
+    buffer = torch.empty((min(chunk, n), v_local), dtype=acc, device=hidden.device)
     for i in range(0, n, chunk):
         h, y, w = hidden[i : i + chunk], labels[i : i + chunk], weights[i : i + chunk]
-        logits = (h @ weight.t()).to(acc)  # [c, V_local], in the input dtype first, as the plain head
+        logits = buffer[: h.shape[0]]  # [c, V_local], computed in the input dtype, as the plain head
+        if rescale:
+            logits.copy_(h @ weight.t())
+        else:
+            torch.mm(h, weight.t(), out=logits)
         row_max = logits.amax(dim=-1)
         if group is not None:
             tp_all_reduce(row_max, group, torch.distributed.ReduceOp.MAX)

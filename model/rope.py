@@ -1,8 +1,27 @@
-"""Rotary position embeddings, in the rotate-half convention (as Llama / Hugging Face)."""
+"""Rotary position embeddings, in the rotate-half convention (as Llama / Hugging Face).
+
+With c = cos and s = sin of each pair's angle (the tables repeat them over the two halves), rotating
+x = (x1, x2) is
+
+    y1 = x1 c - x2 s        y2 = x2 c + x1 s
+
+and its backward is the inverse rotation: dx1 = dy1 c + dy2 s, dx2 = dy2 c - dy1 s. The autograd of
+the textbook expression x * cos + cat(-x2, x1) * sin keeps a negated copy and a concatenation and, in
+backward, zero-fills and copies each half (slice backward); the hand-written functions below run
+the four half-size passes each way (eager only: dynamo cannot trace their strided `out=` writes, and
+under torch.compile inductor fuses the plain expression anyway). The attention's fused form takes
+the projection's q|k|v output at once and writes its gradient into one tensor, so the split that
+separates q, k and v needs no cat in backward.
+
+Outputs are laid out batch-major in memory ((B, S, heads, hd) order, shown as the model's (S, B,
+heads, hd)): SDPA's CPU flash kernel reads each head's rows S-contiguous then (HF's layout), 15% faster
+forward + backward than over the sequence-first stride (bench/RESULTS.md, issue 19).
+"""
 
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 
 class Rotary:
@@ -17,7 +36,7 @@ class Rotary:
         self.theta = theta
         self._cache: dict = {}
 
-    def tables(self, length: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def tables(self, length: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         key = (length, device, dtype)
         if key not in self._cache:
             inv_freq = 1.0 / (
@@ -28,8 +47,89 @@ class Rotary:
             self._cache = {key: (emb.cos().to(dtype), emb.sin().to(dtype))}
         return self._cache[key]
 
-    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x: (seq, batch, heads, head_dim); cos, sin: (seq, head_dim)."""
-        half = x.shape[-1] // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos[:, None, None, :] + rotated * sin[:, None, None, :]
+    def apply(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """x: (seq, batch, heads, head_dim); cos, sin: (seq, head_dim) from tables()."""
+        if torch.compiler.is_compiling():  # inductor fuses the expression itself
+            return _rotate(x, *_halves(cos, sin))
+        return _Rotate.apply(x, *_halves(cos, sin))
+
+    def apply_qkv(self, qkv: Tensor, q_heads: int, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """qkv: (seq, batch, kv_heads, q_heads/kv_heads + 2, head_dim), the fused projection's output
+        grouped by KV head (q rows, then k, then v). Returns q (S, B, q_heads, hd) and k, v
+        (S, B, kv_heads, hd), q and k rotated; their gradient is written into one tensor of qkv's shape."""
+        if torch.compiler.is_compiling():
+            c, s = _halves(cos, sin)
+            sq, b, kv, per, hd = qkv.shape
+            q, k, v = torch.split(qkv, [per - 2, 1, 1], dim=3)
+            q = q.reshape(sq, b, q_heads, hd)
+            return _rotate(q, c, s), _rotate(k.squeeze(3), c, s), v.squeeze(3)
+        return _RotateQKV.apply(qkv, q_heads, *_halves(cos, sin))
+
+
+def _halves(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """The first half of each table (the second repeats it), shaped to broadcast over (S, B, heads, hd/2)."""
+    half = cos.shape[-1] // 2
+    return cos[:, None, None, :half], sin[:, None, None, :half]
+
+
+def _rotate(x: Tensor, c: Tensor, s: Tensor) -> Tensor:
+    """The rotation as one expression (what autograd and inductor see under torch.compile)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+
+
+def _batch_major(shape: torch.Size, like: Tensor) -> Tensor:
+    """An uninitialised (S, B, ...) tensor whose memory is ordered (B, S, ...)."""
+    return like.new_empty((shape[1], shape[0], *shape[2:])).transpose(0, 1)
+
+
+def _rotate_into(out: Tensor, x: Tensor, c: Tensor, s: Tensor, sign: float) -> Tensor:
+    """out = x rotated by +angle (sign 1) or -angle (sign -1, the backward); out and x may not overlap."""
+    half = x.shape[-1] // 2
+    x1, x2, o1, o2 = x[..., :half], x[..., half:], out[..., :half], out[..., half:]
+    torch.mul(x1, c, out=o1).addcmul_(x2, s, value=-sign)
+    torch.mul(x2, c, out=o2).addcmul_(x1, s, value=sign)
+    return out
+
+
+class _Rotate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, c: Tensor, s: Tensor) -> Tensor:
+        ctx.save_for_backward(c, s)
+        return _rotate_into(_batch_major(x.shape, x), x, c, s, 1.0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        c, s = ctx.saved_tensors
+        return _rotate_into(torch.empty_like(grad), grad, c, s, -1.0), None, None
+
+
+class _RotateQKV(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv: Tensor, q_heads: int, c: Tensor, s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        sq, b, kv, per, hd = qkv.shape
+        ctx.save_for_backward(c, s)
+        ctx.shape = qkv.shape
+        q, k, v = qkv[:, :, :, : per - 2], qkv[:, :, :, per - 2], qkv[:, :, :, per - 1]
+        q_out = _batch_major(torch.Size((sq, b, kv, per - 2, hd)), qkv)
+        _rotate_into(q_out, q, c[:, :, :, None], s[:, :, :, None], 1.0)
+        k_out = _rotate_into(_batch_major(k.shape, qkv), k, c, s, 1.0)
+        v_out = _batch_major(v.shape, qkv).copy_(v)
+        return q_out.reshape(sq, b, q_heads, hd), k_out, v_out  # a view: kv and q-per-kv heads are adjacent
+
+    @staticmethod
+    def backward(ctx, dq: Tensor, dk: Tensor, dv: Tensor):
+        c, s = ctx.saved_tensors
+        sq, b, kv, per, hd = ctx.shape
+        grad = dq.new_empty(ctx.shape)
+        for i, g, (cc, ss) in ((slice(0, per - 2), dq, (c[:, :, :, None], s[:, :, :, None])), (per - 2, dk, (c, s))):
+            target = grad[:, :, :, i]
+            if g is None:
+                target.zero_()
+            else:
+                _rotate_into(target, g.reshape(target.shape), cc, ss, -1.0)
+        if dv is None:
+            grad[:, :, :, per - 1].zero_()
+        else:
+            grad[:, :, :, per - 1].copy_(dv)
+        return grad, None, None, None
