@@ -1,0 +1,212 @@
+"""The block's hand-written ops against the autograd compositions they replace, forward + backward, side by
+side in one process. Prints one JSON object.
+
+    python bench/block_ops.py                        # quickstart shape: 2,048 tokens, d 256, 4 heads, SwiGLU 704
+    python bench/block_ops.py --threads 1 --reps 30  # a CPU shared with others (CPU time, one thread)
+    python bench/block_ops.py --tokens 8192 --hidden 1024 --heads 16 --ffn 2816 --dtype bf16   # a GPU
+
+    rms_norm         kernels.torch_ops.rms_norm (hand-written backward) | the textbook composition | F.rms_norm
+    swiglu           model.mlp.swiglu (keeps its input, one gradient tensor) | silu(gate) * up under autograd
+    rope_qkv         Rotary.apply_qkv (fused split + rotation) | split, then rotate-half on q and k (HF Llama's)
+    sdpa_layout      SDPA on q, k, v laid out batch-major (what apply_qkv returns) | sequence-major views
+    fused_loss       model.loss.linear_cross_entropy (chunked, one logits buffer) | logits + cross_entropy
+
+Each pair alternates call by call (a, b, a, b, ...) so noise hits both alike; times are medians in ms (CPU:
+process CPU time, so other work on the machine does not count; GPU: wall time after a synchronize).
+`speedup` = the composition's time / ours. Also reported: bytes autograd keeps for backward (distinct
+storages, from saved-tensor hooks), ours against the composition's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch
+import torch.nn.functional as F
+
+from kernels.torch_ops import rms_norm
+from model.loss import linear_cross_entropy
+from model.mlp import swiglu
+from model.rope import Rotary
+
+
+def reference_rms_norm(x, w, eps):
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * w.float()).to(x.dtype)
+
+
+def reference_swiglu(gate_up):
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def reference_rope_qkv(qkv, heads, cos, sin):
+    s, b, kv, per, hd = qkv.shape
+    q, k, v = torch.split(qkv, [per - 2, 1, 1], dim=3)
+
+    def rotate(x):
+        half = hd // 2
+        return x * cos[:, None, None, :] + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin[:, None, None, :]
+
+    return rotate(q.reshape(s, b, heads, hd)), rotate(k.squeeze(3)), v.squeeze(3)
+
+
+def saved_bytes(fn) -> int:
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def timer(device: torch.device):
+    if device.type == "cuda":
+
+        def now():
+            torch.cuda.synchronize(device)
+            return time.perf_counter()
+
+        return now
+    return time.process_time
+
+
+def side_by_side(fns: dict, reps: int, now) -> dict:
+    """Median ms per call of each function, the calls interleaved."""
+    times = {k: [] for k in fns}
+    for _ in range(2):
+        for f in fns.values():
+            f()
+    for _ in range(reps):
+        for k, f in fns.items():
+            t0 = now()
+            f()
+            times[k].append((now() - t0) * 1e3)
+    return {k: round(statistics.median(v), 3) for k, v in times.items()}
+
+
+def backward_of(forward, inputs: list[torch.Tensor]):
+    """A call running forward, then backward of its output(s) against fixed random gradients."""
+    outs = forward()
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    grads = [torch.randn_like(o) for o in outs]
+
+    def run():
+        for t in inputs:
+            t.grad = None
+        o = forward()
+        torch.autograd.backward(o if isinstance(o, tuple) else (o,), grads)
+
+    return run
+
+
+def cases(args, device, dtype):
+    n, d, heads, ffn, vocab = args.tokens, args.hidden, args.heads, args.ffn, args.vocab
+    b = args.batch
+    s = n // b
+    hd = d // heads
+    g = torch.Generator(device="cpu").manual_seed(0)
+    rand = lambda *shape: torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+    leaf = lambda *shape: rand(*shape).requires_grad_()
+
+    x, w = leaf(s, b, d), (1 + 0.1 * rand(d)).requires_grad_()
+    yield (
+        "rms_norm",
+        [x, w],
+        {
+            "ours": lambda: rms_norm(x, w, 1e-5),
+            "composition": lambda: reference_rms_norm(x, w, 1e-5),
+            "F.rms_norm": lambda: F.rms_norm(x, (d,), w, 1e-5),
+        },
+    )
+    gu = leaf(s, b, 2 * ffn)
+    yield "swiglu", [gu], {"ours": lambda: swiglu(gu), "composition": lambda: reference_swiglu(gu)}
+    rotary = Rotary(hd, 10000.0)
+    cos, sin = rotary.tables(s, device, dtype)
+    qkv = leaf(s, b, heads, 3, hd)
+    yield (
+        "rope_qkv",
+        [qkv],
+        {
+            "ours": lambda: rotary.apply_qkv(qkv, heads, cos, sin),
+            "composition": lambda: reference_rope_qkv(qkv, heads, cos, sin),
+        },
+    )
+    q_seq, k_seq, v_seq = (leaf(s, b, heads, hd) for _ in range(3))
+    q_bm, k_bm, v_bm = (
+        t.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_() for t in (q_seq, k_seq, v_seq)
+    )
+    sdpa = lambda q, k, v: F.scaled_dot_product_attention(*(t.permute(1, 2, 0, 3) for t in (q, k, v)), is_causal=True)
+    yield (
+        "sdpa_layout",
+        [q_seq, k_seq, v_seq, q_bm, k_bm, v_bm],
+        {"ours": lambda: sdpa(q_bm, k_bm, v_bm), "composition": lambda: sdpa(q_seq, k_seq, v_seq)},
+    )
+    h, head = leaf(n, d), (0.02 * rand(vocab, d)).requires_grad_()
+    labels = torch.randint(0, vocab, (n,), generator=g).to(device)
+    yield (
+        "fused_loss",
+        [h, head],
+        {
+            "ours": lambda: linear_cross_entropy(h, head, labels),
+            "composition": lambda: F.cross_entropy((h @ head.t()).float(), labels),
+        },
+    )
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=2048)
+    p.add_argument("--batch", type=int, default=8, help="sequences (the tokens are split into this many)")
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--ffn", type=int, default=704)
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="default: bf16 on a GPU, fp32 on CPU")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--reps", type=int, default=20)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    now = timer(device)
+    out = {
+        "bench": "block_ops",
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "dtype": args.dtype,
+        "shape": {k: getattr(args, k) for k in ("tokens", "batch", "hidden", "heads", "ffn", "vocab")},
+        "timing": "wall-clock after a synchronize" if device.type == "cuda" else "process CPU time",
+        "ops": {},
+    }
+    for name, inputs, fns in cases(args, device, dtype):
+        runs = {k: backward_of(f, inputs) for k, f in fns.items()}
+        ms = side_by_side(runs, args.reps, now)
+        kept = {k: saved_bytes(f) for k, f in fns.items()}
+        out["ops"][name] = {
+            "fwd_bwd_ms": ms,
+            "speedup": round(ms["composition"] / ms["ours"], 3),
+            "saved_for_backward_bytes": kept,
+        }
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
