@@ -11,7 +11,8 @@ vocabulary of 0 (the tokenizer's) is read from the config's tokenizer when it ex
 
 Each side (`ours:pre`, `ours:peri`, `hf:pre`, `ours:pre:plain-loss`, `mcore:pre`) runs in its own
 process, so its peak memory is its own (CPU: the process's peak resident set during the measured
-steps, /proc VmHWM reset after the warm-up steps; GPU: torch.cuda.max_memory_allocated, reset alike).
+steps, /proc VmHWM reset after the warm-up steps and glibc's free heap trimmed; GPU:
+torch.cuda.max_memory_allocated, reset alike).
 The processes take turns step by step (one runs while the others wait), so machine noise hits all sides alike; the
 figures are medians over the measured steps (--concurrent-warmup runs the unmeasured warm-up steps, where
 compilation happens, of all sides at once: bench/gpu_check.sh uses it to fit its time budget).
@@ -134,6 +135,22 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def release_free_heap() -> bool:
+    """Hands the C heap's free memory back to the system (glibc malloc_trim), so that the resident set
+    counts live memory only, as torch.cuda.max_memory_allocated counts allocated memory only. Without it
+    the peak resident set of the measured steps includes whatever the warm-up steps (compilation, the
+    first step's temporaries) freed but glibc kept, which differs between sides for reasons that are not
+    the step's. Returns False where there is no glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
 def build_side(spec: dict, device: torch.device, dtype: torch.dtype):
     """(model, loss function(model, tokens, labels)) of one side."""
     from model.gpt import build_model
@@ -253,7 +270,8 @@ def worker(spec: dict) -> int:
                     torch.cuda.reset_peak_memory_stats(device)
                 else:
                     gc.collect()
-                    rss_warm = _proc_status("VmRSS")  # with the AdamW states and what compilation left
+                    release_free_heap()  # what set-up and compilation freed is not the steps' memory
+                    rss_warm = _proc_status("VmRSS")  # with the AdamW states and the compiled code
                     peak_reset = reset_peak_rss()
             data = batches[i % len(batches)].to(device)
             tokens, labels = data[:, :-1].contiguous(), data[:, 1:].contiguous()
@@ -278,7 +296,8 @@ def worker(spec: dict) -> int:
                     "memory_kind": "torch.cuda.max_memory_allocated over the measured steps"
                     if device.type == "cuda"
                     else (
-                        "peak RSS of the process during the measured steps (VmHWM reset after the warm-up)"
+                        "peak RSS of the process during the measured steps "
+                        "(VmHWM reset and the free heap trimmed after the warm-up)"
                         if peak_reset
                         else "peak RSS of the process since it started"
                     ),  # fmt: skip
