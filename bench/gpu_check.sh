@@ -18,6 +18,8 @@
 #                checkpoint, resumed to 200, and an uninterrupted run to compare the curve (train_run.json)
 #   kernels      fused norm kernels fwd/bwd GB/s against torch (and apex when importable) at hidden
 #                1K-8K (kernels.json)
+#   block_ops    the hand-written RoPE / SwiGLU / RMSNorm / fused loss against the compositions they
+#                replace, bf16 at a 1.3B layer's shape (block_ops.json): whether eager keeps them on a GPU
 #   gpu_tests    the test suite's GPU-only cases (pytest -m gpu: compiled Triton kernels, NCCL
 #                collectives, the fused loss, the GPU init replay, offload from GPU memory), each
 #                against its torch reference (gpu_tests.xml, counts in summary.json)
@@ -43,7 +45,7 @@ LIMIT_FACTOR=1
 BUDGET=470
 PY="${PYTHON:-python3}"
 BUILD_WHEELS=""
-STAGES="env install train_run kernels gpu_tests train_step"
+STAGES="env install train_run kernels block_ops gpu_tests train_step"
 while [ $# -gt 0 ]; do
   case "$1" in
     --wheels) WHEELS="$2"; shift 2 ;;
@@ -239,6 +241,15 @@ kernels_stage() {
   fi
 }
 
+block_ops_stage() {
+  if [ "$SMOKE" = 1 ]; then
+    "$PY" bench/block_ops.py --tokens 256 --batch 2 --hidden 64 --heads 4 --ffn 192 --vocab 512 --reps 3 > "$OUT/block_ops.json"
+  else  # gpt-1.3b's layer: d 2048, 16 heads, SwiGLU 5504, vocabulary 50304; 8 x 2048 tokens
+    "$PY" bench/block_ops.py --tokens 16384 --batch 8 --hidden 2048 --heads 16 --ffn 5504 --vocab 50304 \
+      --dtype bf16 --reps 20 > "$OUT/block_ops.json"
+  fi
+}
+
 train_step_stage() {  # train_step_stage SIZE MODE: one mode per stage, so a compiled run that runs out of
   # time keeps the eager figures; the sides' warm-up steps (compilation) run at once, not one after another
   local size="$1" mode="$2" cfg sets=() sides=(ours:pre ours:peri) micro=4 warmup=2 steps=5
@@ -263,7 +274,8 @@ gpu_tests_stage() {  # on CPU (--smoke) every case skips: the stage then checks 
 }
 
 export OUT WHEELS SMOKE PY DATA
-export -f env_stage missing_modules install_stage train_run_stage kernels_stage train_step_stage gpu_tests_stage
+export -f env_stage missing_modules install_stage train_run_stage kernels_stage block_ops_stage train_step_stage \
+  gpu_tests_stage
 
 want env && stage env 60 env_stage
 if [ "$SMOKE" = 0 ] && want env && ! grep -q '"stage": "env", "status": "ok"' "$OUT/stages.jsonl"; then
@@ -276,6 +288,7 @@ if want install; then
 fi
 want train_run && stage train_run 150 train_run_stage
 want kernels && stage kernels 90 kernels_stage
+want block_ops && stage block_ops 45 block_ops_stage
 want gpu_tests && stage gpu_tests 90 gpu_tests_stage
 if want train_step; then
   if [ "$SMOKE" = 1 ]; then
@@ -308,6 +321,10 @@ k = load("kernels.json")
 if k:
     summary["kernels"] = {"gpu": k.get("gpu"), "copy_bandwidth_gbps": k.get("copy_bandwidth_gbps"),
                           "targets": k.get("targets"), "peri_junction_vs_unfused": k.get("peri_junction_vs_unfused")}
+b = load("block_ops.json")
+if b:
+    summary["block_ops"] = {"dtype": b["dtype"], "shape": b["shape"],
+                            "speedup": {op: r["speedup"] for op, r in b["ops"].items()}}
 rows = []
 for p in sorted(out.glob("train_step_*.json")):
     r = load(p.name)

@@ -32,8 +32,8 @@ def smoke(out, stages: str, timeout: int, data=None) -> dict:
 
 def test_smoke_run_of_the_gpu_check(tmp_path, bundled_dir):
     # the session's prepared corpus (the script prepares its own when not given one, as on the GPU)
-    s = smoke(tmp_path / "out", "env install train_run kernels", timeout=900, data=bundled_dir)
-    assert [x["stage"] for x in s["stages"]] == ["env", "install", "train_run", "kernels"]
+    s = smoke(tmp_path / "out", "env install train_run kernels block_ops", timeout=900, data=bundled_dir)
+    assert [x["stage"] for x in s["stages"]] == ["env", "install", "train_run", "kernels", "block_ops"]
     assert s["env"]["smoke"] is True and s["install"]["installed_from_wheels"] == []  # nothing missing here
     run = s["train_run"]
     # stopped at step 2 with a checkpoint, resumed to 4: the same curve as the uninterrupted run
@@ -41,6 +41,7 @@ def test_smoke_run_of_the_gpu_check(tmp_path, bundled_dir):
     assert run["max_abs_loss_diff_resumed_vs_uninterrupted"] == 0.0
     assert run["diag_logged"] and run["valid"]
     assert s["kernels"]["gpu"] is False  # the harness, dry-run on CPU
+    assert set(s["block_ops"]["speedup"]) == {"rms_norm", "swiglu", "rope_qkv", "sdpa_layout", "fused_loss"}
 
 
 @pytest.mark.slow
