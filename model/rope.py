@@ -56,13 +56,8 @@ class Rotary:
     def apply_qkv(self, qkv: Tensor, q_heads: int, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """qkv: (seq, batch, kv_heads, q_heads/kv_heads + 2, head_dim), the fused projection's output
         grouped by KV head (q rows, then k, then v). Returns q (S, B, q_heads, hd) and k, v
-        (S, B, kv_heads, hd), q and k rotated; their gradient is written into one tensor of qkv's shape."""
-        if torch.compiler.is_compiling():
-            c, s = _halves(cos, sin)
-            sq, b, kv, per, hd = qkv.shape
-            q, k, v = torch.split(qkv, [per - 2, 1, 1], dim=3)
-            q = q.reshape(sq, b, q_heads, hd)
-            return _rotate(q, c, s), _rotate(k.squeeze(3), c, s), v.squeeze(3)
+        (S, B, kv_heads, hd), q and k rotated; their gradient is written into one tensor of qkv's shape.
+        Eager only (dynamo cannot trace its strided writes): compiled, the caller splits and calls apply()."""
         return _RotateQKV.apply(qkv, q_heads, *_halves(cos, sin))
 
 
@@ -119,17 +114,12 @@ class _RotateQKV(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dq: Tensor, dk: Tensor, dv: Tensor):
+        # autograd materializes the gradient of an unused output as zeros, so none of dq, dk, dv is None
         c, s = ctx.saved_tensors
-        sq, b, kv, per, hd = ctx.shape
+        per = ctx.shape[3]
         grad = dq.new_empty(ctx.shape)
-        for i, g, (cc, ss) in ((slice(0, per - 2), dq, (c[:, :, :, None], s[:, :, :, None])), (per - 2, dk, (c, s))):
-            target = grad[:, :, :, i]
-            if g is None:
-                target.zero_()
-            else:
-                _rotate_into(target, g.reshape(target.shape), cc, ss, -1.0)
-        if dv is None:
-            grad[:, :, :, per - 1].zero_()
-        else:
-            grad[:, :, :, per - 1].copy_(dv)
+        dq_in = grad[:, :, :, : per - 2]
+        _rotate_into(dq_in, dq.reshape(dq_in.shape), c[:, :, :, None], s[:, :, :, None], -1.0)
+        _rotate_into(grad[:, :, :, per - 2], dk, c, s, -1.0)
+        grad[:, :, :, per - 1].copy_(dv)
         return grad, None, None, None

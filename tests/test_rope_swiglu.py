@@ -50,7 +50,8 @@ def test_fused_qkv_rotation_equals_split_and_rotate_half(heads, kv_heads):
 
 
 def test_fused_qkv_rotation_with_unused_outputs():
-    """Only q used (k, v get no gradient): their parts of the input gradient are zero, as autograd's."""
+    """Only q, or only k, used (the others get no gradient): their parts of the input gradient are zero, as
+    autograd's."""
     rotary = Rotary(HD, 500.0)
     cos, sin = tables(rotary)
     qkv = torch.randn(S, B, 2, 4, HD, dtype=torch.float64, requires_grad=True)
@@ -60,6 +61,11 @@ def test_fused_qkv_rotation_with_unused_outputs():
     (want,) = torch.autograd.grad(ref_q.square().sum(), qkv)
     torch.testing.assert_close(g, want, rtol=0, atol=1e-13)
     assert g[:, :, :, 2:].abs().max() == 0
+    # only k used (q's and v's gradients are None)
+    _, k, _ = rotary.apply_qkv(qkv, 4, cos, sin)
+    (g,) = torch.autograd.grad(k.square().sum(), qkv)
+    (want,) = torch.autograd.grad(reference_rotate(qkv[:, :, :, 2], cos, sin).square().sum(), qkv)
+    torch.testing.assert_close(g, want, rtol=0, atol=1e-13)
 
 
 def test_single_tensor_rotation_and_its_gradient():
@@ -105,14 +111,23 @@ def test_swiglu_equals_silu_gate_times_up():
 
 
 def test_under_torch_compile_the_plain_expressions_run(monkeypatch):
-    """Dynamo cannot trace the functions' strided out= writes; compiled, the expressions run (same values)."""
+    """Dynamo cannot trace the functions' strided out= writes; compiled, the attention splits q|k|v itself
+    and the plain expressions run: the same q, k, v and SwiGLU values as the eager functions."""
+    from model import build_model
+    from pretrain.config import Config, ModelConfig, resolve
+
+    cfg = Config()
+    cfg.model = ModelConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, seq_len=S)
+    torch.manual_seed(0)
+    attention = build_model(resolve(cfg).model, "torch", torch.device("cpu"))[0].blocks[0].attn.fn.double()
+    x = torch.randn(S, B, 32, dtype=torch.float64)
     rotary = Rotary(HD, 10000.0)
     cos, sin = tables(rotary)
-    qkv = torch.randn(S, B, 2, 4, HD, dtype=torch.float64)
     gu = torch.randn(S, B, 20, dtype=torch.float64)
-    eager = rotary.apply_qkv(qkv, 4, cos, sin), swiglu(gu), rotary.apply(qkv[:, :, :, 0], cos, sin)
+    single = torch.randn(S, B, 4, HD, dtype=torch.float64)
+    eager = attention.split_qkv(x), swiglu(gu), rotary.apply(single, cos, sin)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    plain = rotary.apply_qkv(qkv, 4, cos, sin), swiglu(gu), rotary.apply(qkv[:, :, :, 0], cos, sin)
+    plain = attention.split_qkv(x), swiglu(gu), rotary.apply(single, cos, sin)
     for a, b in zip(eager[0], plain[0]):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-14)
     torch.testing.assert_close(eager[1], plain[1], rtol=0, atol=0)
