@@ -30,7 +30,7 @@ class _RMSNorm(torch.autograd.Function):
     """RMSNorm with a hand-written backward: autograd of the composition keeps five intermediates and
     runs about ten elementwise passes; this saves x and the per-row 1/rms, and its backward runs four
     elementwise passes and two matrix-vector products (CPU eager, forward + backward at 2048 x 256:
-    about 3x the composition's speed, bench/RESULTS.md). Under torch.compile dynamo traces both halves
+    2.4x the composition's speed, bench/block_ops.py in bench/RESULTS.md). Under torch.compile dynamo traces both halves
     and inductor fuses them like the composition."""
 
     @staticmethod
