@@ -24,7 +24,8 @@
 #                collectives, the fused loss, the GPU init replay, offload from GPU memory), each
 #                against its torch reference (gpu_tests.xml, counts in summary.json)
 #   train_step   ours at 125M, 350M and 1.3B, pre and peri, bf16, eager and compiled: tokens/s, MFU,
-#                peak memory; Hugging Face Llama and our plain (unfused) loss beside ours at 125M
+#                peak memory; Hugging Face Llama and our plain (unfused) loss beside ours at 125M;
+#                compiled, also train.compile_scope model (ours:pre:model) beside the default blocks
 #                (train_step_<size>_<mode>.json)
 #
 # Every stage has a time limit and the whole run a budget (--budget-s, default 470 s); a stage that
@@ -259,6 +260,7 @@ train_step_stage() {  # train_step_stage SIZE MODE: one mode per stage, so a com
     1.3b) cfg=configs/gpt-1.3b.yaml ;;
     tiny) cfg=configs/tiny.yaml; sets=(--set model.vocab_size=512); sides+=(hf:pre); warmup=1; steps=2 ;;
   esac
+  [ "$mode" = compiled ] && sides+=(ours:pre:model)  # train.compile_scope model beside the config's blocks
   local dtype=bf16
   [ "$SMOKE" = 1 ] && dtype=fp32
   "$PY" bench/train_step.py --config "$cfg" "${sets[@]}" --dtype "$dtype" --micro-batch "$micro" \
@@ -299,7 +301,7 @@ if want train_step; then
     stage train_step_125m_eager 45 train_step_stage 125m eager
     stage train_step_350m_eager 45 train_step_stage 350m eager
     stage train_step_1.3b_eager 60 train_step_stage 1.3b eager
-    stage train_step_125m_compiled 90 train_step_stage 125m compiled
+    stage train_step_125m_compiled 120 train_step_stage 125m compiled
     stage train_step_350m_compiled 90 train_step_stage 350m compiled
     stage train_step_1.3b_compiled 120 train_step_stage 1.3b compiled
   fi

@@ -9,7 +9,7 @@ Every dimension, the vocabulary included, comes from the config given (`--set` o
 vocabulary of 0 (the tokenizer's) is read from the config's tokenizer when it exists, else taken as
 `pretrain.data prepare`'s default, and the JSON says which.
 
-Each side (`ours:pre`, `ours:peri`, `hf:pre`, `ours:pre:plain-loss`, `mcore:pre`) runs in its own
+Each side (`ours:pre`, `ours:peri`, `hf:pre`, `ours:pre:plain-loss`, `ours:pre:model`, `mcore:pre`) runs in its own
 process, so its peak memory is its own (CPU: the process's peak resident set during the measured
 steps, /proc VmHWM reset after the warm-up steps and glibc's free heap trimmed; GPU:
 torch.cuda.max_memory_allocated, reset alike).
@@ -17,8 +17,10 @@ The processes take turns step by step (one runs while the others wait), so machi
 figures are medians over the measured steps (--concurrent-warmup runs the unmeasured warm-up steps, where
 compilation happens, of all sides at once: bench/gpu_check.sh uses it to fit its time budget).
 Modes (`--modes eager compiled`) run one after the other, each with all sides. Ours compiled is what
-`train.compile: true` does (each block under torch.compile; the norm kernels and the fused loss are
-custom ops); the reference compiled is torch.compile over its whole forward and loss.
+`train.compile: true` does with the config's `train.compile_scope` (blocks: each block under
+torch.compile; model: the whole model as one graph; a side's `:blocks` / `:model` suffix overrides it;
+the norm kernels and the fused loss are custom ops either way); the reference compiled is torch.compile
+over its whole forward and loss, as compile_scope model is.
 
 The reference is LlamaForCausalLM at the same dimensions, built from our `pre` weights by
 pretrain.export (RMSNorm + SwiGLU + RoPE Pre-LN is exactly Llama), fed the same tokens, trained by the
@@ -164,7 +166,8 @@ def build_side(spec: dict, device: torch.device, dtype: torch.dtype):
     if impl == "ours":
         model = ours.to(dtype)
         if spec["compile"]:
-            model.compile_blocks()
+            scope = next((v for v in variant if v in ("blocks", "model")), cfg.train.compile_scope)
+            model.compile_model() if scope == "model" else model.compile_blocks()
         return model, lambda mod, x, y: mod(x, y)
     if impl == "hf":
         from model.hf_convert import choose_format
@@ -418,6 +421,9 @@ def ratios(sides: dict) -> dict:
     plain = sides.get("ours:pre:plain-loss")
     if ours and plain:
         r["fused_over_plain_loss_tokens_per_s"] = round(ours["tokens_per_s"] / plain["tokens_per_s"], 3)
+    for scope in ("blocks", "model"):  # compiled: the other train.compile_scope beside the config's
+        if ours and (other := sides.get(f"ours:pre:{scope}")):
+            r[f"{scope}_scope_over_config_scope_tokens_per_s"] = round(other["tokens_per_s"] / ours["tokens_per_s"], 3)
     return r
 
 
@@ -454,7 +460,7 @@ def main(argv=None) -> int:
         "--sides",
         nargs="+",
         default=["ours:pre", "hf:pre", "ours:peri"],
-        help="IMPL:PLACEMENT[:plain-loss] per side: ours, hf (pre only), mcore (pre, GPU only)",
+        help="IMPL:PLACEMENT[:plain-loss|:blocks|:model] per side: ours, hf (pre only), mcore (pre, GPU only)",
     )
     p.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="default: bf16 on a GPU, fp32 on CPU")
@@ -503,6 +509,7 @@ def main(argv=None) -> int:
         },  # fmt: skip
         "vocab_source": vocab_source,
         "fused_loss": cfg.train.fused_loss,
+        "compile_scope": cfg.train.compile_scope,  # ours compiled, unless a side's suffix says otherwise
         "optimizer": "torch.optim.AdamW(foreach=True) on every side, parameters and states in --dtype",
         "flops_per_token": flops_per_token(m),
         "model_flops_per_token": model_flops_per_token(m),

@@ -131,6 +131,15 @@ class GPT(nn.Module):
             else:
                 block.compile(**compile_kwargs)
 
+    def compile_model(self, **compile_kwargs) -> None:
+        """torch.compile the whole forward as one graph (train.compile_scope: model): inductor fuses
+        across block boundaries, the embedding and the final norm, as torch.compile(model) does for a
+        Hugging Face model. Compilation time grows with depth; pipeline stages and activation
+        recomputation need compile_blocks()."""
+        if any(b.recompute or b.attn.fn.recompute_core for b in self.blocks):
+            raise ValueError("compile_model() with activation recomputation: use compile_blocks()")
+        self.compile(**compile_kwargs)
+
     def junction_kinds(self) -> list[str]:
         """Which op leaves each sublayer (for the run log)."""
         return [j.kind for b in self.blocks for j in (b.attn_exit, b.mlp_exit)]

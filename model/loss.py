@@ -100,7 +100,9 @@ def _linear_cross_entropy(
     weights = weights.to(acc)
     total = torch.zeros((), dtype=acc, device=hidden.device)
     dh = hidden.new_empty(hidden.shape if compute_grad else 0, dtype=acc)
-    dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if compute_grad else weight.new_empty(0, dtype=acc)
+    dw = weight.new_empty(weight.shape if compute_grad else 0, dtype=acc)  # the first chunk writes it, not a fill
+    if compute_grad and n == 0:
+        dw.zero_()
     # In bf16/fp16 the logit gradients w_t * (p - onehot) are scaled by 1/max(w) (about the token count)
     # before the cast, so they do not underflow (fp16) or lose their low bits, and unscaled in fp32 after
     # the matmuls: the loss scaler's factor only arrives in backward.
@@ -142,10 +144,17 @@ def _linear_cross_entropy(
             if rescale:
                 g = logits.mul_(scale).to(hidden.dtype)
                 dh[i : i + chunk] = (g @ weight).to(acc) / scale
-                dw.add_((g.t() @ h).to(acc) / scale)
+                part_w = (g.t() @ h).to(acc) / scale
+                if i == 0:
+                    dw.copy_(part_w)
+                else:
+                    dw.add_(part_w)
             else:
                 torch.mm(logits, weight, out=dh[i : i + chunk])
-                dw.addmm_(logits.t(), h)
+                if i == 0:
+                    torch.mm(logits.t(), h, out=dw)
+                else:
+                    dw.addmm_(logits.t(), h)
     return total, dh, dw
 
 

@@ -187,7 +187,13 @@ def parallelize(run: Run, model):
 
         apply_ulysses(model, run.groups["sp"])
     apply_activation_checkpointing(model.blocks, cfg.train.activation_checkpointing, cfg.train.checkpoint_blocks)
-    if cfg.train.compile:  # after TP and recomputation, which change what each block runs
+    if cfg.train.compile and cfg.train.compile_scope == "model":  # after TP, which changes what runs
+        model.compile_model()
+        run.log(
+            "[compile] torch.compile on the whole model (compiled at the first step; the time it took is logged "
+            "after the second)"
+        )
+    elif cfg.train.compile:  # after TP and recomputation, which change what each block runs
         model.compile_blocks()
         run.log(
             f"[compile] torch.compile on each of the {len(model.blocks)} blocks (compiled at the first step; "

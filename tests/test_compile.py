@@ -100,6 +100,30 @@ def test_compiled_blocks_train_like_eager(backend, recompute):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("placement", ["pre", "peri"])
+def test_whole_model_compilation_trains_like_eager(placement):
+    """train.compile_scope: model, under inductor itself (the graph the benchmark times): loss and every
+    gradient as eager's over two steps, the second running the cached graph."""
+    eager = tiny(placement)
+    compiled = copy.deepcopy(eager)
+    for m in (eager, compiled):
+        m.loss_spec = LossSpec(fused=True, z_loss=1e-3)
+    torch._dynamo.reset()
+    compiled.compile_model()
+    for _ in range(2):
+        out = []
+        for m in (eager, compiled):
+            m.zero_grad(set_to_none=True)
+            loss = m(*batch())
+            loss.backward()
+            out.append([loss.detach()] + [p.grad for p in m.parameters()])
+        for a, b in zip(*out):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="activation recomputation: use compile_blocks"):
+        apply_activation_checkpointing(eager.blocks, "full")
+        eager.compile_model()
+
+
 # ------------------------------------------------------------------------------------------ custom ops
 
 
@@ -168,8 +192,9 @@ def train(bundled_dir, run_dir, nproc, *sets):
         (2, ["parallel.tp=2", "parallel.sequence_parallel=true", "train.activation_checkpointing=full"]),
         (2, ["parallel.pp=2"]),
         (2, ["zero.stage=3", "train.activation_checkpointing=selective"]),
+        (2, ["parallel.tp=2", "parallel.sequence_parallel=true", "train.compile_scope=model"]),
     ],
-    ids=["one-process", "tp2-sp-recompute", "pp2", "dp2-zero3"],
+    ids=["one-process", "tp2-sp-recompute", "pp2", "dp2-zero3", "tp2-sp-whole-model"],
 )
 def test_compiled_training_equals_eager(nproc, layout, bundled_dir, tmp_path):
     eager, _ = train(bundled_dir, tmp_path / "eager", nproc, *layout)

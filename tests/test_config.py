@@ -66,6 +66,7 @@ def test_misspelt_key_in_yaml_file(tmp_path):
         ),
         ("parallel.sequence_parallel=true", r"sequence_parallel: true needs parallel\.tp > 1"),
         ("kernels.backend=cuda", r"kernels\.backend: 'cuda' is not allowed"),
+        ("train.compile_scope=graph", r"train\.compile_scope: 'graph' is not allowed; allowed: blocks, model"),
     ],
 )
 def test_bad_values_name_field_value_and_allowed(assignment, message):
@@ -179,3 +180,12 @@ def test_user_deepspeed_json_must_agree_with_the_config(tmp_path):
     owned.write_text('{"scheduler": {"type": "WarmupLR"}}')
     with pytest.raises(ConfigError, match="sets 'scheduler', which this stack owns"):
         deepspeed_config(load_config(ROOT / "configs" / "tiny.yaml", [f"zero.ds_config={owned}"]), 1)
+
+
+def test_whole_model_compilation_refuses_pipeline_stages_and_recomputation():
+    tiny = ROOT / "configs" / "tiny.yaml"
+    load_config(tiny, ["train.compile=true", "train.compile_scope=model", "parallel.tp=2"])
+    with pytest.raises(ConfigError, match=r"compile_scope: .model. with parallel\.pp=2: .*compile_scope: blocks"):
+        load_config(tiny, ["train.compile_scope=model", "parallel.pp=2"])
+    with pytest.raises(ConfigError, match=r"with train\.activation_checkpointing=full: .*compile_scope: blocks"):
+        load_config(tiny, ["train.compile_scope=model", "train.activation_checkpointing=full"])

@@ -50,7 +50,7 @@ def test_smoke_run_with_the_train_step_benchmark(tmp_path):
     rows = [r for r in s["train_step"] if "side" in r]
     assert {(r["side"], r["mode"]) for r in rows} == {
         (side, mode) for side in ("ours:pre", "ours:peri", "hf:pre") for mode in ("eager", "compiled")
-    }
+    } | {("ours:pre:model", "compiled")}  # train.compile_scope model beside the default blocks
     assert all(r["tokens_per_s"] > 0 and r["peak_memory_gib"] > 0 for r in rows)
     curves = [r["loss_curves_max_abs_diff"] for r in s["train_step"] if "loss_curves_max_abs_diff" in r]
     assert len(curves) == 2 and max(curves) <= 1e-3

@@ -130,5 +130,7 @@ def test_under_torch_compile_the_plain_expressions_run(monkeypatch):
     plain = attention.split_qkv(x), swiglu(gu), rotary.apply(single, cos, sin)
     for a, b in zip(eager[0], plain[0]):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-14)
+        # both batch-major in memory, (B, S, heads, hd) order: the layout SDPA's CPU flash kernel reads fastest
+        assert a.stride() == b.stride() == (a.shape[2] * HD, S * a.shape[2] * HD, HD, 1)
     torch.testing.assert_close(eager[1], plain[1], rtol=0, atol=0)
     torch.testing.assert_close(eager[2], plain[2], rtol=0, atol=1e-14)
