@@ -17,10 +17,10 @@ The processes take turns step by step (one runs while the others wait), so machi
 figures are medians over the measured steps (--concurrent-warmup runs the unmeasured warm-up steps, where
 compilation happens, of all sides at once: bench/gpu_check.sh uses it to fit its time budget).
 Modes (`--modes eager compiled`) run one after the other, each with all sides. Ours compiled is what
-`train.compile: true` does with the config's `train.compile_scope` (blocks: each block under
-torch.compile; model: the whole model as one graph; a side's `:blocks` / `:model` suffix overrides it;
-the norm kernels and the fused loss are custom ops either way); the reference compiled is torch.compile
-over its whole forward and loss, as compile_scope model is.
+`train.compile: true` does with `--compile-scope` (default: the config's `train.compile_scope`):
+blocks compiles each block, model the whole model as one graph; a side's `:blocks` / `:model` suffix
+overrides it; the norm kernels and the fused loss are custom ops either way. The reference compiled is
+torch.compile over its whole forward and loss, as compile scope model is.
 
 The reference is LlamaForCausalLM at the same dimensions, built from our `pre` weights by
 pretrain.export (RMSNorm + SwiGLU + RoPE Pre-LN is exactly Llama), fed the same tokens, trained by the
@@ -166,7 +166,7 @@ def build_side(spec: dict, device: torch.device, dtype: torch.dtype):
     if impl == "ours":
         model = ours.to(dtype)
         if spec["compile"]:
-            scope = next((v for v in variant if v in ("blocks", "model")), cfg.train.compile_scope)
+            scope = next((v for v in variant if v in ("blocks", "model")), spec["compile_scope"])
             model.compile_model() if scope == "model" else model.compile_blocks()
         return model, lambda mod, x, y: mod(x, y)
     if impl == "hf":
@@ -352,7 +352,8 @@ class Side:
 def run_mode(args, mode: str, device: torch.device, cfg, m) -> dict:
     base = {
         "config": args.config, "sets": args.set, "backend": args.backend, "device": str(device), "dtype": args.dtype,
-        "compile": mode == "compiled", "threads": args.threads, "warmup": args.warmup, "lr": cfg.train.lr,
+        "compile": mode == "compiled", "compile_scope": args.compile_scope or cfg.train.compile_scope,
+        "threads": args.threads, "warmup": args.warmup, "lr": cfg.train.lr,
         "batch": args.micro_batch or cfg.train.micro_batch_size,
     }  # fmt: skip
     sides = [Side({**base, "side": s}) for s in args.sides]
@@ -421,7 +422,7 @@ def ratios(sides: dict) -> dict:
     plain = sides.get("ours:pre:plain-loss")
     if ours and plain:
         r["fused_over_plain_loss_tokens_per_s"] = round(ours["tokens_per_s"] / plain["tokens_per_s"], 3)
-    for scope in ("blocks", "model"):  # compiled: the other train.compile_scope beside the config's
+    for scope in ("blocks", "model"):  # compiled: a scope suffix beside ours:pre's --compile-scope
         if ours and (other := sides.get(f"ours:pre:{scope}")):
             r[f"{scope}_scope_over_config_scope_tokens_per_s"] = round(other["tokens_per_s"] / ours["tokens_per_s"], 3)
     return r
@@ -463,6 +464,12 @@ def main(argv=None) -> int:
         help="IMPL:PLACEMENT[:plain-loss|:blocks|:model] per side: ours, hf (pre only), mcore (pre, GPU only)",
     )
     p.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
+    p.add_argument(
+        "--compile-scope",
+        choices=["blocks", "model"],
+        help="what ours compiles in the compiled mode (default: the config's train.compile_scope); "
+        "a side's :blocks / :model suffix overrides it",
+    )
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="default: bf16 on a GPU, fp32 on CPU")
     p.add_argument("--backend", default="auto", help="norm kernels: auto, triton, apex, torch")
     p.add_argument("--micro-batch", type=int, default=0, help="default: the config's train.micro_batch_size")
@@ -509,7 +516,7 @@ def main(argv=None) -> int:
         },  # fmt: skip
         "vocab_source": vocab_source,
         "fused_loss": cfg.train.fused_loss,
-        "compile_scope": cfg.train.compile_scope,  # ours compiled, unless a side's suffix says otherwise
+        "compile_scope": args.compile_scope or cfg.train.compile_scope,  # ours compiled, bar a side's suffix
         "optimizer": "torch.optim.AdamW(foreach=True) on every side, parameters and states in --dtype",
         "flops_per_token": flops_per_token(m),
         "model_flops_per_token": model_flops_per_token(m),

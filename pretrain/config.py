@@ -523,6 +523,8 @@ def _validate_compile_scope(cfg: Config) -> None:
     t = cfg.train
     if t.compile_scope != "model":
         return
+    if not t.compile:
+        raise ConfigError("train.compile_scope: 'model' is set but train.compile is false; set train.compile: true")
     if cfg.parallel.pp > 1:
         raise ConfigError(
             f"train.compile_scope: 'model' with parallel.pp={cfg.parallel.pp}: pipeline stages run blocks, not the "

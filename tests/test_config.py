@@ -186,6 +186,8 @@ def test_whole_model_compilation_refuses_pipeline_stages_and_recomputation():
     tiny = ROOT / "configs" / "tiny.yaml"
     load_config(tiny, ["train.compile=true", "train.compile_scope=model", "parallel.tp=2"])
     with pytest.raises(ConfigError, match=r"compile_scope: .model. with parallel\.pp=2: .*compile_scope: blocks"):
-        load_config(tiny, ["train.compile_scope=model", "parallel.pp=2"])
+        load_config(tiny, ["train.compile=true", "train.compile_scope=model", "parallel.pp=2"])
     with pytest.raises(ConfigError, match=r"with train\.activation_checkpointing=full: .*compile_scope: blocks"):
-        load_config(tiny, ["train.compile_scope=model", "train.activation_checkpointing=full"])
+        load_config(tiny, ["train.compile=true", "train.compile_scope=model", "train.activation_checkpointing=full"])
+    with pytest.raises(ConfigError, match=r"train\.compile_scope: 'model' is set but train\.compile is false"):
+        load_config(tiny, ["train.compile_scope=model"])
