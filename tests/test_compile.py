@@ -89,27 +89,11 @@ def test_compiled_blocks_train_like_eager(backend, recompute):
         m.loss_spec = LossSpec(fused=True, z_loss=1e-3)
     torch._dynamo.reset()
     compiled.compile_blocks(backend="aot_eager")
-    for _ in range(2):  # a second call runs the cached graphs
-        out = []
-        for m in (eager, compiled):
-            m.zero_grad(set_to_none=True)
-            loss = m(*batch())
-            loss.backward()
-            out.append([loss.detach()] + [p.grad for p in m.parameters()])
-        for a, b in zip(*out):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert_train_alike(eager, compiled, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("placement", ["pre", "peri"])
-def test_whole_model_compilation_trains_like_eager(placement):
-    """train.compile_scope: model, under inductor itself (the graph the benchmark times): loss and every
-    gradient as eager's over two steps, the second running the cached graph."""
-    eager = tiny(placement)
-    compiled = copy.deepcopy(eager)
-    for m in (eager, compiled):
-        m.loss_spec = LossSpec(fused=True, z_loss=1e-3)
-    torch._dynamo.reset()
-    compiled.compile_model()
+def assert_train_alike(eager, compiled, rtol, atol):
+    """Loss and every gradient equal over two steps, the second running the cached graphs."""
     for _ in range(2):
         out = []
         for m in (eager, compiled):
@@ -118,7 +102,19 @@ def test_whole_model_compilation_trains_like_eager(placement):
             loss.backward()
             out.append([loss.detach()] + [p.grad for p in m.parameters()])
         for a, b in zip(*out):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("placement", ["pre", "peri"])
+def test_whole_model_compilation_trains_like_eager(placement):
+    """train.compile_scope: model, under inductor itself (the graph the benchmark times)."""
+    eager = tiny(placement)
+    compiled = copy.deepcopy(eager)
+    for m in (eager, compiled):
+        m.loss_spec = LossSpec(fused=True, z_loss=1e-3)
+    torch._dynamo.reset()
+    compiled.compile_model()
+    assert_train_alike(eager, compiled, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="activation recomputation: use compile_blocks"):
         apply_activation_checkpointing(eager.blocks, "full")
         eager.compile_model()
