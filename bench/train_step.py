@@ -24,7 +24,8 @@ torch.compile over its whole forward and loss, as compile scope model is.
 
 The reference is LlamaForCausalLM at the same dimensions, built from our `pre` weights by
 pretrain.export (RMSNorm + SwiGLU + RoPE Pre-LN is exactly Llama), fed the same tokens, trained by the
-same torch.optim.AdamW: the loss curves must agree (the JSON reports the largest difference), so the
+same torch.optim.AdamW (fused, as pretrain/engine.py and the Hugging Face Trainer's default build it):
+the loss curves must agree (the JSON reports the largest difference), so the
 speed ratio compares equal work. The parameters and the AdamW states are in the chosen --dtype on
 every side (no fp32 master copy): the JSON labels the dtypes it found in the optimizer state.
 
@@ -253,7 +254,9 @@ def worker(spec: dict) -> int:
     except Exception as err:  # recorded in the JSON: why a side could not run here
         reply({"error": f"{type(err).__name__}: {err}"[:600]})
         return 0
-    opt = torch.optim.AdamW(model.parameters(), lr=spec["lr"], betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
+    # fused: what pretrain/engine.py builds, and the Hugging Face Trainer's default with torch >= 2.8
+    # (optim adamw_torch_fused); the same optimizer on every side
+    opt = torch.optim.AdamW(model.parameters(), lr=spec["lr"], betas=(0.9, 0.95), weight_decay=0.1, fused=True)
     _, m, _ = model_config(spec["config"], spec["sets"], "pre")
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, m.vocab_size, (spec["batch"], m.seq_len + 1), generator=gen) for _ in range(4)]
@@ -517,7 +520,8 @@ def main(argv=None) -> int:
         "vocab_source": vocab_source,
         "fused_loss": cfg.train.fused_loss,
         "compile_scope": args.compile_scope or cfg.train.compile_scope,  # ours compiled, bar a side's suffix
-        "optimizer": "torch.optim.AdamW(foreach=True) on every side, parameters and states in --dtype",
+        "optimizer": "torch.optim.AdamW(fused=True) on every side (pretrain/engine.py's, and the HF Trainer's "
+        "default adamw_torch_fused), parameters and states in --dtype",
         "flops_per_token": flops_per_token(m),
         "model_flops_per_token": model_flops_per_token(m),
         "steps": {"warmup": args.warmup, "measured": args.steps, "concurrent_warmup": args.concurrent_warmup},

@@ -101,3 +101,40 @@ def test_config_rejects_a_bad_mode_and_a_coupled_sized_independent_decay():
         load_config(TINY, ["train.weight_decay_mode=independent"])  # the default 0.1 is a coupled value
     cfg = load_config(TINY, ["train.weight_decay_mode=independent", "train.weight_decay=1e-4"])
     assert cfg.train.weight_decay == 1e-4
+
+
+def test_a_resume_from_a_foreach_adamw_checkpoint_steps_fused_again():
+    """The optimizer state dict carries each group's `fused` flag: a checkpoint saved by foreach AdamW (the
+    CPU default before fused) would load it as off; apply_optimizer_settings turns the fused kernel back on,
+    and the resumed step equals a step of torch's fused AdamW from the same state."""
+    import copy
+    from types import SimpleNamespace
+
+    from pretrain.engine import apply_optimizer_settings
+
+    t = TrainConfig(lr=1e-2, weight_decay=0.1)
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    old = torch.optim.AdamW([w], lr=t.lr, betas=(t.beta1, t.beta2), eps=t.adam_eps, foreach=True)
+    w.grad = torch.randn(4, 3)
+    old.step()
+    state, w0, g = old.state_dict(), w.detach().clone(), torch.randn(4, 3)
+
+    resumed = torch.optim.AdamW([w], lr=t.lr, fused=True)
+    resumed.load_state_dict(copy.deepcopy(state))  # loading shares the saved tensors, which a step updates
+    assert not resumed.param_groups[0]["fused"]  # what the checkpoint said
+    sched = torch.optim.lr_scheduler.LambdaLR(resumed, lambda step: 1.0)
+    apply_optimizer_settings(SimpleNamespace(optimizer=resumed, lr_scheduler=sched, param_group_decayed=[True]), t)
+    assert resumed.param_groups[0]["fused"] is True
+    w.grad = g.clone()
+    resumed.step()
+
+    reference_w = torch.nn.Parameter(w0.clone())
+    reference = torch.optim.AdamW(
+        [reference_w], lr=t.lr, betas=(t.beta1, t.beta2), eps=t.adam_eps, weight_decay=t.weight_decay, fused=True
+    )
+    reference.load_state_dict(copy.deepcopy(state))
+    reference.param_groups[0].update(fused=True, foreach=None, weight_decay=t.weight_decay)
+    reference_w.grad = g.clone()
+    reference.step()
+    torch.testing.assert_close(w.detach(), reference_w.detach(), rtol=0, atol=0)
