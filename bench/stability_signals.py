@@ -56,7 +56,7 @@ def build(config: str, sets: list[str], vocab: int):
     seed_everything(cfg.run.seed)
     model, _ = build_model(cfg.model, cfg.kernels.backend, dist.device)
     model.loss_spec = loss_spec(cfg)
-    engine, _ = build_engine(model, cfg, 1, dist.device)
+    engine, _ = build_engine(model, cfg, 1)
     g = torch.Generator().manual_seed(0)
     v, t = cfg.model.vocab_size, cfg.model.seq_len
     tokens = torch.randint(0, v, (micro, t + 1), generator=g)

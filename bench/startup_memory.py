@@ -67,7 +67,7 @@ def worker(args) -> None:
         from pretrain.engine import build_engine
         from pretrain.parallel import DeepSpeedMPU, needs_mpu
 
-        build_engine(module, cfg, run.grad_accum, dist.device, mpu=DeepSpeedMPU() if needs_mpu(run.layout) else None)
+        build_engine(module, cfg, run.grad_accum, mpu=DeepSpeedMPU() if needs_mpu(run.layout) else None)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     record = {
         "rank": dist.rank,

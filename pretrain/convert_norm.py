@@ -181,7 +181,7 @@ def write_run(out: Path, cfg, model, source_meta: dict, tokenizer_file: Path, ex
     # saved in the checkpoint, as training does, so a resume on another layout can reshard it
     model.universal_checkpoint_info = universal_checkpoint_info(model, m.num_layers, m.mlp == "swiglu")
     try:
-        engine, _ = build_engine(model.to(dist.device), cfg, check_world(cfg, 1), dist.device)
+        engine, _ = build_engine(model.to(dist.device), cfg, check_world(cfg, 1))
         _zero_adam_state(engine)
         step = int(source_meta["step"])
         set_lr_schedule_step(engine, step)  # the LR schedule goes on where the source was

@@ -124,9 +124,7 @@ def group_weight_decay(t) -> float:
     return t.weight_decay
 
 
-def build_engine(
-    model: torch.nn.Module, cfg, grad_accum: int, device: torch.device, mpu=None, load_universal: bool = False
-):
+def build_engine(model: torch.nn.Module, cfg, grad_accum: int, mpu=None, load_universal: bool = False):
     """load_universal: the engine will load a universal checkpoint (a resume on another layout)."""
     import deepspeed
 

@@ -271,12 +271,7 @@ def build_job(run: Run, model, load_universal: bool) -> Job:
     # ds_numel: a parameter ZeRO-3 partitioned at start-up (pretrain/sharded_init.py) holds no data of its own
     local_params = sum(getattr(p, "ds_numel", p.numel()) for p in {id(p): p for p in module.parameters()}.values())
     engine, _ = build_engine(
-        module,
-        cfg,
-        run.grad_accum,
-        dist.device,
-        mpu=DeepSpeedMPU() if needs_mpu(layout) else None,
-        load_universal=load_universal,
+        module, cfg, run.grad_accum, mpu=DeepSpeedMPU() if needs_mpu(layout) else None, load_universal=load_universal
     )
     if note := offload_summary(cfg):
         run.log(note)

@@ -165,9 +165,7 @@ def _layout_worker(out_path: str, run_root: str, names: list[str]) -> None:
         module = parallelize(run, model)
         factor = 300.0 if cfg.zero.stage < 3 else 1.0  # ZeRO-3 partitioned the weights as it made them
         sharpen_last_group(model.blocks, factor, holds_last_group=run.coords[2] == run.layout.tp - 1)
-        engine, _ = build_engine(
-            module, cfg, run.grad_accum, dist.device, mpu=DeepSpeedMPU() if needs_mpu(run.layout) else None
-        )
+        engine, _ = build_engine(module, cfg, run.grad_accum, mpu=DeepSpeedMPU() if needs_mpu(run.layout) else None)
         runner_kind = PipelineRunner if run.layout.pp > 1 else EngineRunner
         runner = runner_kind(engine, None, cfg, run.layout, run.dp_rank, run.grad_accum, dist.device, run.groups)
         tokens = torch.randint(

@@ -126,9 +126,7 @@ def _grads_worker(out_path: str, run_root: str, names: list[str]) -> None:
         run = open_run(cfg, None, dist)
         model = job_build_model(run)
         module = parallelize(run, model)
-        engine, _ = build_engine(
-            module, cfg, run.grad_accum, dist.device, mpu=DeepSpeedMPU() if needs_mpu(run.layout) else None
-        )
+        engine, _ = build_engine(module, cfg, run.grad_accum, mpu=DeepSpeedMPU() if needs_mpu(run.layout) else None)
         tokens, labels, mask = _batch(cfg.model.vocab_size, MICRO * layout_dp, cfg.model.seq_len)
         rows = slice(run.dp_rank * MICRO, (run.dp_rank + 1) * MICRO)
         loss = engine(*(t[rows].to(dist.device) for t in (tokens, labels, mask)))
