@@ -8,6 +8,9 @@ side in one process. Prints one JSON object.
     rms_norm         kernels.torch_ops.rms_norm (hand-written backward) | the textbook composition | F.rms_norm
     swiglu           model.mlp.swiglu (keeps its input, one gradient tensor) | silu(gate) * up under autograd
     rope_qkv         Rotary.apply_qkv (fused split + rotation) | split, then rotate-half on q and k (HF Llama's)
+
+For these three, `ours` on an fp32 CPU tensor runs the fused CPU kernels (kernels/cpu_kernels.py) and
+`ours, torch ops` the same autograd functions on torch's eager ops (what runs when the kernels are off).
     sdpa_layout      SDPA on q, k, v laid out batch-major (what apply_qkv returns) | sequence-major views
     fused_loss       model.loss.linear_cross_entropy (chunked, one logits buffer) | logits + cross_entropy
 
@@ -33,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 import torch
 import torch.nn.functional as F
 
+from kernels import cpu_kernels
 from kernels.torch_ops import rms_norm
 from model.loss import linear_cross_entropy
 from model.mlp import swiglu
@@ -58,6 +62,12 @@ def reference_rope_qkv(qkv, heads, cos, sin):
         return x * cos[:, None, None, :] + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin[:, None, None, :]
 
     return rotate(q.reshape(s, b, heads, hd)), rotate(k.squeeze(3)), v.squeeze(3)
+
+
+def torch_ops_only(fn):
+    """fn marked to run, forward and backward, with the fused CPU kernels off (backward_of reads the mark)."""
+    fn.kernels_off = True
+    return fn
 
 
 def saved_bytes(fn) -> int:
@@ -109,6 +119,13 @@ def backward_of(forward, inputs: list[torch.Tensor]):
         o = forward()
         torch.autograd.backward(o if isinstance(o, tuple) else (o,), grads)
 
+    if getattr(forward, "kernels_off", False):
+
+        def run_off():
+            with cpu_kernels.turned_off():
+                run()
+
+        return run_off
     return run
 
 
@@ -127,12 +144,21 @@ def cases(args, device, dtype):
         [x, w],
         {
             "ours": lambda: rms_norm(x, w, 1e-5),
+            "ours, torch ops": torch_ops_only(lambda: rms_norm(x, w, 1e-5)),
             "composition": lambda: reference_rms_norm(x, w, 1e-5),
             "F.rms_norm": lambda: F.rms_norm(x, (d,), w, 1e-5),
         },
     )
     gu = leaf(s, b, 2 * ffn)
-    yield "swiglu", [gu], {"ours": lambda: swiglu(gu), "composition": lambda: reference_swiglu(gu)}
+    yield (
+        "swiglu",
+        [gu],
+        {
+            "ours": lambda: swiglu(gu),
+            "ours, torch ops": torch_ops_only(lambda: swiglu(gu)),
+            "composition": lambda: reference_swiglu(gu),
+        },
+    )
     rotary = Rotary(hd, 10000.0)
     cos, sin = rotary.tables(s, device, dtype)
     qkv = leaf(s, b, heads, 3, hd)
@@ -141,6 +167,7 @@ def cases(args, device, dtype):
         [qkv],
         {
             "ours": lambda: rotary.apply_qkv(qkv, heads, cos, sin),
+            "ours, torch ops": torch_ops_only(lambda: rotary.apply_qkv(qkv, heads, cos, sin)),
             "composition": lambda: reference_rope_qkv(qkv, heads, cos, sin),
         },
     )
@@ -193,17 +220,17 @@ def main(argv=None) -> int:
         "dtype": args.dtype,
         "shape": {k: getattr(args, k) for k in ("tokens", "batch", "hidden", "heads", "ffn", "vocab")},
         "timing": "wall-clock after a synchronize" if device.type == "cuda" else "process CPU time",
+        "cpu_kernels": cpu_kernels.status() if device.type == "cpu" and cpu_kernels.load() is not None else "not used",
         "ops": {},
     }
     for name, inputs, fns in cases(args, device, dtype):
         runs = {k: backward_of(f, inputs) for k, f in fns.items()}
         ms = side_by_side(runs, args.reps, now)
         kept = {k: saved_bytes(f) for k, f in fns.items()}
-        out["ops"][name] = {
-            "fwd_bwd_ms": ms,
-            "speedup": round(ms["composition"] / ms["ours"], 3),
-            "saved_for_backward_bytes": kept,
-        }
+        out["ops"][name] = {"fwd_bwd_ms": ms, "speedup": round(ms["composition"] / ms["ours"], 3)}
+        if "ours, torch ops" in ms:
+            out["ops"][name]["kernels_over_torch_ops"] = round(ms["ours, torch ops"] / ms["ours"], 3)
+        out["ops"][name]["saved_for_backward_bytes"] = kept
     print(json.dumps(out, indent=1))
     return 0
 

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kernels import cpu_kernels
 from kernels.checks import check_add_norm, check_params, check_peri_junction, check_same_shape
 
 
@@ -35,6 +36,12 @@ class _RMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, eps: float, scale: float) -> Tensor:
+        ctx.scale = scale
+        fused = cpu_kernels.usable(x, weight)
+        if fused is not None:  # one pass each way (kernels/cpu_kernels.py)
+            y, rstd = fused.rms_norm_forward(x, weight, eps, scale)
+            ctx.save_for_backward(x, weight, rstd)
+            return y
         xf = x.float()
         d = x.shape[-1]
         # 1/rms from the 2-norm: one pass, no x^2 temporary
@@ -50,6 +57,10 @@ class _RMSNorm(torch.autograd.Function):
         # dw = sum over rows of r g x. Both sums are matrix-vector products of u = g x (one pass each).
         x, weight, rstd = ctx.saved_tensors
         scale = ctx.scale
+        fused = cpu_kernels.usable(grad, x, weight)
+        if fused is not None:
+            grad_x, grad_w = fused.rms_norm_backward(grad, x, weight, rstd, scale)
+            return grad_x if ctx.needs_input_grad[0] else None, grad_w if ctx.needs_input_grad[1] else None, None, None
         d = x.shape[-1]
         xf, g, r = x.float().reshape(-1, d), grad.float().reshape(-1, d), rstd.reshape(-1)
         u = g * xf

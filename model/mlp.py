@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import cpu_kernels
 from model.sigma_reparam import linear
 
 
@@ -51,12 +52,18 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate_up: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(gate_up)
+        fused = cpu_kernels.usable(gate_up)
+        if fused is not None:  # one pass (kernels/cpu_kernels.py)
+            return fused.swiglu_forward(gate_up)
         gate, up = _halves(gate_up)
         return F.silu(gate).mul_(up).view(*gate_up.shape[:-1], gate.shape[-1])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (gate_up,) = ctx.saved_tensors
+        fused = cpu_kernels.usable(gate_up, grad)
+        if fused is not None:
+            return fused.swiglu_backward(gate_up, grad)
         gate, up = _halves(gate_up)
         grad = grad.reshape(gate.shape)
         out = torch.empty(gate_up.shape, dtype=gate_up.dtype, device=gate_up.device)

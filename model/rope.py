@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from kernels import cpu_kernels
+
 
 class Rotary:
     """cos/sin tables computed in fp32 and cached per (length, device, dtype).
@@ -58,7 +60,7 @@ class Rotary:
         grouped by KV head (q rows, then k, then v). Returns q (S, B, q_heads, hd) and k, v
         (S, B, kv_heads, hd), q and k rotated; their gradient is written into one tensor of qkv's shape.
         Eager only (dynamo cannot trace its strided writes): compiled, the caller splits and calls apply()."""
-        return _RotateQKV.apply(qkv, q_heads, *_halves(cos, sin))
+        return _RotateQKV.apply(qkv, q_heads, cos, sin)
 
 
 def _halves(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
@@ -101,23 +103,36 @@ class _Rotate(torch.autograd.Function):
 
 class _RotateQKV(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, qkv: Tensor, q_heads: int, c: Tensor, s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(ctx, qkv: Tensor, q_heads: int, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         sq, b, kv, per, hd = qkv.shape
-        ctx.save_for_backward(c, s)
+        c, s = _halves(cos, sin)
+        ctx.save_for_backward(cos, sin)
         ctx.shape = qkv.shape
-        q, k, v = qkv[:, :, :, : per - 2], qkv[:, :, :, per - 2], qkv[:, :, :, per - 1]
         q_out = _batch_major(torch.Size((sq, b, kv, per - 2, hd)), qkv)
+        k_out, v_out = _batch_major(torch.Size((sq, b, kv, hd)), qkv), _batch_major(torch.Size((sq, b, kv, hd)), qkv)
+        fused = cpu_kernels.usable(qkv, cos, sin)
+        if fused is not None:  # one pass over q|k|v (kernels/cpu_kernels.py)
+            fused.rope_qkv(qkv, *(t.transpose(0, 1) for t in (q_out, k_out, v_out)), cos, sin, False)
+            return q_out.reshape(sq, b, q_heads, hd), k_out, v_out
+        q, k, v = qkv[:, :, :, : per - 2], qkv[:, :, :, per - 2], qkv[:, :, :, per - 1]
         _rotate_into(q_out, q, c[:, :, :, None], s[:, :, :, None], 1.0)
-        k_out = _rotate_into(_batch_major(k.shape, qkv), k, c, s, 1.0)
-        v_out = _batch_major(v.shape, qkv).copy_(v)
+        _rotate_into(k_out, k, c, s, 1.0)
+        v_out.copy_(v)
         return q_out.reshape(sq, b, q_heads, hd), k_out, v_out  # a view: kv and q-per-kv heads are adjacent
 
     @staticmethod
     def backward(ctx, dq: Tensor, dk: Tensor, dv: Tensor):
         # autograd materializes the gradient of an unused output as zeros, so none of dq, dk, dv is None
-        c, s = ctx.saved_tensors
+        cos, sin = ctx.saved_tensors
         per = ctx.shape[3]
         grad = dq.new_empty(ctx.shape)
+        fused = cpu_kernels.usable(grad, cos, sin)
+        if fused is not None:  # the gradients batch-major (a copy only if SDPA gave another layout)
+            sq, b, kv, _, hd = ctx.shape
+            grads = [t.transpose(0, 1).contiguous() for t in (dq.reshape(sq, b, kv, per - 2, hd), dk, dv)]
+            fused.rope_qkv(grad, *grads, cos, sin, True)
+            return grad, None, None, None
+        c, s = _halves(cos, sin)
         dq_in = grad[:, :, :, : per - 2]
         _rotate_into(dq_in, dq.reshape(dq_in.shape), c[:, :, :, None], s[:, :, :, None], -1.0)
         _rotate_into(grad[:, :, :, per - 2], dk, c, s, -1.0)

@@ -10,6 +10,7 @@ Nothing here trains or restores state: that is pretrain/restore.py and pretrain/
 from __future__ import annotations
 
 import random
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,6 +126,18 @@ def open_run(cfg: Config, tokenizer: Tokenizer, dist: DistInfo) -> Run:
     )
 
 
+def cpu_kernels_line() -> str:
+    """Loads (building on first use) the fused CPU kernels now rather than in the first step, and says so."""
+    from kernels import cpu_kernels
+
+    t0 = time.perf_counter()
+    loaded = cpu_kernels.load() is not None
+    took = time.perf_counter() - t0
+    if loaded:
+        return f"[kernels] CPU: fused SwiGLU, RoPE and RMSNorm kernels loaded in {took:.1f} s (fp32 eager steps)"
+    return f"[kernels] CPU: fused kernels off ({cpu_kernels.status()}); torch's ops run"
+
+
 def build_model(run: Run):
     """The plain GPT, identical on every rank whatever the layout (same seed, same init)."""
     from model import build_model as build_gpt
@@ -146,6 +159,8 @@ def build_model(run: Run):
         f"[kernels] norm backend {backend_reason}; sublayer junctions: "
         + ", ".join(f"{k} x{kinds.count(k)}" for k in dict.fromkeys(kinds))
     )
+    if run.dist.device.type == "cpu":
+        run.log(cpu_kernels_line())
     layout = run.layout
     run.log(
         f"[parallel] world {run.dist.world_size} = pp {layout.pp} x dp {layout.dp} x "

@@ -1,0 +1,238 @@
+// Fused CPU kernels for the eager train step: one memory pass where torch's eager ops need four or more.
+// Built on first use by kernels/cpu_kernels.py (torch.utils.cpp_extension, cached per machine) and
+// registered as torch ops under pretrain_cpu::. fp32, contiguous inputs; the Python side checks both and
+// falls back to torch's ops otherwise. Loops over rows in parallel (at::parallel_for, intra-op threads);
+// the inner loops are plain arithmetic that the compiler vectorizes (-O3, and -ffast-math so that expf
+// becomes the vector math library's SIMD exp).
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <cmath>
+
+namespace {
+
+void check_f32(const at::Tensor& t, const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(),
+              "pretrain_cpu: ", what, " must be a contiguous fp32 CPU tensor");
+}
+
+constexpr int64_t kGrain = 16;  // rows per parallel task
+
+// 1 / (1 + exp(-x)). The exponent is capped so that exp stays finite: under -ffast-math the division may
+// become a reciprocal estimate, which turns an infinite denominator into NaN. At the cap the sigmoid is
+// 1.8e-35 instead of smaller: silu(x) = x * sigmoid(x) is off by less than 1e-33 there.
+inline float sigmoid(float x) { return 1.0f / (1.0f + expf(std::fmin(-x, 80.0f))); }
+
+// out[..., :F] = silu(gate) * up for gate_up = [gate | up] rows of width 2F.
+at::Tensor swiglu_forward(const at::Tensor& gate_up) {
+  check_f32(gate_up, "gate_up");
+  const int64_t two_f = gate_up.size(-1);
+  TORCH_CHECK(two_f % 2 == 0, "pretrain_cpu::swiglu_forward: last dimension ", two_f, " is odd");
+  const int64_t f = two_f / 2, rows = gate_up.numel() / std::max<int64_t>(two_f, 1);
+  auto sizes = gate_up.sizes().vec();
+  sizes.back() = f;
+  at::Tensor out = at::empty(sizes, gate_up.options());
+  const float* in = gate_up.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, rows, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* g = in + r * two_f;
+      const float* u = g + f;
+      float* y = o + r * f;
+#pragma omp simd
+      for (int64_t i = 0; i < f; ++i) {
+        const float x = g[i];
+        y[i] = x * sigmoid(x) * u[i];
+      }
+    }
+  });
+  return out;
+}
+
+// d[gate | up] from the forward's input and the output's gradient: d_up = grad * silu(gate),
+// d_gate = grad * up * sigmoid(gate) * (1 + gate * (1 - sigmoid(gate))).
+at::Tensor swiglu_backward(const at::Tensor& gate_up, const at::Tensor& grad) {
+  check_f32(gate_up, "gate_up");
+  check_f32(grad, "grad");
+  const int64_t two_f = gate_up.size(-1), f = two_f / 2, rows = gate_up.numel() / std::max<int64_t>(two_f, 1);
+  TORCH_CHECK(grad.numel() == rows * f, "pretrain_cpu::swiglu_backward: grad has ", grad.numel(),
+              " elements, expected ", rows * f);
+  at::Tensor out = at::empty_like(gate_up);
+  const float* in = gate_up.data_ptr<float>();
+  const float* dy = grad.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, rows, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* g = in + r * two_f;
+      const float* u = g + f;
+      const float* d = dy + r * f;
+      float* dg = o + r * two_f;
+      float* du = dg + f;
+#pragma omp simd
+      for (int64_t i = 0; i < f; ++i) {
+        const float x = g[i];
+        const float s = sigmoid(x);
+        du[i] = d[i] * x * s;
+        dg[i] = d[i] * u[i] * s * (1.0f + x * (1.0f - s));
+      }
+    }
+  });
+  return out;
+}
+
+// One head vector rotated by the rotate-half convention: y1 = x1 c - sign x2 s, y2 = x2 c + sign x1 s.
+inline void rotate(const float* x, float* y, const float* c, const float* s, int64_t half, float sign) {
+#pragma omp simd
+  for (int64_t i = 0; i < half; ++i) {
+    const float x1 = x[i], x2 = x[i + half];
+    y[i] = x1 * c[i] - sign * x2 * s[i];
+    y[i + half] = x2 * c[i] + sign * x1 * s[i];
+  }
+}
+
+// The fused projection's q|k|v, packed (S, B, kv, per, hd) with per = q heads per kv head + 2, against
+// q (B, S, kv, per - 2, hd), k and v (B, S, kv, hd), all contiguous. Forward (backward = false) reads the
+// packed tensor and writes q, k rotated and v copied; backward reads the three gradients and writes the
+// packed one, rotated back. cos, sin: (S, hd) tables whose first half is used.
+void rope_qkv(at::Tensor packed, at::Tensor q, at::Tensor k, at::Tensor v, const at::Tensor& cos,
+              const at::Tensor& sin, bool backward) {
+  for (const auto* t : {&packed, &q, &k, &v}) check_f32(*t, "rope_qkv tensor");
+  check_f32(cos, "cos");
+  check_f32(sin, "sin");
+  TORCH_CHECK(packed.dim() == 5, "pretrain_cpu::rope_qkv: packed must be (S, B, kv, per, hd)");
+  const int64_t S = packed.size(0), B = packed.size(1), kv = packed.size(2), per = packed.size(3),
+                hd = packed.size(4), half = hd / 2, nq = per - 2;
+  TORCH_CHECK(hd % 2 == 0 && per >= 3, "pretrain_cpu::rope_qkv: head size must be even and per >= 3");
+  TORCH_CHECK(q.numel() == B * S * kv * nq * hd && k.numel() == B * S * kv * hd && v.numel() == k.numel(),
+              "pretrain_cpu::rope_qkv: q, k, v sizes do not match the packed tensor");
+  TORCH_CHECK(cos.size(0) == S && cos.size(1) == hd && sin.sizes() == cos.sizes(),
+              "pretrain_cpu::rope_qkv: cos and sin must be (S, hd)");
+  float* p = packed.data_ptr<float>();
+  float* qp = q.data_ptr<float>();
+  float* kp = k.data_ptr<float>();
+  float* vp = v.data_ptr<float>();
+  const float* cp = cos.data_ptr<float>();
+  const float* sp = sin.data_ptr<float>();
+  const float sign = backward ? -1.0f : 1.0f;
+  at::parallel_for(0, S * B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t sb = begin; sb < end; ++sb) {
+      const int64_t s = sb / B, b = sb % B;
+      const float* c = cp + s * hd;
+      const float* sn = sp + s * hd;
+      for (int64_t h = 0; h < kv; ++h) {
+        float* packed_row = p + (sb * kv + h) * per * hd;
+        const int64_t bm = (b * S + s) * kv + h;  // batch-major row of (B, S, kv)
+        float* q_row = qp + bm * nq * hd;
+        float* k_row = kp + bm * hd;
+        float* v_row = vp + bm * hd;
+        if (!backward) {
+          for (int64_t j = 0; j < nq; ++j) rotate(packed_row + j * hd, q_row + j * hd, c, sn, half, sign);
+          rotate(packed_row + nq * hd, k_row, c, sn, half, sign);
+          std::copy(packed_row + (nq + 1) * hd, packed_row + (nq + 2) * hd, v_row);
+        } else {
+          for (int64_t j = 0; j < nq; ++j) rotate(q_row + j * hd, packed_row + j * hd, c, sn, half, sign);
+          rotate(k_row, packed_row + nq * hd, c, sn, half, sign);
+          std::copy(v_row, v_row + hd, packed_row + (nq + 1) * hd);
+        }
+      }
+    }
+  });
+}
+
+
+// RMSNorm over rows of width d: y = x * rstd * (weight * scale), rstd = (mean(x^2) + eps)^-1/2 (returned
+// as (..., 1) for the backward).
+std::tuple<at::Tensor, at::Tensor> rms_norm_forward(const at::Tensor& x, const at::Tensor& weight, double eps,
+                                                    double scale) {
+  check_f32(x, "x");
+  check_f32(weight, "weight");
+  const int64_t d = x.size(-1), rows = x.numel() / std::max<int64_t>(d, 1);
+  TORCH_CHECK(weight.numel() == d, "pretrain_cpu::rms_norm_forward: weight has ", weight.numel(),
+              " elements for rows of ", d);
+  at::Tensor y = at::empty_like(x);
+  auto stat_sizes = x.sizes().vec();
+  stat_sizes.back() = 1;
+  at::Tensor rstd = at::empty(stat_sizes, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* wp = weight.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  float* rp = rstd.data_ptr<float>();
+  const float sc = static_cast<float>(scale), ep = static_cast<float>(eps);
+  at::parallel_for(0, rows, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* xr = xp + r * d;
+      float* yr = yp + r * d;
+      float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t i = 0; i < d; ++i) sum += xr[i] * xr[i];
+      const float inv = 1.0f / std::sqrt(sum / static_cast<float>(d) + ep);
+      rp[r] = inv;
+      const float k = inv * sc;
+#pragma omp simd
+      for (int64_t i = 0; i < d; ++i) yr[i] = xr[i] * k * wp[i];
+    }
+  });
+  return {y, rstd};
+}
+
+// dx = r g w - x r^3 (sum_i g_i w_i x_i) / d and dw = scale * sum over rows of r g x, w = weight * scale.
+// dw is summed per thread into its own row of a buffer, then over threads (no atomics, a fixed order
+// for a given thread count).
+std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& grad, const at::Tensor& x,
+                                                     const at::Tensor& weight, const at::Tensor& rstd,
+                                                     double scale) {
+  for (const auto* t : {&grad, &x, &weight, &rstd}) check_f32(*t, "rms_norm_backward tensor");
+  const int64_t d = x.size(-1), rows = x.numel() / std::max<int64_t>(d, 1);
+  TORCH_CHECK(grad.numel() == x.numel() && rstd.numel() == rows && weight.numel() == d,
+              "pretrain_cpu::rms_norm_backward: shapes do not match");
+  at::Tensor dx = at::empty_like(x);
+  const int64_t threads = at::get_num_threads();
+  at::Tensor partial = at::zeros({threads, d}, x.options());
+  const float* gp = grad.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  const float* wp = weight.data_ptr<float>();
+  const float* rp = rstd.data_ptr<float>();
+  float* dxp = dx.data_ptr<float>();
+  float* pp = partial.data_ptr<float>();
+  const float sc = static_cast<float>(scale), inv_d = 1.0f / static_cast<float>(d);
+  at::parallel_for(0, rows, kGrain, [&](int64_t begin, int64_t end) {
+    float* acc = pp + at::get_thread_num() * d;
+    for (int64_t r = begin; r < end; ++r) {
+      const float* gr = gp + r * d;
+      const float* xr = xp + r * d;
+      float* dxr = dxp + r * d;
+      const float inv = rp[r];
+      float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t i = 0; i < d; ++i) {
+        dot += gr[i] * wp[i] * xr[i];
+        acc[i] += inv * gr[i] * xr[i];
+      }
+      const float k = sc * dot * inv * inv * inv * inv_d;  // r^3 (sum g w x) / d, w carrying the scale
+      const float a = inv * sc;
+#pragma omp simd
+      for (int64_t i = 0; i < d; ++i) dxr[i] = a * gr[i] * wp[i] - k * xr[i];
+    }
+  });
+  at::Tensor dw = partial.sum(0).mul_(scale);
+  return {dx, dw};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(pretrain_cpu, m) {
+  m.def("swiglu_forward(Tensor gate_up) -> Tensor");
+  m.def("swiglu_backward(Tensor gate_up, Tensor grad) -> Tensor");
+  m.def("rope_qkv(Tensor(a!) packed, Tensor(b!) q, Tensor(c!) k, Tensor(d!) v, Tensor cos, Tensor sin, "
+        "bool backward) -> ()");
+  m.def("rms_norm_forward(Tensor x, Tensor weight, float eps, float scale) -> (Tensor, Tensor)");
+  m.def("rms_norm_backward(Tensor grad, Tensor x, Tensor weight, Tensor rstd, float scale) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(pretrain_cpu, CPU, m) {
+  m.impl("swiglu_forward", &swiglu_forward);
+  m.impl("swiglu_backward", &swiglu_backward);
+  m.impl("rope_qkv", &rope_qkv);
+  m.impl("rms_norm_forward", &rms_norm_forward);
+  m.impl("rms_norm_backward", &rms_norm_backward);
+}

@@ -1,0 +1,174 @@
+"""The fused CPU kernels (kernels/csrc/cpu_kernels.cpp) against float64 references written as plain torch
+expressions (Hugging Face Llama's RoPE, silu(gate) * up, the RMSNorm formula), forward and backward, and
+a training step of the model with them against the same step on torch's ops (PRETRAIN_CPU_KERNELS=0)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import cpu_kernels, torch_ops
+from model.mlp import swiglu
+from model.rope import Rotary
+
+pytestmark = pytest.mark.skipif(cpu_kernels.load() is None, reason=f"CPU kernels unavailable: {cpu_kernels.status()}")
+
+
+def rotate_half_reference(x, cos, sin):
+    half = x.shape[-1] // 2
+    return x * cos[:, None, None, :] + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin[:, None, None, :]
+
+
+def grads(outputs, inputs, cotangents, retain=False):
+    return torch.autograd.grad(outputs, inputs, cotangents, retain_graph=retain)
+
+
+@pytest.mark.parametrize("heads, kv_heads, hd", [(4, 4, 8), (6, 2, 16), (4, 1, 64), (2, 2, 6)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_rope_qkv_matches_the_rotate_half_expression(heads, kv_heads, hd, threads):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        S, B, per = 13, 3, heads // kv_heads + 2
+        rotary = Rotary(hd, 10000.0)
+        cos, sin = rotary.tables(S, torch.device("cpu"), torch.float32)
+        c64, s64 = rotary.tables(S, torch.device("cpu"), torch.float64)
+        x64 = torch.randn(S, B, kv_heads, per, hd, dtype=torch.float64) * 4
+        x = x64.float().requires_grad_()
+        ref_in = x64.clone().requires_grad_()
+        out = rotary.apply_qkv(x, heads, cos, sin)
+        q, k, v = torch.split(ref_in, [per - 2, 1, 1], dim=3)
+        ref = (rotate_half_reference(q.reshape(S, B, heads, hd), c64, s64),
+               rotate_half_reference(k.squeeze(3), c64, s64), v.squeeze(3))  # fmt: skip
+        for got, want in zip(out, ref):
+            torch.testing.assert_close(got.double(), want, rtol=0, atol=5e-6)
+            assert got.transpose(0, 1).is_contiguous()  # batch-major, as SDPA's CPU kernel reads fastest
+        cot = [torch.randn_like(t) for t in ref]
+        (mine,) = grads(out, x, [c.float() for c in cot], retain=True)
+        (theirs,) = grads(ref, ref_in, cot)
+        torch.testing.assert_close(mine.double(), theirs, rtol=0, atol=5e-6)
+        # gradients arriving sequence-major (another layout than the forward's) take the same path
+        (again,) = grads(out, x, [c.float().transpose(0, 1).contiguous().transpose(0, 1) for c in cot])
+        torch.testing.assert_close(again, mine, rtol=0, atol=0)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("shape", [(5, 7, 2 * 12), (2048, 2 * 704), (3, 2 * 1)])
+def test_swiglu_matches_silu_gate_times_up(shape):
+    gu64 = torch.randn(*shape, dtype=torch.float64) * 5
+    gu64[0, ..., 0] = 90.0  # exp(-x) underflows, and overflows for -90: silu must stay x and -0
+    gu64[-1, ..., 0] = -90.0
+    gu = gu64.float().requires_grad_()
+    ref_in = gu64.clone().requires_grad_()
+    out = swiglu(gu)
+    half = shape[-1] // 2
+    ref = F.silu(ref_in[..., :half]) * ref_in[..., half:]
+    torch.testing.assert_close(out.double(), ref, rtol=2e-6, atol=2e-6)
+    cot = torch.randn_like(ref)
+    (mine,) = grads(out, gu, cot.float())
+    (theirs,) = grads(ref, ref_in, cot)
+    torch.testing.assert_close(mine.double(), theirs, rtol=2e-6, atol=2e-5)
+    assert torch.isfinite(mine).all()
+
+
+@pytest.mark.parametrize("shape", [(5, 7, 24), (2048, 256), (3, 1000)])
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_rms_norm_matches_the_formula(shape, scale, threads):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x64, w64 = torch.randn(*shape, dtype=torch.float64) * 3, torch.randn(shape[-1], dtype=torch.float64)
+        x, w = x64.float().requires_grad_(), w64.float().requires_grad_()
+        rx, rw = x64.clone().requires_grad_(), w64.clone().requires_grad_()
+        out = torch_ops.rms_norm(x, w, 1e-5, scale)
+        ref = rx * torch.rsqrt(rx.square().mean(-1, keepdim=True) + 1e-5) * rw * scale
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+        cot = torch.randn_like(ref)
+        mine = grads(out, (x, w), cot.float())
+        theirs = grads(ref, (rx, rw), cot)
+        for a, b in zip(mine, theirs):
+            torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-4 * b.abs().max().item())
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_other_dtypes_and_layouts_take_torchs_ops():
+    """bf16, float64 and non-contiguous tensors are not the kernels' (they would read them wrongly): usable()
+    says no, and the functions above compute them with torch's ops (test_rope_swiglu checks those in float64)."""
+    x = torch.randn(4, 8)
+    assert cpu_kernels.usable(x) is not None
+    assert cpu_kernels.usable(x.to(torch.bfloat16)) is None
+    assert cpu_kernels.usable(x.double()) is None
+    assert cpu_kernels.usable(x.t()) is None
+    assert cpu_kernels.usable(x, x[:, :4]) is None
+    wide = torch.randn(6, 3, 40)[..., :24].requires_grad_()  # a strided SwiGLU input: the torch path
+    half = 12
+    torch.testing.assert_close(swiglu(wide), F.silu(wide[..., :half]) * wide[..., half:], rtol=1e-6, atol=1e-6)
+
+
+def test_the_switch_and_a_failed_build(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "maybe")
+    with pytest.raises(ValueError, match="PRETRAIN_CPU_KERNELS='maybe'"):
+        cpu_kernels.load()
+    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
+    assert cpu_kernels.load() is None and cpu_kernels.status() == "PRETRAIN_CPU_KERNELS=0"
+    # no compiler: a warning naming the cause, and torch's ops
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "1")
+    monkeypatch.setattr(cpu_kernels, "_registered", lambda: False)
+
+    def no_compiler():
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(cpu_kernels, "_build_and_load", no_compiler)
+    with pytest.warns(RuntimeWarning, match="Ninja is required"):
+        assert cpu_kernels.load() is None
+    assert "Ninja is required" in cpu_kernels.status()
+    assert cpu_kernels.usable(torch.randn(3)) is None
+
+
+def test_library_name_follows_the_cpu_and_the_source(monkeypatch):
+    name = cpu_kernels.library_name()
+    monkeypatch.setattr(cpu_kernels, "_cpu_signature", lambda: "model name : another CPU\nflags : sse2")
+    assert cpu_kernels.library_name() != name
+    monkeypatch.setattr(cpu_kernels, "CFLAGS", [*cpu_kernels.CFLAGS, "-DX"])
+    assert cpu_kernels.library_name() not in (name,)
+
+
+def _train(kernels_on: bool, monkeypatch, placement: str):
+    """Four AdamW steps of a small GQA model: (losses, the first step's gradients)."""
+    from model import build_model
+    from pretrain.config import Config, ModelConfig, resolve
+
+    monkeypatch.setattr(cpu_kernels, "_state", {} if kernels_on else {"error": "off"})
+    cfg = Config()
+    cfg.model = ModelConfig(vocab_size=96, hidden_size=48, num_layers=3, num_heads=6, num_kv_heads=2, seq_len=16,
+                            placement=placement)  # fmt: skip
+    torch.manual_seed(0)
+    model = build_model(resolve(cfg).model, "torch", torch.device("cpu"))[0]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(1)
+    losses, first_grads = [], None
+    for _ in range(4):
+        data = torch.randint(0, 96, (4, 17), generator=gen)
+        loss = model(data[:, :-1], data[:, 1:])
+        loss.backward()
+        first_grads = first_grads or [p.grad.clone() for p in model.parameters()]
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses, first_grads
+
+
+@pytest.mark.parametrize("placement", ["pre", "peri"])
+def test_training_with_the_kernels_equals_training_on_torchs_ops(placement, monkeypatch):
+    on_losses, on_grads = _train(True, monkeypatch, placement)
+    off_losses, off_grads = _train(False, monkeypatch, placement)
+    assert cpu_kernels.usable(torch.zeros(1)) is None  # the "off" run really ran torch's ops
+    assert on_losses == pytest.approx(off_losses, rel=1e-5, abs=1e-5)
+    for a, b in zip(on_grads, off_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
