@@ -21,7 +21,8 @@ constexpr int64_t kGrain = 16;  // rows per parallel task
 // 1 / (1 + exp(-x)). The exponent is capped so that exp stays finite: under -ffast-math the division may
 // become a reciprocal estimate, which turns an infinite denominator into NaN. At the cap the sigmoid is
 // 1.8e-35 instead of smaller: silu(x) = x * sigmoid(x) is off by less than 1e-33 there.
-inline float sigmoid(float x) { return 1.0f / (1.0f + expf(std::fmin(-x, 80.0f))); }
+inline float exp_neg(float x) { return expf(std::fmin(-x, 80.0f)); }
+inline float sigmoid(float x) { return 1.0f / (1.0f + exp_neg(x)); }
 
 // out[..., :F] = silu(gate) * up for gate_up = [gate | up] rows of width 2F.
 at::Tensor swiglu_forward(const at::Tensor& gate_up) {
@@ -71,9 +72,11 @@ at::Tensor swiglu_backward(const at::Tensor& gate_up, const at::Tensor& grad) {
 #pragma omp simd
       for (int64_t i = 0; i < f; ++i) {
         const float x = g[i];
-        const float s = sigmoid(x);
+        const float e = exp_neg(x), s = 1.0f / (1.0f + e);
         du[i] = d[i] * x * s;
-        dg[i] = d[i] * u[i] * s * (1.0f + x * (1.0f - s));
+        // 1 - sigmoid(x) as e * s: computed as a difference it cancels for large x (1 - s is then one
+        // rounding of 1, 6e-8, where the true value is exp(-x)), which x multiplies
+        dg[i] = d[i] * u[i] * s * (1.0f + x * e * s);
       }
     }
   });
