@@ -8,8 +8,9 @@ side in one process. Prints one JSON object.
     rms_norm         kernels.torch_ops.rms_norm (hand-written backward) | the textbook composition | F.rms_norm
     swiglu           model.mlp.swiglu (keeps its input, one gradient tensor) | silu(gate) * up under autograd
     rope_qkv         Rotary.apply_qkv (fused split + rotation) | split, then rotate-half on q and k (HF Llama's)
+    peri_junction    kernels.torch_ops.peri_junction: s = residual + RMSNorm(f), y = RMSNorm(s) | the composition
 
-For these three, `ours` on an fp32 CPU tensor runs the fused CPU kernels (kernels/cpu_kernels.py) and
+For these four, `ours` on an fp32 CPU tensor runs the fused CPU kernels (kernels/cpu_kernels.py) and
 `ours, torch ops` the same autograd functions on torch's eager ops (what runs when the kernels are off).
     sdpa_layout      SDPA on q, k, v laid out batch-major (what apply_qkv returns) | sequence-major views
     fused_loss       model.loss.linear_cross_entropy (chunked, one logits buffer) | logits + cross_entropy
@@ -37,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import cpu_kernels
-from kernels.torch_ops import rms_norm
+from kernels.torch_ops import peri_junction, rms_norm
 from model.loss import linear_cross_entropy
 from model.mlp import swiglu
 from model.rope import Rotary
@@ -46,6 +47,11 @@ from model.rope import Rotary
 def reference_rms_norm(x, w, eps):
     xf = x.float()
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * w.float()).to(x.dtype)
+
+
+def reference_peri_junction(f, residual, w_out, w_in, eps):
+    s = residual + reference_rms_norm(f, w_out, eps)
+    return s, reference_rms_norm(s, w_in, eps)
 
 
 def reference_swiglu(gate_up):
@@ -169,6 +175,17 @@ def cases(args, device, dtype):
             "ours": lambda: rotary.apply_qkv(qkv, heads, cos, sin),
             "ours, torch ops": torch_ops_only(lambda: rotary.apply_qkv(qkv, heads, cos, sin)),
             "composition": lambda: reference_rope_qkv(qkv, heads, cos, sin),
+        },
+    )
+    f, res = leaf(s, b, d), leaf(s, b, d)
+    w_out, w_in = (1 + 0.1 * rand(d)).requires_grad_(), (1 + 0.1 * rand(d)).requires_grad_()
+    yield (
+        "peri_junction",
+        [f, res, w_out, w_in],
+        {
+            "ours": lambda: peri_junction(f, res, w_out, None, w_in, None, 1e-5),
+            "ours, torch ops": torch_ops_only(lambda: peri_junction(f, res, w_out, None, w_in, None, 1e-5)),
+            "composition": lambda: reference_peri_junction(f, res, w_out, w_in, 1e-5),
         },
     )
     q_seq, k_seq, v_seq = (leaf(s, b, heads, hd) for _ in range(3))

@@ -117,7 +117,54 @@ def compose_fused(rms_norm_fn, layer_norm_fn):
     return add_norm, peri_junction
 
 
-add_norm, peri_junction = compose_fused(rms_norm, layer_norm)
+class _FusedRMSJunction(torch.autograd.Function):
+    """add_norm (out_weight None) or peri_junction on the fused CPU kernels: (s, y) in one pass forward and
+    one backward, saving f, s and the two 1/rms (what the composition saves, less the out norm's output)."""
+
+    @staticmethod
+    def forward(ctx, f, residual, out_weight, in_weight, eps, scale):
+        ops = cpu_kernels.load()
+        s, y, rstd_out, rstd_in = ops.junction_forward(f, residual, out_weight, in_weight, eps, scale)
+        ctx.scale = scale
+        ctx.save_for_backward(f, s, out_weight, in_weight, rstd_out, rstd_in)
+        return s, y
+
+    @staticmethod
+    def backward(ctx, ds, dy):
+        f, s, out_weight, in_weight, rstd_out, rstd_in = ctx.saved_tensors
+        ops = cpu_kernels.load()
+        ds, dy = ds.contiguous(), dy.contiguous()  # autograd's zeros for an unused output are contiguous too
+        d_f, d_res, d_out_w, d_in_w = ops.junction_backward(
+            dy, ds, f, s, out_weight, in_weight, rstd_out, rstd_in, ctx.scale
+        )
+        return d_f, d_res, d_out_w if out_weight is not None else None, d_in_w, None, None
+
+
+def with_cpu_junctions(add_norm_fn, peri_junction_fn):
+    """add_norm / peri_junction that take the fused CPU kernels for RMSNorm without bias on contiguous fp32
+    CPU tensors in eager mode (kernels/cpu_kernels.py), and the composition otherwise."""
+
+    def add_norm(x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor | None, eps: float, scale: float = 1.0,
+                 kind: str = "rmsnorm") -> tuple[Tensor, Tensor]:  # fmt: skip
+        if kind == "rmsnorm" and bias is None and x.shape == residual.shape:
+            if cpu_kernels.usable(x, residual, weight) is not None:
+                check_add_norm(x, residual, weight, bias, kind)
+                return _FusedRMSJunction.apply(x, residual, None, weight, eps, scale)
+        return add_norm_fn(x, residual, weight, bias, eps, scale, kind)
+
+    def peri_junction(f: Tensor, residual: Tensor, out_weight: Tensor, out_bias: Tensor | None, in_weight: Tensor,
+                      in_bias: Tensor | None, eps: float, scale: float = 1.0,
+                      kind: str = "rmsnorm") -> tuple[Tensor, Tensor]:  # fmt: skip
+        if kind == "rmsnorm" and out_bias is None and in_bias is None and f.shape == residual.shape:
+            if cpu_kernels.usable(f, residual, out_weight, in_weight) is not None:
+                check_peri_junction(f, residual, out_weight, out_bias, in_weight, in_bias, kind)
+                return _FusedRMSJunction.apply(f, residual, out_weight, in_weight, eps, scale)
+        return peri_junction_fn(f, residual, out_weight, out_bias, in_weight, in_bias, eps, scale, kind)
+
+    return add_norm, peri_junction
+
+
+add_norm, peri_junction = with_cpu_junctions(*compose_fused(rms_norm, layer_norm))
 
 
 # ------------------------------------------------------------------------------------- CRMSNorm

@@ -134,7 +134,7 @@ def cpu_kernels_line() -> str:
     loaded = cpu_kernels.load() is not None
     took = time.perf_counter() - t0
     if loaded:
-        return f"[kernels] CPU: fused SwiGLU, RoPE and RMSNorm kernels loaded in {took:.1f} s (fp32 eager steps)"
+        return f"[kernels] CPU: fused RMSNorm, junction, SwiGLU and RoPE kernels loaded in {took:.1f} s (fp32, eager)"
     return f"[kernels] CPU: fused kernels off ({cpu_kernels.status()}); torch's ops run"
 
 

@@ -15,7 +15,7 @@ def test_block_ops_bench_reports_every_op_side_by_side():
     proc = run_module(["bench/block_ops.py", *args, "--reps", "2"], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(proc.stdout)
-    assert set(r["ops"]) == {"rms_norm", "swiglu", "rope_qkv", "sdpa_layout", "fused_loss"}
+    assert set(r["ops"]) == {"rms_norm", "swiglu", "rope_qkv", "peri_junction", "sdpa_layout", "fused_loss"}
     for op in r["ops"].values():
         assert all(ms > 0 for ms in op["fwd_bwd_ms"].values()) and op["speedup"] > 0
     kept = {k: v["saved_for_backward_bytes"] for k, v in r["ops"].items()}
@@ -26,6 +26,6 @@ def test_block_ops_bench_reports_every_op_side_by_side():
     assert kept["fused_loss"]["composition"] - kept["fused_loss"]["ours"] >= tokens * vocab * 4  # the logits
     # the fused CPU kernels beside the same functions on torch's ops, each keeping the same for backward
     assert r["cpu_kernels"] == "loaded"
-    for name in ("rms_norm", "swiglu", "rope_qkv"):
+    for name in ("rms_norm", "swiglu", "rope_qkv", "peri_junction"):
         assert r["ops"][name]["kernels_over_torch_ops"] > 0
         assert kept[name]["ours"] == kept[name]["ours, torch ops"]

@@ -97,6 +97,48 @@ def test_rms_norm_matches_the_formula(shape, scale, threads):
         torch.set_num_threads(before)
 
 
+def rms_reference(x, w, eps, scale=1.0):
+    return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps) * w * scale
+
+
+@pytest.mark.parametrize("junction", ["peri_junction", "add_norm"])
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("s_used", [True, False])
+def test_fused_junctions_match_the_composition(junction, scale, threads, s_used):
+    """s = residual + f (add_norm) or residual + RMSNorm(f) (peri_junction), y = RMSNorm(s) * scale: values and
+    every gradient, with the residual stream's gradient present or not (s unused: autograd's zeros)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(3)
+        shape, d = (37, 3, 40), 40
+        f64, r64 = torch.randn(*shape, dtype=torch.float64) * 2, torch.randn(*shape, dtype=torch.float64)
+        wo64, wi64 = torch.randn(d, dtype=torch.float64), torch.randn(d, dtype=torch.float64)
+        mine = [t.float().requires_grad_() for t in (f64, r64, wo64, wi64)]
+        ref = [t.clone().requires_grad_() for t in (f64, r64, wo64, wi64)]
+        if junction == "peri_junction":
+            s, y = torch_ops.peri_junction(mine[0], mine[1], mine[2], None, mine[3], None, 1e-5, scale)
+            rs = ref[1] + rms_reference(ref[0], ref[2], 1e-5)
+            used = [0, 1, 2, 3]
+        else:
+            s, y = torch_ops.add_norm(mine[0], mine[1], mine[3], None, 1e-5, scale)
+            rs = ref[0] + ref[1]
+            used = [0, 1, 3]
+        ry = rms_reference(rs, ref[3], 1e-5, scale)
+        assert type(y.grad_fn).__name__ == "_FusedRMSJunctionBackward"  # the fused path ran
+        torch.testing.assert_close(s.double(), rs, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(y.double(), ry, rtol=1e-5, atol=1e-5)
+        gs, gy = torch.randn_like(rs), torch.randn_like(ry)
+        outs_m, outs_r, cot = ((s, y), (rs, ry), (gs, gy)) if s_used else ((y,), (ry,), (gy,))
+        got = torch.autograd.grad(outs_m, [mine[i] for i in used], [c.float() for c in cot])
+        want = torch.autograd.grad(outs_r, [ref[i] for i in used], cot)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_other_dtypes_and_layouts_take_torchs_ops():
     """bf16, float64 and non-contiguous tensors are not the kernels' (they would read them wrongly): usable()
     says no, and the functions above compute them with torch's ops (test_rope_swiglu checks those in float64)."""

@@ -8,6 +8,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <cmath>
+#include <optional>
+#include <vector>
 
 namespace {
 
@@ -221,6 +223,142 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& grad, con
   return {dx, dw};
 }
 
+// The sublayer junctions of kernels.torch_ops, fused (RMSNorm kinds):
+//   add_norm       s = residual + f,                  y = RMSNorm(s; in_weight) * scale
+//   peri_junction  s = residual + RMSNorm(f; out_w),  y = RMSNorm(s; in_weight) * scale
+// Forward in one pass per row (the out norm's output is never stored); returns s, y and the two
+// 1/rms statistics (rstd_out empty without an out norm).
+std::vector<at::Tensor> junction_forward(const at::Tensor& f, const at::Tensor& residual,
+                                         const std::optional<at::Tensor>& out_weight, const at::Tensor& in_weight,
+                                         double eps, double scale) {
+  check_f32(f, "f");
+  check_f32(residual, "residual");
+  check_f32(in_weight, "in_weight");
+  const bool peri = out_weight.has_value();
+  if (peri) check_f32(*out_weight, "out_weight");
+  const int64_t d = f.size(-1), rows = f.numel() / std::max<int64_t>(d, 1);
+  TORCH_CHECK(residual.sizes() == f.sizes() && in_weight.numel() == d && (!peri || out_weight->numel() == d),
+              "pretrain_cpu::junction_forward: shapes do not match");
+  at::Tensor s_out = at::empty_like(f), y = at::empty_like(f);
+  auto stat_sizes = f.sizes().vec();
+  stat_sizes.back() = 1;
+  at::Tensor rstd_in = at::empty(stat_sizes, f.options());
+  at::Tensor rstd_out = peri ? at::empty(stat_sizes, f.options()) : at::empty({0}, f.options());
+  const float* fp = f.data_ptr<float>();
+  const float* rp = residual.data_ptr<float>();
+  const float* wo = peri ? out_weight->data_ptr<float>() : nullptr;
+  const float* wi = in_weight.data_ptr<float>();
+  float* sp = s_out.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  float* ri = rstd_in.data_ptr<float>();
+  float* ro = peri ? rstd_out.data_ptr<float>() : nullptr;
+  const float ep = static_cast<float>(eps), sc = static_cast<float>(scale), inv_d = 1.0f / static_cast<float>(d);
+  at::parallel_for(0, rows, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* fr = fp + r * d;
+      const float* rr = rp + r * d;
+      float* sr = sp + r * d;
+      float* yr = yp + r * d;
+      if (peri) {
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t i = 0; i < d; ++i) sum += fr[i] * fr[i];
+        const float inv = 1.0f / std::sqrt(sum * inv_d + ep);
+        ro[r] = inv;
+#pragma omp simd
+        for (int64_t i = 0; i < d; ++i) sr[i] = rr[i] + fr[i] * inv * wo[i];
+      } else {
+#pragma omp simd
+        for (int64_t i = 0; i < d; ++i) sr[i] = rr[i] + fr[i];
+      }
+      float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t i = 0; i < d; ++i) sum += sr[i] * sr[i];
+      const float inv = 1.0f / std::sqrt(sum * inv_d + ep);
+      ri[r] = inv;
+      const float k = inv * sc;
+#pragma omp simd
+      for (int64_t i = 0; i < d; ++i) yr[i] = sr[i] * k * wi[i];
+    }
+  });
+  return {s_out, y, rstd_out, rstd_in};
+}
+
+// Backward of junction_forward: dy (of y) and ds (of s, from the residual stream) in; returns
+// d_f, d_residual (the total gradient of s, which is also d_f without an out norm), d_out_weight (empty
+// without one) and d_in_weight. Per row: ds_total = ds + RMSNorm'(s)^T dy, then d_f = RMSNorm'(f)^T ds_total.
+std::vector<at::Tensor> junction_backward(const at::Tensor& dy, const at::Tensor& ds, const at::Tensor& f,
+                                          const at::Tensor& s, const std::optional<at::Tensor>& out_weight,
+                                          const at::Tensor& in_weight, const at::Tensor& rstd_out,
+                                          const at::Tensor& rstd_in, double scale) {
+  for (const auto* t : {&dy, &ds, &f, &s, &in_weight, &rstd_in}) check_f32(*t, "junction_backward tensor");
+  const bool peri = out_weight.has_value();
+  if (peri) {
+    check_f32(*out_weight, "out_weight");
+    check_f32(rstd_out, "rstd_out");
+  }
+  const int64_t d = f.size(-1), rows = f.numel() / std::max<int64_t>(d, 1);
+  TORCH_CHECK(dy.numel() == f.numel() && ds.numel() == f.numel() && s.numel() == f.numel() &&
+                  rstd_in.numel() == rows && (!peri || rstd_out.numel() == rows),
+              "pretrain_cpu::junction_backward: shapes do not match");
+  at::Tensor d_total = at::empty_like(f);
+  at::Tensor d_f = peri ? at::empty_like(f) : d_total;
+  const int64_t threads = at::get_num_threads();
+  at::Tensor partial_in = at::zeros({threads, d}, f.options());
+  at::Tensor partial_out = at::zeros({peri ? threads : 0, d}, f.options());
+  const float* dyp = dy.data_ptr<float>();
+  const float* dsp = ds.data_ptr<float>();
+  const float* fp = f.data_ptr<float>();
+  const float* sp = s.data_ptr<float>();
+  const float* wo = peri ? out_weight->data_ptr<float>() : nullptr;
+  const float* wi = in_weight.data_ptr<float>();
+  const float* ro = peri ? rstd_out.data_ptr<float>() : nullptr;
+  const float* ri = rstd_in.data_ptr<float>();
+  float* dtp = d_total.data_ptr<float>();
+  float* dfp = d_f.data_ptr<float>();
+  float* pin = partial_in.data_ptr<float>();
+  float* pout = peri ? partial_out.data_ptr<float>() : nullptr;
+  const float sc = static_cast<float>(scale), inv_d = 1.0f / static_cast<float>(d);
+  at::parallel_for(0, rows, kGrain, [&](int64_t begin, int64_t end) {
+    const int64_t tid = at::get_thread_num();
+    float* acc_in = pin + tid * d;
+    float* acc_out = peri ? pout + tid * d : nullptr;
+    for (int64_t r = begin; r < end; ++r) {
+      const float* dyr = dyp + r * d;
+      const float* dsr = dsp + r * d;
+      const float* sr = sp + r * d;
+      float* dtr = dtp + r * d;
+      const float inv = ri[r];
+      float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t i = 0; i < d; ++i) {
+        dot += dyr[i] * wi[i] * sr[i];
+        acc_in[i] += inv * dyr[i] * sr[i];
+      }
+      const float k = sc * dot * inv * inv * inv * inv_d, a = inv * sc;
+#pragma omp simd
+      for (int64_t i = 0; i < d; ++i) dtr[i] = dsr[i] + a * dyr[i] * wi[i] - k * sr[i];
+      if (peri) {
+        const float* fr = fp + r * d;
+        float* dfr = dfp + r * d;
+        const float inv_o = ro[r];
+        float dot_o = 0.0f;
+#pragma omp simd reduction(+ : dot_o)
+        for (int64_t i = 0; i < d; ++i) {
+          dot_o += dtr[i] * wo[i] * fr[i];
+          acc_out[i] += inv_o * dtr[i] * fr[i];
+        }
+        const float k_o = dot_o * inv_o * inv_o * inv_o * inv_d;
+#pragma omp simd
+        for (int64_t i = 0; i < d; ++i) dfr[i] = inv_o * dtr[i] * wo[i] - k_o * fr[i];
+      }
+    }
+  });
+  at::Tensor d_in_weight = partial_in.sum(0).mul_(scale);
+  at::Tensor d_out_weight = peri ? partial_out.sum(0) : at::empty({0}, f.options());
+  return {d_f, d_total, d_out_weight, d_in_weight};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(pretrain_cpu, m) {
@@ -230,6 +368,10 @@ TORCH_LIBRARY(pretrain_cpu, m) {
         "bool backward) -> ()");
   m.def("rms_norm_forward(Tensor x, Tensor weight, float eps, float scale) -> (Tensor, Tensor)");
   m.def("rms_norm_backward(Tensor grad, Tensor x, Tensor weight, Tensor rstd, float scale) -> (Tensor, Tensor)");
+  m.def("junction_forward(Tensor f, Tensor residual, Tensor? out_weight, Tensor in_weight, float eps, "
+        "float scale) -> Tensor[]");
+  m.def("junction_backward(Tensor dy, Tensor ds, Tensor f, Tensor s, Tensor? out_weight, Tensor in_weight, "
+        "Tensor rstd_out, Tensor rstd_in, float scale) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(pretrain_cpu, CPU, m) {
@@ -238,4 +380,6 @@ TORCH_LIBRARY_IMPL(pretrain_cpu, CPU, m) {
   m.impl("rope_qkv", &rope_qkv);
   m.impl("rms_norm_forward", &rms_norm_forward);
   m.impl("rms_norm_backward", &rms_norm_backward);
+  m.impl("junction_forward", &junction_forward);
+  m.impl("junction_backward", &junction_backward);
 }
