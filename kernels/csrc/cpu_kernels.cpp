@@ -145,6 +145,34 @@ void rope_qkv(at::Tensor packed, at::Tensor q, at::Tensor k, at::Tensor v, const
 }
 
 
+// 1 / rms of one row: (mean(x^2) + eps)^-1/2.
+inline float inv_rms(const float* x, int64_t d, float eps) {
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < d; ++i) sum += x[i] * x[i];
+  return 1.0f / std::sqrt(sum / static_cast<float>(d) + eps);
+}
+
+// One row of RMSNorm's backward, y = x r (w sc): out = base + r sc g w - x r^3 sc (sum_i g_i w_i x_i) / d
+// (base may be null), and acc += r g x (the gain's gradient before its scale).
+inline void rms_row_backward(const float* g, const float* x, const float* w, float r, float sc, int64_t d,
+                             const float* base, float* out, float* acc) {
+  float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+  for (int64_t i = 0; i < d; ++i) {
+    dot += g[i] * w[i] * x[i];
+    acc[i] += r * g[i] * x[i];
+  }
+  const float k = sc * dot * r * r * r / static_cast<float>(d), a = r * sc;
+  if (base) {
+#pragma omp simd
+    for (int64_t i = 0; i < d; ++i) out[i] = base[i] + a * g[i] * w[i] - k * x[i];
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < d; ++i) out[i] = a * g[i] * w[i] - k * x[i];
+  }
+}
+
 // RMSNorm over rows of width d: y = x * rstd * (weight * scale), rstd = (mean(x^2) + eps)^-1/2 (returned
 // as (..., 1) for the backward).
 std::tuple<at::Tensor, at::Tensor> rms_norm_forward(const at::Tensor& x, const at::Tensor& weight, double eps,
@@ -167,10 +195,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_forward(const at::Tensor& x, const a
     for (int64_t r = begin; r < end; ++r) {
       const float* xr = xp + r * d;
       float* yr = yp + r * d;
-      float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t i = 0; i < d; ++i) sum += xr[i] * xr[i];
-      const float inv = 1.0f / std::sqrt(sum / static_cast<float>(d) + ep);
+      const float inv = inv_rms(xr, d, ep);
       rp[r] = inv;
       const float k = inv * sc;
 #pragma omp simd
@@ -199,24 +224,11 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& grad, con
   const float* rp = rstd.data_ptr<float>();
   float* dxp = dx.data_ptr<float>();
   float* pp = partial.data_ptr<float>();
-  const float sc = static_cast<float>(scale), inv_d = 1.0f / static_cast<float>(d);
+  const float sc = static_cast<float>(scale);
   at::parallel_for(0, rows, kGrain, [&](int64_t begin, int64_t end) {
     float* acc = pp + at::get_thread_num() * d;
     for (int64_t r = begin; r < end; ++r) {
-      const float* gr = gp + r * d;
-      const float* xr = xp + r * d;
-      float* dxr = dxp + r * d;
-      const float inv = rp[r];
-      float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-      for (int64_t i = 0; i < d; ++i) {
-        dot += gr[i] * wp[i] * xr[i];
-        acc[i] += inv * gr[i] * xr[i];
-      }
-      const float k = sc * dot * inv * inv * inv * inv_d;  // r^3 (sum g w x) / d, w carrying the scale
-      const float a = inv * sc;
-#pragma omp simd
-      for (int64_t i = 0; i < d; ++i) dxr[i] = a * gr[i] * wp[i] - k * xr[i];
+      rms_row_backward(gp + r * d, xp + r * d, wp, rp[r], sc, d, nullptr, dxp + r * d, acc);
     }
   });
   at::Tensor dw = partial.sum(0).mul_(scale);
@@ -252,7 +264,7 @@ std::vector<at::Tensor> junction_forward(const at::Tensor& f, const at::Tensor& 
   float* yp = y.data_ptr<float>();
   float* ri = rstd_in.data_ptr<float>();
   float* ro = peri ? rstd_out.data_ptr<float>() : nullptr;
-  const float ep = static_cast<float>(eps), sc = static_cast<float>(scale), inv_d = 1.0f / static_cast<float>(d);
+  const float ep = static_cast<float>(eps), sc = static_cast<float>(scale);
   at::parallel_for(0, rows, kGrain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const float* fr = fp + r * d;
@@ -260,10 +272,7 @@ std::vector<at::Tensor> junction_forward(const at::Tensor& f, const at::Tensor& 
       float* sr = sp + r * d;
       float* yr = yp + r * d;
       if (peri) {
-        float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t i = 0; i < d; ++i) sum += fr[i] * fr[i];
-        const float inv = 1.0f / std::sqrt(sum * inv_d + ep);
+        const float inv = inv_rms(fr, d, ep);
         ro[r] = inv;
 #pragma omp simd
         for (int64_t i = 0; i < d; ++i) sr[i] = rr[i] + fr[i] * inv * wo[i];
@@ -271,10 +280,7 @@ std::vector<at::Tensor> junction_forward(const at::Tensor& f, const at::Tensor& 
 #pragma omp simd
         for (int64_t i = 0; i < d; ++i) sr[i] = rr[i] + fr[i];
       }
-      float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t i = 0; i < d; ++i) sum += sr[i] * sr[i];
-      const float inv = 1.0f / std::sqrt(sum * inv_d + ep);
+      const float inv = inv_rms(sr, d, ep);
       ri[r] = inv;
       const float k = inv * sc;
 #pragma omp simd
@@ -318,40 +324,14 @@ std::vector<at::Tensor> junction_backward(const at::Tensor& dy, const at::Tensor
   float* dfp = d_f.data_ptr<float>();
   float* pin = partial_in.data_ptr<float>();
   float* pout = peri ? partial_out.data_ptr<float>() : nullptr;
-  const float sc = static_cast<float>(scale), inv_d = 1.0f / static_cast<float>(d);
+  const float sc = static_cast<float>(scale);
   at::parallel_for(0, rows, kGrain, [&](int64_t begin, int64_t end) {
     const int64_t tid = at::get_thread_num();
-    float* acc_in = pin + tid * d;
-    float* acc_out = peri ? pout + tid * d : nullptr;
     for (int64_t r = begin; r < end; ++r) {
-      const float* dyr = dyp + r * d;
-      const float* dsr = dsp + r * d;
-      const float* sr = sp + r * d;
       float* dtr = dtp + r * d;
-      const float inv = ri[r];
-      float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-      for (int64_t i = 0; i < d; ++i) {
-        dot += dyr[i] * wi[i] * sr[i];
-        acc_in[i] += inv * dyr[i] * sr[i];
-      }
-      const float k = sc * dot * inv * inv * inv * inv_d, a = inv * sc;
-#pragma omp simd
-      for (int64_t i = 0; i < d; ++i) dtr[i] = dsr[i] + a * dyr[i] * wi[i] - k * sr[i];
-      if (peri) {
-        const float* fr = fp + r * d;
-        float* dfr = dfp + r * d;
-        const float inv_o = ro[r];
-        float dot_o = 0.0f;
-#pragma omp simd reduction(+ : dot_o)
-        for (int64_t i = 0; i < d; ++i) {
-          dot_o += dtr[i] * wo[i] * fr[i];
-          acc_out[i] += inv_o * dtr[i] * fr[i];
-        }
-        const float k_o = dot_o * inv_o * inv_o * inv_o * inv_d;
-#pragma omp simd
-        for (int64_t i = 0; i < d; ++i) dfr[i] = inv_o * dtr[i] * wo[i] - k_o * fr[i];
-      }
+      // the residual stream's gradient plus what flows back through the next block's input norm
+      rms_row_backward(dyp + r * d, sp + r * d, wi, ri[r], sc, d, dsp + r * d, dtr, pin + tid * d);
+      if (peri) rms_row_backward(dtr, fp + r * d, wo, ro[r], 1.0f, d, nullptr, dfp + r * d, pout + tid * d);
     }
   });
   at::Tensor d_in_weight = partial_in.sum(0).mul_(scale);
