@@ -9,11 +9,11 @@ side in one process. Prints one JSON object.
     swiglu           model.mlp.swiglu (keeps its input, one gradient tensor) | silu(gate) * up under autograd
     rope_qkv         Rotary.apply_qkv (fused split + rotation) | split, then rotate-half on q and k (HF Llama's)
     peri_junction    kernels.torch_ops.peri_junction: s = residual + RMSNorm(f), y = RMSNorm(s) | the composition
-
-For these four, `ours` on an fp32 CPU tensor runs the fused CPU kernels (kernels/cpu_kernels.py) and
-`ours, torch ops` the same autograd functions on torch's eager ops (what runs when the kernels are off).
     sdpa_layout      SDPA on q, k, v laid out batch-major (what apply_qkv returns) | sequence-major views
     fused_loss       model.loss.linear_cross_entropy (chunked, one logits buffer) | logits + cross_entropy
+
+For the first four, `ours` on an fp32 CPU tensor runs the fused CPU kernels (kernels/cpu_kernels.py) and
+`ours, torch ops` the same autograd functions on torch's eager ops (what runs when the kernels are off).
 
 Each pair alternates call by call (a, b, a, b, ...) so noise hits both alike; times are medians in ms (CPU:
 process CPU time, so other work on the machine does not count; GPU: wall time after a synchronize).
@@ -68,6 +68,14 @@ def reference_rope_qkv(qkv, heads, cos, sin):
         return x * cos[:, None, None, :] + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin[:, None, None, :]
 
     return rotate(q.reshape(s, b, heads, hd)), rotate(k.squeeze(3)), v.squeeze(3)
+
+
+def cpu_kernels_status(device: torch.device) -> str:
+    """'loaded', or why not (a failed build names its cause); 'not used' on a GPU."""
+    if device.type != "cpu":
+        return "not used"
+    cpu_kernels.load()
+    return cpu_kernels.status()
 
 
 def torch_ops_only(fn):
@@ -237,7 +245,7 @@ def main(argv=None) -> int:
         "dtype": args.dtype,
         "shape": {k: getattr(args, k) for k in ("tokens", "batch", "hidden", "heads", "ffn", "vocab")},
         "timing": "wall-clock after a synchronize" if device.type == "cuda" else "process CPU time",
-        "cpu_kernels": cpu_kernels.status() if device.type == "cpu" and cpu_kernels.load() is not None else "not used",
+        "cpu_kernels": cpu_kernels_status(device),
         "ops": {},
     }
     for name, inputs, fns in cases(args, device, dtype):

@@ -126,10 +126,13 @@ def open_run(cfg: Config, tokenizer: Tokenizer, dist: DistInfo) -> Run:
     )
 
 
-def cpu_kernels_line() -> str:
-    """Loads (building on first use) the fused CPU kernels now rather than in the first step, and says so."""
+def cpu_kernels_line(cfg: Config) -> str:
+    """Loads (building on first use) the fused CPU kernels now rather than in the first step, and says so;
+    builds nothing for a run that would not use them (compiled, or not fp32)."""
     from kernels import cpu_kernels
 
+    if cfg.train.compile or cfg.train.precision != "fp32":
+        return "[kernels] CPU: fused kernels not used (they serve fp32 eager steps; inductor fuses compiled ones)"
     t0 = time.perf_counter()
     loaded = cpu_kernels.load() is not None
     took = time.perf_counter() - t0
@@ -160,7 +163,7 @@ def build_model(run: Run):
         + ", ".join(f"{k} x{kinds.count(k)}" for k in dict.fromkeys(kinds))
     )
     if run.dist.device.type == "cpu":
-        run.log(cpu_kernels_line())
+        run.log(cpu_kernels_line(run.cfg))
     layout = run.layout
     run.log(
         f"[parallel] world {run.dist.world_size} = pp {layout.pp} x dp {layout.dp} x "
