@@ -84,8 +84,8 @@ class GPT(nn.Module):
         cross-entropy over the mask (+ z-loss), by default without building the logits (model/loss.py).
         Inside, activations are sequence-first (T, B, d), as in Megatron."""
         x, h = self.embed_norm(self.embed(tokens.t())), None
-        # Fill the RoPE table cache here, not first inside a recomputed (checkpointed) block, where
-        # torch.compile cannot trace a mutation of it (a graph break).
+        # Fill the RoPE table cache here (eager), not first inside a recomputed (checkpointed) block, where
+        # torch.compile cannot trace a mutation of it (a graph break). Compiled code computes its own.
         self.rotary.tables(tokens.shape[1], x.device, x.dtype)
         for block in self.blocks:
             x, h = block(x, h)

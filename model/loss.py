@@ -9,7 +9,9 @@ chunk's logits, its loss and its gradient at once, and keeps only the gradients 
 same idea as Liger-Kernel's fused linear cross-entropy, torch's F.linear_cross_entropy with chunking
 options, and Apple's cut-cross-entropy). Gradients are computed in the forward (the loss is a
 weighted sum, so its gradient is known there up to the scalar that backward brings), which saves
-recomputing each chunk's logits in backward: three matmuls in all, as in the plain path.
+recomputing each chunk's logits in backward: three matmuls in all, as in the plain path. Between the
+matmuls, a chunk's softmax, loss and logit gradient are one C++ pass over each row on fp32 CPU tensors
+(kernels/cpu_kernels.py: cross_entropy_rows), torch's ops otherwise.
 
 Vocab-parallel tensor parallelism: each rank holds a contiguous slice of the vocabulary
 (vocab_start ... vocab_start + V_local) and the full hidden states; per chunk the row maxima are
@@ -29,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kernels import cpu_kernels
 from model.tensor_parallel import copy_to_tp, gather_from_sequence, tp_all_reduce, tp_group, vocab_parallel_token_losses
 
 # Chunk size: as many tokens as keep one chunk's fp32 logits near this many elements, but at least
@@ -111,6 +114,11 @@ def _linear_cross_entropy(
     # One logits buffer for every chunk: a fresh [chunk x V_local] tensor per chunk costs its page faults
     # again on CPU (glibc hands large blocks back to the system when they are freed).
     buffer = torch.empty((min(chunk, n), v_local), dtype=acc, device=hidden.device)
+    # The softmax, loss and logit gradient of a chunk in one C++ pass per row, on fp32 CPU without tensor
+    # parallelism (whose row maxima and sums are all-reduced between the passes); torch's ops otherwise.
+    fused = None if group is not None or rescale else cpu_kernels.usable(buffer, weights)
+    if fused is not None:
+        labels = labels.to(torch.int64).contiguous()
     for i in range(0, n, chunk):
         h, y, w = hidden[i : i + chunk], labels[i : i + chunk], weights[i : i + chunk]
         logits = buffer[: h.shape[0]]  # [c, V_local], computed in the input dtype, as the plain head
@@ -118,29 +126,32 @@ def _linear_cross_entropy(
             logits.copy_(h @ weight.t())
         else:
             torch.mm(h, weight.t(), out=logits)
-        row_max = logits.amax(dim=-1)
-        if group is not None:
-            tp_all_reduce(row_max, group, torch.distributed.ReduceOp.MAX)
-        logits.sub_(row_max.unsqueeze(-1))
-        local = y - vocab_start
-        mine = (local >= 0) & (local < v_local)
-        local = local.clamp(0, v_local - 1).unsqueeze(-1)
-        target = logits.gather(-1, local).squeeze(-1) * mine  # the target's shifted logit, on its rank only
-        logits.exp_()
-        sum_exp = logits.sum(dim=-1)
-        if group is not None:
-            both = tp_all_reduce(torch.stack([target, sum_exp]), group)
-            target, sum_exp = both[0], both[1]
-        log_sum = sum_exp.log()
-        lse = row_max + log_sum
-        per_token = log_sum - target
-        if z_loss:
-            per_token = per_token + z_loss * lse.square()
-        total += (w * per_token).sum()
+        if fused is not None:  # one pass over each row (kernels/cpu_kernels.py)
+            total += fused.cross_entropy_rows(logits, y, w, z_loss, vocab_start, compute_grad).sum()
+        else:
+            row_max = logits.amax(dim=-1)
+            if group is not None:
+                tp_all_reduce(row_max, group, torch.distributed.ReduceOp.MAX)
+            logits.sub_(row_max.unsqueeze(-1))
+            local = y - vocab_start
+            mine = (local >= 0) & (local < v_local)
+            local = local.clamp(0, v_local - 1).unsqueeze(-1)
+            target = logits.gather(-1, local).squeeze(-1) * mine  # the target's shifted logit, on its rank only
+            logits.exp_()
+            sum_exp = logits.sum(dim=-1)
+            if group is not None:
+                both = tp_all_reduce(torch.stack([target, sum_exp]), group)
+                target, sum_exp = both[0], both[1]
+            log_sum = sum_exp.log()
+            lse = row_max + log_sum
+            per_token = log_sum - target
+            if z_loss:
+                per_token = per_token + z_loss * lse.square()
+            total += (w * per_token).sum()
         if compute_grad:
-            # d/dz_k = w * (softmax_k * (1 + 2 z_loss lse) - [k == y])
-            logits.mul_((w * (1.0 + 2.0 * z_loss * lse) / sum_exp).unsqueeze(-1))
-            logits.scatter_add_(-1, local, -(w * mine).unsqueeze(-1))
+            if fused is None:  # d/dz_k = w * (softmax_k * (1 + 2 z_loss lse) - [k == y])
+                logits.mul_((w * (1.0 + 2.0 * z_loss * lse) / sum_exp).unsqueeze(-1))
+                logits.scatter_add_(-1, local, -(w * mine).unsqueeze(-1))
             if rescale:
                 g = logits.mul_(scale).to(hidden.dtype)
                 dh[i : i + chunk] = (g @ weight).to(acc) / scale

@@ -39,14 +39,15 @@ class Rotary:
         self._cache: dict = {}
 
     def tables(self, length: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        if torch.compiler.is_compiling():
+            # Inside a compiled graph: an opaque op that computes them (a few thousand cos/sin per graph).
+            # Filling the cache there is a side effect whose guard fails on the next call (the whole model
+            # compiled twice, both graphs kept); the plain expression would be fused by inductor into each
+            # rotation, one cos and one sin per element of q and k (35 ms of a 0.8 s step at quickstart size).
+            return torch.ops.pretrain.rope_tables(length, self.head_dim, self.theta, dtype, device)
         key = (length, device, dtype)
         if key not in self._cache:
-            inv_freq = 1.0 / (
-                self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim)
-            )
-            angles = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)
-            emb = torch.cat([angles, angles], dim=-1)
-            self._cache = {key: (emb.cos().to(dtype), emb.sin().to(dtype))}
+            self._cache = {key: _rope_tables(length, self.head_dim, self.theta, dtype, device)}
         return self._cache[key]
 
     def apply(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -61,6 +62,22 @@ class Rotary:
         (S, B, kv_heads, hd), q and k rotated; their gradient is written into one tensor of qkv's shape.
         Eager only (dynamo cannot trace its strided writes): compiled, the caller splits and calls apply()."""
         return _RotateQKV.apply(qkv, q_heads, cos, sin)
+
+
+@torch.library.custom_op("pretrain::rope_tables", mutates_args=())
+def _rope_tables(
+    length: int, head_dim: int, theta: float, dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """cos and sin (length, head_dim), computed in fp32, then cast to dtype."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    angles = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)
+    emb = torch.cat([angles, angles], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+@_rope_tables.register_fake
+def _(length, head_dim, theta, dtype, device):
+    return tuple(torch.empty(length, head_dim, dtype=dtype, device=device) for _ in range(2))
 
 
 def _halves(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:

@@ -127,17 +127,23 @@ def open_run(cfg: Config, tokenizer: Tokenizer, dist: DistInfo) -> Run:
 
 
 def cpu_kernels_line(cfg: Config) -> str:
-    """Loads (building on first use) the fused CPU kernels now rather than in the first step, and says so;
-    builds nothing for a run that would not use them (compiled, or not fp32)."""
+    """Loads (building on first use) the fused CPU kernels now rather than in the first step, and says which
+    this run uses; builds nothing for a run that would use none (not fp32, or compiled without the fused loss)."""
     from kernels import cpu_kernels
 
-    if cfg.train.compile or cfg.train.precision != "fp32":
-        return "[kernels] CPU: fused kernels not used (they serve fp32 eager steps; inductor fuses compiled ones)"
+    used = []
+    if cfg.train.precision == "fp32":
+        if not cfg.train.compile:  # compiled, inductor fuses these itself
+            used += ["RMSNorm", "junction", "SwiGLU", "RoPE"]
+        if cfg.train.fused_loss and cfg.parallel.tp == 1:  # inside the fused loss's custom op, compiled or not
+            used.append("cross-entropy")
+    if not used:
+        return "[kernels] CPU: fused kernels not used (they serve fp32 steps; inductor fuses compiled ones)"
     t0 = time.perf_counter()
     loaded = cpu_kernels.load() is not None
     took = time.perf_counter() - t0
     if loaded:
-        return f"[kernels] CPU: fused RMSNorm, junction, SwiGLU and RoPE kernels loaded in {took:.1f} s (fp32, eager)"
+        return f"[kernels] CPU: fused {', '.join(used)} kernels loaded in {took:.1f} s (fp32)"
     return f"[kernels] CPU: fused kernels off ({cpu_kernels.status()}); torch's ops run"
 
 

@@ -26,6 +26,6 @@ def test_block_ops_bench_reports_every_op_side_by_side():
     assert kept["fused_loss"]["composition"] - kept["fused_loss"]["ours"] >= tokens * vocab * 4  # the logits
     # the fused CPU kernels beside the same functions on torch's ops, each keeping the same for backward
     assert r["cpu_kernels"] == "loaded"
-    for name in ("rms_norm", "swiglu", "rope_qkv", "peri_junction"):
+    for name in ("rms_norm", "swiglu", "rope_qkv", "peri_junction", "fused_loss"):
         assert r["ops"][name]["kernels_over_torch_ops"] > 0
         assert kept[name]["ours"] == kept[name]["ours, torch ops"]

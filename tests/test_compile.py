@@ -93,12 +93,14 @@ def test_compiled_blocks_train_like_eager(backend, recompute):
 
 
 def assert_train_alike(eager, compiled, rtol, atol):
-    """Loss and every gradient equal over two steps, the second running the cached graphs."""
-    for _ in range(2):
+    """Loss and every gradient equal over three steps, the later ones running the cached graphs: a
+    recompilation there is an error (state the first call's trace mutates, like a cache, fails a guard)."""
+    for step in range(3):
         out = []
         for m in (eager, compiled):
             m.zero_grad(set_to_none=True)
-            loss = m(*batch())
+            with torch._dynamo.config.patch(error_on_recompile=step > 0):
+                loss = m(*batch())
             loss.backward()
             out.append([loss.detach()] + [p.grad for p in m.parameters()])
         for a, b in zip(*out):

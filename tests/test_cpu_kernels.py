@@ -1,8 +1,10 @@
 """The fused CPU kernels (kernels/csrc/cpu_kernels.cpp) against float64 references written as plain torch
-expressions (Hugging Face Llama's RoPE, silu(gate) * up, the RMSNorm formula), forward and backward, and
-a training step of the model with them against the same step on torch's ops (PRETRAIN_CPU_KERNELS=0)."""
+expressions (Hugging Face Llama's RoPE, silu(gate) * up, the RMSNorm formula, F.cross_entropy), forward and
+backward, and a training step of the model with them against the same step on torch's ops (PRETRAIN_CPU_KERNELS=0)."""
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
@@ -137,6 +139,80 @@ def test_fused_junctions_match_the_composition(junction, scale, threads, s_used)
             torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
     finally:
         torch.set_num_threads(before)
+
+
+def cross_entropy_reference(h, w, labels, weights, z_loss):
+    """sum_t w_t (lse_t - z_t[y_t] + z_loss lse_t^2) in float64, by F.cross_entropy."""
+    logits = h.double() @ w.double().t()
+    lse = logits.logsumexp(-1)
+    per = F.cross_entropy(logits, labels, reduction="none") + z_loss * lse.square()
+    return (weights.double() * per).sum()
+
+
+@pytest.mark.parametrize("z_loss", [0.0, 1e-3])
+@pytest.mark.parametrize("chunk", [0, 7])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_loss_on_the_kernel_matches_cross_entropy(z_loss, chunk, threads):
+    """model/loss.py's chunked loss computes each chunk's softmax, loss and logit gradient with
+    cross_entropy_rows: loss and both gradients against F.cross_entropy in float64, and against the same
+    loss on torch's ops, masked, over one chunk and over several (the last one partial)."""
+    from model.loss import linear_cross_entropy
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(3)
+        n, d, v = 45, 24, 301
+        h, w = (torch.randn(n, d) * 2).requires_grad_(), (torch.randn(v, d) * 0.5).requires_grad_()
+        labels, mask = torch.randint(0, v, (n,)), (torch.rand(n) > 0.3).float()
+        results = []
+        for off in (False, True):
+            with cpu_kernels.turned_off() if off else contextlib.nullcontext():
+                loss = linear_cross_entropy(h, w, labels, mask, z_loss=z_loss, chunk_tokens=chunk)
+                results.append((loss.detach(), *torch.autograd.grad(loss, (h, w))))
+        h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+        ref = cross_entropy_reference(h64, w64, labels, mask / mask.sum(), z_loss)
+        want = (ref.detach(), *torch.autograd.grad(ref, (h64, w64)))
+        for got, other, expected in zip(*results, want):
+            scale = expected.abs().max().item()
+            torch.testing.assert_close(got.double(), expected, rtol=0, atol=2e-6 * max(scale, 1.0))
+            torch.testing.assert_close(got, other, rtol=0, atol=2e-6 * max(scale, 1.0))
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_cross_entropy_rows_on_a_vocabulary_slice_and_without_gradient():
+    """The op itself: a label outside the slice [vocab_start, vocab_start + V) (tensor parallelism's other
+    ranks) leaves the row lse - max, with no one-hot in its gradient; compute_grad=False leaves the logits alone, and a NaN or inf logit
+    makes its row's loss and gradient NaN (fast math must not hide a diverged step)."""
+    ops = cpu_kernels.load()
+    torch.manual_seed(4)
+    z64 = torch.randn(9, 130, dtype=torch.float64) * 6
+    start, labels = 100, torch.tensor([100, 229, 5, 150, 0, 300, 101, 99, 230])
+    weights = torch.rand(9)
+    local = labels - start
+    mine = (local >= 0) & (local < 130)
+    lse = z64.logsumexp(-1)
+    # another rank's target: the row's term is lse - max (model/loss.py sums the ranks' z_y - max)
+    target = torch.where(mine, z64.gather(1, local.clamp(0, 129)[:, None])[:, 0], z64.amax(-1))
+    want = weights.double() * (lse - target + 1e-2 * lse.square())
+    grad = torch.softmax(z64, -1) * (weights.double() * (1 + 2e-2 * lse))[:, None]
+    grad[mine.nonzero()[:, 0], local[mine]] -= weights.double()[mine]
+
+    z = z64.float()
+    untouched = z.clone()
+    got = ops.cross_entropy_rows(z, labels, weights, 1e-2, start, False)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(z, untouched)
+    got = ops.cross_entropy_rows(z, labels, weights, 1e-2, start, True)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(z.double(), grad, rtol=0, atol=1e-6)
+
+    bad = untouched.clone()
+    bad[2, 7], bad[5, 0] = float("nan"), float("inf")
+    got = ops.cross_entropy_rows(bad, labels, weights, 0.0, start, True)
+    assert got[[2, 5]].isnan().all() and got[[0, 1, 3, 4, 6, 7, 8]].isfinite().all()
+    assert bad[[2, 5]].isnan().all() and bad[[0, 1, 3, 4, 6, 7, 8]].isfinite().all()
 
 
 def test_other_dtypes_and_layouts_take_torchs_ops():

@@ -7,7 +7,11 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
 #include <optional>
 #include <vector>
 
@@ -24,6 +28,12 @@ constexpr int64_t kGrain = 16;  // rows per parallel task
 // become a reciprocal estimate, which turns an infinite denominator into NaN. At the cap the sigmoid is
 // 1.8e-35 instead of smaller: silu(x) = x * sigmoid(x) is off by less than 1e-33 there.
 inline float exp_neg(float x) { return expf(std::fmin(-x, 80.0f)); }
+// Not inf or NaN, by the exponent bits: std::isfinite is folded to true under -ffinite-math-only.
+inline bool finite(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  return (bits & 0x7f800000u) != 0x7f800000u;
+}
 inline float sigmoid(float x) { return 1.0f / (1.0f + exp_neg(x)); }
 
 // out[..., :F] = silu(gate) * up for gate_up = [gate | up] rows of width 2F.
@@ -339,6 +349,72 @@ std::vector<at::Tensor> junction_backward(const at::Tensor& dy, const at::Tensor
   return {d_f, d_total, d_out_weight, d_in_weight};
 }
 
+// The cross-entropy of a chunk of logit rows, and (compute_grad) its gradient written over the logits.
+// logits [c, V] (the whole vocabulary: the caller handles tensor parallelism), labels [c] int64 global ids,
+// weights [c]. Per row, while it sits in L1/L2: the maximum, then exp(z - max) and its sum, then the
+// gradient w (1 + 2 z_loss lse) softmax - w [k == y]. Returns the rows' w (lse - z_y + z_loss lse^2); a row
+// whose label falls outside [vocab_start, vocab_start + V) has no target here: w (lse - max + z_loss lse^2)
+// and no one-hot, as model/loss.py's torch path.
+at::Tensor cross_entropy_rows(at::Tensor logits, const at::Tensor& labels, const at::Tensor& weights,
+                              double z_loss, int64_t vocab_start, bool compute_grad) {
+  check_f32(logits, "logits");
+  check_f32(weights, "weights");
+  TORCH_CHECK(logits.dim() == 2 && logits.size(1) > 0, "pretrain_cpu::cross_entropy_rows: logits must be [rows, vocab]");
+  const int64_t rows = logits.size(0), V = logits.size(1);
+  TORCH_CHECK(labels.device().is_cpu() && labels.scalar_type() == at::kLong && labels.is_contiguous() &&
+                  labels.numel() == rows && weights.numel() == rows,
+              "pretrain_cpu::cross_entropy_rows: labels (contiguous int64) and weights need one entry per row");
+  at::Tensor out = at::empty({rows}, logits.options());
+  float* zp = logits.data_ptr<float>();
+  const int64_t* yp = labels.data_ptr<int64_t>();
+  const float* wp = weights.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float zl = static_cast<float>(z_loss);
+  at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      float* z = zp + r * V;
+      float m = z[0], total = 0.0f;
+#pragma omp simd reduction(max : m) reduction(+ : total)
+      for (int64_t k = 0; k < V; ++k) {
+        m = std::fmax(m, z[k]);
+        total += z[k];
+      }
+      // A NaN or inf logit: fast math may drop it from the maximum and the capped exp, but not from a plain
+      // sum (tested by its bits, which -ffinite-math-only cannot fold away). The row's loss and gradient are
+      // NaN, as in torch's ops, so that the run's divergence guard sees it.
+      if (!finite(total)) {
+        op[r] = std::numeric_limits<float>::quiet_NaN();
+        if (compute_grad) std::fill(z, z + V, std::numeric_limits<float>::quiet_NaN());
+        continue;
+      }
+      const int64_t y = yp[r] - vocab_start;
+      const bool mine = y >= 0 && y < V;
+      const float target = mine ? z[y] - m : 0.0f;
+      float sum = 0.0f;
+      if (compute_grad) {
+#pragma omp simd reduction(+ : sum)
+        for (int64_t k = 0; k < V; ++k) {
+          const float e = expf(std::fmax(z[k] - m, -87.0f));  // capped, as exp_neg is
+          z[k] = e;
+          sum += e;
+        }
+      } else {
+#pragma omp simd reduction(+ : sum)
+        for (int64_t k = 0; k < V; ++k) sum += expf(std::fmax(z[k] - m, -87.0f));
+      }
+      const float log_sum = logf(sum), lse = m + log_sum, w = wp[r];
+      op[r] = w * (log_sum - target + zl * lse * lse);
+      if (compute_grad) {
+        const float coef = w * (1.0f + 2.0f * zl * lse) / sum;
+#pragma omp simd
+        for (int64_t k = 0; k < V; ++k) z[k] *= coef;
+        if (mine) z[y] -= w;
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(pretrain_cpu, m) {
@@ -352,6 +428,8 @@ TORCH_LIBRARY(pretrain_cpu, m) {
         "float scale) -> Tensor[]");
   m.def("junction_backward(Tensor dy, Tensor ds, Tensor f, Tensor s, Tensor? out_weight, Tensor in_weight, "
         "Tensor rstd_out, Tensor rstd_in, float scale) -> Tensor[]");
+  m.def("cross_entropy_rows(Tensor(a!) logits, Tensor labels, Tensor weights, float z_loss, int vocab_start, "
+        "bool compute_grad) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(pretrain_cpu, CPU, m) {
@@ -362,4 +440,5 @@ TORCH_LIBRARY_IMPL(pretrain_cpu, CPU, m) {
   m.impl("rms_norm_backward", &rms_norm_backward);
   m.impl("junction_forward", &junction_forward);
   m.impl("junction_backward", &junction_backward);
+  m.impl("cross_entropy_rows", &cross_entropy_rows);
 }
