@@ -183,8 +183,9 @@ def test_fused_loss_on_the_kernel_matches_cross_entropy(z_loss, chunk, threads):
 
 def test_cross_entropy_rows_on_a_vocabulary_slice_and_without_gradient():
     """The op itself: a label outside the slice [vocab_start, vocab_start + V) (tensor parallelism's other
-    ranks) leaves the row lse - max, with no one-hot in its gradient; compute_grad=False leaves the logits alone, and a NaN or inf logit
-    makes its row's loss and gradient NaN (fast math must not hide a diverged step)."""
+    ranks) leaves the row lse - max, with no one-hot in its gradient; compute_grad=False leaves the logits
+    alone; a NaN or inf logit makes its row's loss and gradient NaN (fast math must not hide a diverged
+    step)."""
     ops = cpu_kernels.load()
     torch.manual_seed(4)
     z64 = torch.randn(9, 130, dtype=torch.float64) * 6
