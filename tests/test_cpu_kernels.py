@@ -293,3 +293,22 @@ def test_training_with_the_kernels_equals_training_on_torchs_ops(placement, monk
     assert on_losses == pytest.approx(off_losses, rel=1e-5, abs=1e-5)
     for a, b in zip(on_grads, off_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
+
+
+@pytest.mark.parametrize(
+    "precision, compile_, fused_loss, tp, expected",
+    [
+        ("fp32", False, True, 1, "fused RMSNorm, junction, SwiGLU, RoPE, cross-entropy kernels loaded"),
+        ("fp32", True, True, 1, "fused cross-entropy kernels loaded"),  # inside the loss's custom op
+        ("fp32", False, True, 2, "fused RMSNorm, junction, SwiGLU, RoPE kernels loaded"),  # vocab-parallel loss
+        ("fp32", True, False, 1, "not used"),
+        ("bf16", False, True, 1, "not used"),
+    ],
+)
+def test_the_run_log_names_the_kernels_a_run_uses(precision, compile_, fused_loss, tp, expected):
+    from pretrain.config import Config
+    from pretrain.job import cpu_kernels_line
+
+    cfg = Config()
+    cfg.train.precision, cfg.train.compile, cfg.train.fused_loss, cfg.parallel.tp = precision, compile_, fused_loss, tp
+    assert expected in cpu_kernels_line(cfg)
