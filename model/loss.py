@@ -26,6 +26,7 @@ and the collectives inside it stay eager.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +84,37 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _cross_entropy_rows(
+    logits: Tensor, y: Tensor, w: Tensor, z_loss: float, vocab_start: int, compute_grad: bool, group=None
+) -> Tensor:
+    """What the CPU kernel pretrain_cpu::cross_entropy_rows computes, on torch's ops and across the ranks of a
+    vocab-parallel group: the rows' w (lse - z_y + z_loss lse^2), and (compute_grad) the logits' gradient
+    w (softmax (1 + 2 z_loss lse) - [k == y]) written over this rank's slice of the logits."""
+    v_local = logits.shape[-1]
+    row_max = logits.amax(dim=-1)
+    if group is not None:
+        tp_all_reduce(row_max, group, torch.distributed.ReduceOp.MAX)
+    logits.sub_(row_max.unsqueeze(-1))
+    local = y - vocab_start
+    mine = (local >= 0) & (local < v_local)
+    local = local.clamp(0, v_local - 1).unsqueeze(-1)
+    target = logits.gather(-1, local).squeeze(-1) * mine  # the target's shifted logit, on its rank only
+    logits.exp_()
+    sum_exp = logits.sum(dim=-1)
+    if group is not None:
+        both = tp_all_reduce(torch.stack([target, sum_exp]), group)
+        target, sum_exp = both[0], both[1]
+    log_sum = sum_exp.log()
+    lse = row_max + log_sum
+    per_token = log_sum - target
+    if z_loss:
+        per_token = per_token + z_loss * lse.square()
+    if compute_grad:
+        logits.mul_((w * (1.0 + 2.0 * z_loss * lse) / sum_exp).unsqueeze(-1))
+        logits.scatter_add_(-1, local, -(w * mine).unsqueeze(-1))
+    return w * per_token
+
+
 @torch.library.custom_op("pretrain::linear_cross_entropy", mutates_args=())
 def _linear_cross_entropy(
     hidden: Tensor,
@@ -119,6 +151,9 @@ def _linear_cross_entropy(
     fused = None if group is not None or rescale else cpu_kernels.usable(buffer, weights)
     if fused is not None:
         labels = labels.to(torch.int64).contiguous()
+        cross_entropy_rows = fused.cross_entropy_rows
+    else:
+        cross_entropy_rows = partial(_cross_entropy_rows, group=group)
     for i in range(0, n, chunk):
         h, y, w = hidden[i : i + chunk], labels[i : i + chunk], weights[i : i + chunk]
         logits = buffer[: h.shape[0]]  # [c, V_local], computed in the input dtype, as the plain head
@@ -126,32 +161,8 @@ def _linear_cross_entropy(
             logits.copy_(h @ weight.t())
         else:
             torch.mm(h, weight.t(), out=logits)
-        if fused is not None:  # one pass over each row (kernels/cpu_kernels.py)
-            total += fused.cross_entropy_rows(logits, y, w, z_loss, vocab_start, compute_grad).sum()
-        else:
-            row_max = logits.amax(dim=-1)
-            if group is not None:
-                tp_all_reduce(row_max, group, torch.distributed.ReduceOp.MAX)
-            logits.sub_(row_max.unsqueeze(-1))
-            local = y - vocab_start
-            mine = (local >= 0) & (local < v_local)
-            local = local.clamp(0, v_local - 1).unsqueeze(-1)
-            target = logits.gather(-1, local).squeeze(-1) * mine  # the target's shifted logit, on its rank only
-            logits.exp_()
-            sum_exp = logits.sum(dim=-1)
-            if group is not None:
-                both = tp_all_reduce(torch.stack([target, sum_exp]), group)
-                target, sum_exp = both[0], both[1]
-            log_sum = sum_exp.log()
-            lse = row_max + log_sum
-            per_token = log_sum - target
-            if z_loss:
-                per_token = per_token + z_loss * lse.square()
-            total += (w * per_token).sum()
+        total += cross_entropy_rows(logits, y, w, z_loss, vocab_start, compute_grad).sum()
         if compute_grad:
-            if fused is None:  # d/dz_k = w * (softmax_k * (1 + 2 z_loss lse) - [k == y])
-                logits.mul_((w * (1.0 + 2.0 * z_loss * lse) / sum_exp).unsqueeze(-1))
-                logits.scatter_add_(-1, local, -(w * mine).unsqueeze(-1))
             if rescale:
                 g = logits.mul_(scale).to(hidden.dtype)
                 dh[i : i + chunk] = (g @ weight).to(acc) / scale
