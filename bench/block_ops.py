@@ -4,17 +4,20 @@ side in one process. Prints one JSON object.
     python bench/block_ops.py                        # quickstart shape: 2,048 tokens, d 256, 4 heads, SwiGLU 704
     python bench/block_ops.py --threads 1 --reps 30  # a CPU shared with others (CPU time, one thread)
     python bench/block_ops.py --tokens 8192 --hidden 1024 --heads 16 --ffn 2816 --dtype bf16   # a GPU
+    python bench/block_ops.py --ops attention --tokens 2048 --batch 2   # one op; sequences of 1,024 tokens
 
     rms_norm         kernels.torch_ops.rms_norm (hand-written backward) | the textbook composition | F.rms_norm
     swiglu           model.mlp.swiglu (keeps its input, one gradient tensor) | silu(gate) * up under autograd
     rope_qkv         Rotary.apply_qkv (fused split + rotation) | split, then rotate-half on q and k (HF Llama's)
     peri_junction    kernels.torch_ops.peri_junction: s = residual + RMSNorm(f), y = RMSNorm(s) | the composition
     sdpa_layout      SDPA on q, k, v laid out batch-major (what apply_qkv returns) | sequence-major views
+    attention        the causal attention model/attention.py runs (fp32 CPU: kernels/cpu_attention.py) |
+                     softmax(q k^T / sqrt(hd) + causal mask) v under autograd | SDPA
     fused_loss       model.loss.linear_cross_entropy (chunked, one logits buffer) | logits + cross_entropy
 
-For the first four and the fused loss, `ours` on an fp32 CPU tensor runs the fused CPU kernels
+For the first four, attention and the fused loss, `ours` on an fp32 CPU tensor runs the fused CPU kernels
 (kernels/cpu_kernels.py; the loss its per-chunk cross-entropy) and `ours, torch ops` the same autograd
-functions on torch's eager ops (what runs when the kernels are off).
+functions on torch's eager ops (what runs when the kernels are off; for attention torch's CPU flash kernel).
 
 Each pair alternates call by call (a, b, a, b, ...) so noise hits both alike; times are medians in ms (CPU:
 process CPU time, so other work on the machine does not count; GPU: wall time after a synchronize).
@@ -38,11 +41,13 @@ sys.path.insert(0, str(ROOT))
 import torch
 import torch.nn.functional as F
 
-from kernels import cpu_kernels
+from kernels import cpu_attention, cpu_kernels
 from kernels.torch_ops import peri_junction, rms_norm
 from model.loss import linear_cross_entropy
 from model.mlp import swiglu
 from model.rope import Rotary
+
+OPS = ("rms_norm", "swiglu", "rope_qkv", "peri_junction", "sdpa_layout", "attention", "fused_loss")  # cases()' names
 
 
 def reference_rms_norm(x, w, eps):
@@ -207,6 +212,28 @@ def cases(args, device, dtype):
         [q_seq, k_seq, v_seq, q_bm, k_bm, v_bm],
         {"ours": lambda: sdpa(q_bm, k_bm, v_bm), "composition": lambda: sdpa(q_seq, k_seq, v_seq)},
     )
+    heads_first = lambda *ts: [t.permute(1, 2, 0, 3) for t in ts]  # (S, B, heads, hd) -> (B, heads, S, hd)
+
+    def ours_attention():  # what model/attention.py runs: the kernel on fp32 CPU, SDPA elsewhere
+        q, k, v = heads_first(q_bm, k_bm, v_bm)
+        return cpu_attention.causal_attention(q, k, v) if cpu_attention.applies(q, 0.0) else sdpa(q_bm, k_bm, v_bm)
+
+    def reference_attention():
+        q, k, v = heads_first(q_bm, k_bm, v_bm)
+        scores = (q @ k.transpose(-1, -2)) * hd**-0.5
+        causal = torch.ones(s, s, dtype=torch.bool, device=device).tril()
+        return scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v
+
+    yield (
+        "attention",
+        [q_bm, k_bm, v_bm],
+        {
+            "ours": ours_attention,
+            "ours, torch ops": torch_ops_only(lambda: ours_attention()),  # its own function: the mark is an attribute
+            "composition": reference_attention,
+            "SDPA": lambda: sdpa(q_bm, k_bm, v_bm),
+        },
+    )
     h, head = leaf(n, d), (0.02 * rand(vocab, d)).requires_grad_()
     labels = torch.randint(0, vocab, (n,), generator=g).to(device)
     yield (
@@ -231,6 +258,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="default: bf16 on a GPU, fp32 on CPU")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--ops", nargs="+", choices=OPS, metavar="OP", help=f"only these: {', '.join(OPS)} (default all)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -251,6 +279,8 @@ def main(argv=None) -> int:
         "ops": {},
     }
     for name, inputs, fns in cases(args, device, dtype):
+        if args.ops and name not in args.ops:
+            continue
         runs = {k: backward_of(f, inputs) for k, f in fns.items()}
         ms = side_by_side(runs, args.reps, now)
         kept = {k: saved_bytes(f) for k, f in fns.items()}

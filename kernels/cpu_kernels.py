@@ -1,7 +1,8 @@
 """Fused CPU kernels for the train step (kernels/csrc/cpu_kernels.cpp), forward and backward: RMSNorm, the
 residual junctions (add + RMSNorm, Peri-LN's RMSNorm + add + RMSNorm), SwiGLU, the RoPE rotation of the
 fused q|k|v projection, and the fused loss's per-chunk softmax cross-entropy; each one memory pass where
-torch's eager ops take four or more (bench/block_ops.py, bench/RESULTS.md issue 19).
+torch's eager ops take four or more (bench/block_ops.py, bench/RESULTS.md issue 19). And causal attention
+(kernels/cpu_attention.py), blocked products through BLAS instead of torch's CPU flash kernel.
 
 They are C++ built on first use with torch.utils.cpp_extension (g++ and ninja; about 10 s once, then
 cached under TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions) and registered as the torch ops
@@ -12,7 +13,8 @@ directory build their own instead of loading one that would stop on an illegal i
 Used by kernels/torch_ops.py, model/mlp.py and model/rope.py in eager mode on fp32 CPU tensors (under
 torch.compile inductor fuses the plain expressions itself; other dtypes and devices take torch's ops), and by
 model/loss.py inside the fused loss's custom op, which runs eagerly in compiled models too (fp32, no tensor
-parallelism: its all-reduces sit between the passes the kernel fuses).
+parallelism: its all-reduces sit between the passes the kernel fuses), and by kernels/cpu_attention.py's
+custom op, eager and compiled.
 PRETRAIN_CPU_KERNELS=0 turns them off; a failed build (no compiler, say) is reported once and torch's ops run instead.
 """
 

@@ -128,13 +128,17 @@ def open_run(cfg: Config, tokenizer: Tokenizer, dist: DistInfo) -> Run:
 
 def cpu_kernels_line(cfg: Config) -> str:
     """Loads (building on first use) the fused CPU kernels now rather than in the first step, and says which
-    this run uses; builds nothing for a run that would use none (not fp32, or compiled without the fused loss)."""
+    this run uses; builds nothing for a run that would use none (not fp32, or compiled with dropout and without the
+    fused loss)."""
     from kernels import cpu_kernels
+    from kernels.cpu_attention import MAX_SEQ_LEN
 
     used = []
     if cfg.train.precision == "fp32":
         if not cfg.train.compile:  # compiled, inductor fuses these itself
             used += ["RMSNorm", "junction", "SwiGLU", "RoPE"]
+        if cfg.model.dropout == 0 and cfg.model.seq_len <= MAX_SEQ_LEN:  # cpu_attention's op, compiled or not
+            used.append("attention")
         if cfg.train.fused_loss and cfg.parallel.tp == 1:  # inside the fused loss's custom op, compiled or not
             used.append("cross-entropy")
     if not used:

@@ -5,6 +5,7 @@ backward, and a training step of the model with them against the same step on to
 from __future__ import annotations
 
 import contextlib
+from functools import partial
 
 import pytest
 import torch
@@ -216,6 +217,98 @@ def test_cross_entropy_rows_on_a_vocabulary_slice_and_without_gradient():
     assert bad[[2, 5]].isnan().all() and bad[[0, 1, 3, 4, 6, 7, 8]].isfinite().all()
 
 
+def _batch_major_heads(b, heads, s, d, dtype=torch.float32):
+    """(B, heads, S, D) in (B, S, heads, D) memory, as the model's RoPE hands q, k, v to attention."""
+    return torch.randn(b, s, heads, d, dtype=dtype).permute(0, 2, 1, 3)
+
+
+@pytest.mark.parametrize("kernels_on", [True, False])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(
+    "heads, kv_heads, seq, hd, layout",
+    [
+        (4, 4, 256, 64, "batch-major"),
+        (6, 2, 130, 16, "batch-major"),
+        (2, 1, 7, 8, "contiguous"),
+        (3, 3, 64, 32, "contiguous"),
+        (1, 1, 1, 4, "batch-major"),
+    ],
+)
+def test_causal_attention_matches_sdpa(heads, kv_heads, seq, hd, layout, threads, kernels_on, monkeypatch):
+    """The kernel (several query blocks, a partial last one, grouped-query heads, one token) and its
+    fallback on torch's flash kernel, forward and the three gradients, against SDPA in float64."""
+    from kernels import cpu_attention
+
+    if not kernels_on:
+        monkeypatch.setattr(cpu_kernels, "_state", {"error": "off"})
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(seq)
+        make = _batch_major_heads if layout == "batch-major" else lambda b, h, s, d: torch.randn(b, h, s, d)
+        q, k, v = make(2, heads, seq, hd) * 2, make(2, kv_heads, seq, hd) * 2, make(2, kv_heads, seq, hd)
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+        ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+        sdpa = partial(F.scaled_dot_product_attention, is_causal=True, enable_gqa=heads != kv_heads)
+        out, ref = cpu_attention.causal_attention(q, k, v), sdpa(*ref_in)
+        fp32_in = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        torch_fp32 = sdpa(*fp32_in)  # torch's own fp32 error is the bar
+        cot = torch.randn_like(ref)
+        mine = [out, *grads(out, (q, k, v), cot.float())]
+        bar = [torch_fp32, *grads(torch_fp32, fp32_in, cot.float())]
+        want = [ref, *grads(ref, ref_in, cot)]
+        for got, fp32, exact in zip(mine, bar, want):
+            assert (got.double() - exact).abs().max() <= 2 * (fp32.double() - exact).abs().max() + 1e-6
+            assert got.transpose(1, 2).is_contiguous()  # batch-major: the projection after it reads rows
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_causal_attention_ops_and_nan():
+    """torch.library.opcheck on both custom ops (fake shapes and strides against the real ones, autograd,
+    torch.compile), and a NaN: a NaN query spoils its own row only, a NaN key every row after it."""
+    from kernels import cpu_attention
+
+    q, k, v = (_batch_major_heads(2, 4, 70, 16).requires_grad_() for _ in range(3))
+    torch.library.opcheck(torch.ops.pretrain.cpu_causal_attention, (q, k, v, 0.25))
+    out, lse = torch.ops.pretrain.cpu_causal_attention(q, k, v, 0.25)
+    args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), 0.25)
+    torch.library.opcheck(torch.ops.pretrain.cpu_causal_attention_backward, args)
+
+    q, k, v = (t.detach().clone() for t in (q, k, v))
+    q[0, 1, 5, 3] = float("nan")
+    k[1, 2, 40, 0] = float("inf")
+    out = cpu_attention.causal_attention(q, k, v)
+    bad = out.isnan().any(-1)
+    assert bad[0, 1, 5] and bad[0, 1].sum() == 1 and not bad[0, [0, 2, 3]].any()
+    assert bad[1, 2, 40:].all() and not bad[1, 2, :40].any() and not bad[1, [0, 1, 3]].any()
+
+
+def test_causal_attention_compiles_without_a_graph_break():
+    from kernels import cpu_attention
+
+    q, k, v = (_batch_major_heads(2, 4, 33, 16).requires_grad_() for _ in range(3))
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    compiled = torch.compile(lambda a, b, c: cpu_attention.causal_attention(a, b, c).square().sum(), fullgraph=True)
+    compiled(q, k, v).backward()
+    F.scaled_dot_product_attention(*ref_in, is_causal=True).square().sum().backward()
+    for mine, theirs in zip((q, k, v), ref_in):
+        torch.testing.assert_close(mine.grad.double(), theirs.grad, rtol=0, atol=1e-5)
+
+
+def test_attention_outside_the_kernels_range_takes_sdpa(monkeypatch):
+    """bf16, dropout, a GPU-sized sequence and the switch turned off leave attention to SDPA."""
+    from kernels import cpu_attention
+
+    q = torch.randn(1, 2, 16, 8)
+    assert cpu_attention.applies(q, 0.0)
+    assert not cpu_attention.applies(q.bfloat16(), 0.0)
+    assert not cpu_attention.applies(q, 0.1)
+    assert not cpu_attention.applies(torch.randn(1, 1, cpu_attention.MAX_SEQ_LEN + 1, 8), 0.0)
+    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
+    assert not cpu_attention.applies(q, 0.0)
+
+
 def test_other_dtypes_and_layouts_take_torchs_ops():
     """bf16, float64 and non-contiguous tensors are not the kernels' (they would read them wrongly): usable()
     says no, and the functions above compute them with torch's ops (test_rope_swiglu checks those in float64)."""
@@ -296,19 +389,23 @@ def test_training_with_the_kernels_equals_training_on_torchs_ops(placement, monk
 
 
 @pytest.mark.parametrize(
-    "precision, compile_, fused_loss, tp, expected",
+    "precision, compile_, fused_loss, tp, model_keys, expected",
     [
-        ("fp32", False, True, 1, "fused RMSNorm, junction, SwiGLU, RoPE, cross-entropy kernels loaded"),
-        ("fp32", True, True, 1, "fused cross-entropy kernels loaded"),  # inside the loss's custom op
-        ("fp32", False, True, 2, "fused RMSNorm, junction, SwiGLU, RoPE kernels loaded"),  # vocab-parallel loss
-        ("fp32", True, False, 1, "not used"),
-        ("bf16", False, True, 1, "not used"),
+        ("fp32", False, True, 1, {}, "fused RMSNorm, junction, SwiGLU, RoPE, attention, cross-entropy kernels loaded"),
+        ("fp32", True, True, 1, {}, "fused attention, cross-entropy kernels loaded"),  # custom ops
+        ("fp32", False, True, 2, {}, "fused RMSNorm, junction, SwiGLU, RoPE, attention kernels loaded"),  # TP loss
+        ("fp32", True, False, 1, {}, "fused attention kernels loaded"),
+        ("fp32", True, False, 1, {"dropout": 0.1}, "not used"),  # SDPA
+        ("fp32", True, False, 1, {"seq_len": 2048}, "not used"),  # SDPA: torch's flash kernel is as fast there
+        ("bf16", False, True, 1, {}, "not used"),
     ],
 )
-def test_the_run_log_names_the_kernels_a_run_uses(precision, compile_, fused_loss, tp, expected):
+def test_the_run_log_names_the_kernels_a_run_uses(precision, compile_, fused_loss, tp, model_keys, expected):
     from pretrain.config import Config
     from pretrain.job import cpu_kernels_line
 
     cfg = Config()
     cfg.train.precision, cfg.train.compile, cfg.train.fused_loss, cfg.parallel.tp = precision, compile_, fused_loss, tp
+    for key, value in model_keys.items():
+        setattr(cfg.model, key, value)
     assert expected in cpu_kernels_line(cfg)

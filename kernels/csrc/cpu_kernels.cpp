@@ -1,7 +1,8 @@
-// Fused CPU kernels for the eager train step: one memory pass where torch's eager ops need four or more.
-// Built on first use by kernels/cpu_kernels.py (torch.utils.cpp_extension, cached per machine) and
-// registered as torch ops under pretrain_cpu::. fp32, contiguous inputs; the Python side checks both and
-// falls back to torch's ops otherwise. Loops over rows in parallel (at::parallel_for, intra-op threads);
+// Fused CPU kernels for the fp32 train step: one memory pass where torch's eager ops need four or more, and
+// a causal attention (at the end) that does its products through BLAS against only the keys each block of
+// queries sees. Built on first use by kernels/cpu_kernels.py (torch.utils.cpp_extension, cached per machine)
+// and registered as torch ops under pretrain_cpu::. fp32, contiguous inputs (attention: the last dimension
+// contiguous); the Python side checks and falls back to torch's ops otherwise. Loops over rows in parallel (at::parallel_for, intra-op threads);
 // the inner loops are plain arithmetic that the compiler vectorizes (-O3, and -ffast-math so that expf
 // becomes the vector math library's SIMD exp).
 #include <torch/library.h>
@@ -415,6 +416,198 @@ at::Tensor cross_entropy_rows(at::Tensor logits, const at::Tensor& labels, const
   return out;
 }
 
+// ------------------------------------------------------------------------------------ causal attention
+// Softmax attention with a causal mask, for short sequences on one core's caches: per (batch, head) and
+// block of kQBlock queries, the scores against the keys the block can see (the ones before its last row,
+// not all of them: causal work is about half), the softmax of each row while it sits in L1/L2, then the
+// products, through BLAS's sgemm. torch's CPU flash-attention kernel does the same work in smaller
+// products (bench/attention.py). Forward saves the rows' log-sum-exp; backward recomputes the
+// probabilities from it, as flash attention does, so nothing of size S x S is kept between the passes.
+
+// MKL's (or another BLAS's) Fortran sgemm, exported by torch's CPU library on x86; weak, so that the
+// kernels still load where it is missing (attention_has_blas() tells the Python side to use SDPA then).
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc) __attribute__((weak));
+
+bool attention_has_blas() { return sgemm_ != nullptr; }
+
+// Row-major C[m x n] = alpha op(A) op(B) + beta C, where op(A) is m x k and op(B) k x n; lda, ldb, ldc are
+// row strides. BLAS is column-major, where a row-major matrix reads as its transpose: C^T = op(B)^T op(A)^T.
+inline void matmul(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+                   const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  const char op_b = tb ? 'T' : 'N', op_a = ta ? 'T' : 'N';
+  const int mi = static_cast<int>(m), ni = static_cast<int>(n), ki = static_cast<int>(k);
+  const int la = static_cast<int>(lda), lb = static_cast<int>(ldb), lc = static_cast<int>(ldc);
+  sgemm_(&op_b, &op_a, &ni, &mi, &ki, &alpha, b, &lb, a, &la, &beta, c, &lc);
+}
+
+constexpr int64_t kQBlock = 64;  // queries per block: their scores against up to S keys stay in L2
+
+// (B, heads, S, D) with the last dimension contiguous: a pointer and the strides of the first three.
+struct HeadView {
+  const float* data;
+  int64_t sb, sh, ss;
+  explicit HeadView(const at::Tensor& t)
+      : data(t.data_ptr<float>()), sb(t.stride(0)), sh(t.stride(1)), ss(t.stride(2)) {}
+  const float* at(int64_t b, int64_t h) const { return data + b * sb + h * sh; }
+};
+
+void check_attention(const at::Tensor& t, const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 4 && t.stride(3) == 1,
+              "pretrain_cpu::causal_attention: ", what,
+              " must be a (batch, heads, seq, head_dim) fp32 CPU tensor whose last dimension is contiguous");
+  TORCH_CHECK(t.numel() < (int64_t{1} << 31), "pretrain_cpu::causal_attention: ", what, " is too large for sgemm");
+}
+
+struct AttentionShape {
+  int64_t B, H, Hkv, S, D, group, blocks;
+};
+
+AttentionShape attention_shape(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  check_attention(q, "q");
+  check_attention(k, "k");
+  check_attention(v, "v");
+  TORCH_CHECK(sgemm_ != nullptr, "pretrain_cpu::causal_attention: torch's CPU library exports no sgemm_ here");
+  const int64_t B = q.size(0), H = q.size(1), S = q.size(2), D = q.size(3), Hkv = k.size(1);
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == B && k.size(2) == S && k.size(3) == D && Hkv > 0 && H % Hkv == 0,
+              "pretrain_cpu::causal_attention: k and v must be (batch, kv_heads, seq, head_dim) like q, with "
+              "kv_heads dividing q's heads; got q ", q.sizes(), ", k ", k.sizes(), ", v ", v.sizes());
+  return {B, H, Hkv, S, D, H / Hkv, (S + kQBlock - 1) / kQBlock};
+}
+
+// Scores s of one row (n keys visible, e in the block's buffer) -> exp(scale (s - max)), zero past the
+// diagonal; returns the sum of those (the caller divides the row's output by it, D numbers instead of e)
+// and sets lse. A NaN or inf score makes the row NaN (fast math could drop it from the maximum; the plain
+// sum keeps it, tested by its bits as in cross_entropy_rows).
+inline float softmax_row(float* row, int64_t n, int64_t e, float scale, float* lse) {
+  float m = row[0], total = 0.0f;
+#pragma omp simd reduction(max : m) reduction(+ : total)
+  for (int64_t j = 0; j < n; ++j) {
+    m = std::fmax(m, row[j]);
+    total += row[j];
+  }
+  if (!finite(total)) {
+    std::fill(row, row + e, std::numeric_limits<float>::quiet_NaN());
+    *lse = std::numeric_limits<float>::quiet_NaN();
+    return *lse;
+  }
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) {
+    const float p = expf(std::fmax((row[j] - m) * scale, -87.0f));
+    row[j] = p;
+    sum += p;
+  }
+  std::fill(row + n, row + e, 0.0f);
+  *lse = m * scale + logf(sum);
+  return sum;
+}
+
+// q (B, H, S, D), k and v (B, Hkv, S, D), each with its last dimension contiguous -> out (B, H, S, D) in
+// (B, S, H, D) memory (as torch's CPU flash kernel returns it: the projection after it reads rows), and
+// lse (B, H, S), the natural log of each row's sum of exp(scale s).
+std::tuple<at::Tensor, at::Tensor> causal_attention_forward(const at::Tensor& q, const at::Tensor& k,
+                                                            const at::Tensor& v, double scale) {
+  const AttentionShape a = attention_shape(q, k, v);
+  at::Tensor out = at::empty({a.B, a.S, a.H, a.D}, q.options());
+  at::Tensor lse = at::empty({a.B, a.H, a.S}, q.options());
+  const HeadView qv(q), kv(k), vv(v);
+  float* op = out.data_ptr<float>();
+  float* lp = lse.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  at::parallel_for(0, a.B * a.H * a.blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(kQBlock * a.S), sums(kQBlock);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / (a.H * a.blocks), h = (t / a.blocks) % a.H, r0 = (t % a.blocks) * kQBlock;
+      const int64_t rows = std::min(kQBlock, a.S - r0), e = r0 + rows;  // keys 0 .. e-1 are visible
+      const float* qp = qv.at(b, h) + r0 * qv.ss;
+      const float* kp = kv.at(b, h / a.group);
+      matmul(false, true, rows, e, a.D, 1.0f, qp, qv.ss, kp, kv.ss, 0.0f, scores.data(), e);
+      for (int64_t j = 0; j < rows; ++j)
+        sums[j] = softmax_row(scores.data() + j * e, r0 + j + 1, e, sc, lp + (b * a.H + h) * a.S + r0 + j);
+      float* o = op + ((b * a.S + r0) * a.H + h) * a.D;
+      matmul(false, false, rows, a.D, e, 1.0f, scores.data(), e, vv.at(b, h / a.group), vv.ss, 0.0f, o, a.H * a.D);
+      for (int64_t j = 0; j < rows; ++j) {
+        float* o_row = o + j * a.H * a.D;
+        const float inv = 1.0f / sums[j];
+#pragma omp simd
+        for (int64_t d = 0; d < a.D; ++d) o_row[d] *= inv;
+      }
+    }
+  });
+  return {out.permute({0, 2, 1, 3}), lse};
+}
+
+// Gradients of causal_attention_forward: dq (B, H, S, D) in (B, S, H, D) memory, dk and dv (B, Hkv, S, D)
+// in (B, S, Hkv, D) memory. One task per (batch, kv head): the query heads that share a kv head add into
+// its dk and dv one after the other.
+std::vector<at::Tensor> causal_attention_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                                                  const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                                  double scale) {
+  const AttentionShape a = attention_shape(q, k, v);
+  check_attention(dout, "the output's gradient");
+  check_attention(out, "out");
+  TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes(),
+              "pretrain_cpu::causal_attention_backward: out and its gradient must have q's shape");
+  check_f32(lse, "lse");
+  TORCH_CHECK(lse.numel() == a.B * a.H * a.S, "pretrain_cpu::causal_attention_backward: lse must be (B, H, S)");
+  at::Tensor dq = at::empty({a.B, a.S, a.H, a.D}, q.options());
+  at::Tensor dk = at::zeros({a.B, a.S, a.Hkv, a.D}, q.options());
+  at::Tensor dv = at::zeros({a.B, a.S, a.Hkv, a.D}, q.options());
+  const HeadView qv(q), kv(k), vv(v), gv(dout), ov(out);
+  const float* lp = lse.data_ptr<float>();
+  float* dqp = dq.data_ptr<float>();
+  float* dkp = dk.data_ptr<float>();
+  float* dvp = dv.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  const int64_t kv_row = a.Hkv * a.D;
+  at::parallel_for(0, a.B * a.Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> p(kQBlock * a.S), dp(kQBlock * a.S);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / a.Hkv, g = t % a.Hkv;
+      const float* kp = kv.at(b, g);
+      const float* vp = vv.at(b, g);
+      float* dk_bg = dkp + (b * a.S * a.Hkv + g) * a.D;
+      float* dv_bg = dvp + (b * a.S * a.Hkv + g) * a.D;
+      for (int64_t h = g * a.group; h < (g + 1) * a.group; ++h) {
+        for (int64_t r0 = 0; r0 < a.S; r0 += kQBlock) {
+          const int64_t rows = std::min(kQBlock, a.S - r0), e = r0 + rows;
+          const float* qp = qv.at(b, h) + r0 * qv.ss;
+          const float* gp = gv.at(b, h) + r0 * gv.ss;
+          matmul(false, true, rows, e, a.D, 1.0f, qp, qv.ss, kp, kv.ss, 0.0f, p.data(), e);   // scores
+          matmul(false, true, rows, e, a.D, 1.0f, gp, gv.ss, vp, vv.ss, 0.0f, dp.data(), e);  // dO V^T
+          for (int64_t j = 0; j < rows; ++j) {
+            const int64_t r = r0 + j, n = r + 1;
+            const float* g_row = gp + j * gv.ss;
+            const float* o_row = ov.at(b, h) + r * ov.ss;
+            float delta = 0.0f;  // sum over d of dO o: the softmax backward's row term
+#pragma omp simd reduction(+ : delta)
+            for (int64_t d = 0; d < a.D; ++d) delta += g_row[d] * o_row[d];
+            const float l = lp[(b * a.H + h) * a.S + r];
+            float* pr = p.data() + j * e;
+            float* dr = dp.data() + j * e;
+#pragma omp simd
+            for (int64_t c = 0; c < n; ++c) {
+              const float prob = expf(std::fmax(pr[c] * sc - l, -87.0f));  // capped as in forward
+              pr[c] = prob;
+              dr[c] = prob * (dr[c] - delta);
+            }
+            std::fill(pr + n, pr + e, 0.0f);
+            std::fill(dr + n, dr + e, 0.0f);
+          }
+          // dV[0:e] += P^T dO;  dQ = scale dS K[0:e];  dK[0:e] += scale dS^T Q
+          matmul(true, false, e, a.D, rows, 1.0f, p.data(), e, gp, gv.ss, 1.0f, dv_bg, kv_row);
+          matmul(false, false, rows, a.D, e, sc, dp.data(), e, kp, kv.ss, 0.0f,
+                 dqp + ((b * a.S + r0) * a.H + h) * a.D, a.H * a.D);
+          matmul(true, false, e, a.D, rows, sc, dp.data(), e, qp, qv.ss, 1.0f, dk_bg, kv_row);
+        }
+      }
+    }
+  });
+  return {dq.permute({0, 2, 1, 3}), dk.permute({0, 2, 1, 3}), dv.permute({0, 2, 1, 3})};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(pretrain_cpu, m) {
@@ -430,6 +623,10 @@ TORCH_LIBRARY(pretrain_cpu, m) {
         "Tensor rstd_out, Tensor rstd_in, float scale) -> Tensor[]");
   m.def("cross_entropy_rows(Tensor(a!) logits, Tensor labels, Tensor weights, float z_loss, int vocab_start, "
         "bool compute_grad) -> Tensor");
+  m.def("attention_has_blas() -> bool");
+  m.def("causal_attention_forward(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)");
+  m.def("causal_attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "float scale) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(pretrain_cpu, CPU, m) {
@@ -441,4 +638,8 @@ TORCH_LIBRARY_IMPL(pretrain_cpu, CPU, m) {
   m.impl("junction_forward", &junction_forward);
   m.impl("junction_backward", &junction_backward);
   m.impl("cross_entropy_rows", &cross_entropy_rows);
+  m.impl("causal_attention_forward", &causal_attention_forward);
+  m.impl("causal_attention_backward", &causal_attention_backward);
 }
+// No tensor arguments: registered for every dispatch key.
+TORCH_LIBRARY_IMPL(pretrain_cpu, CompositeExplicitAutograd, m) { m.impl("attention_has_blas", &attention_has_blas); }
