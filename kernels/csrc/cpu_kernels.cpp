@@ -350,6 +350,20 @@ std::vector<at::Tensor> junction_backward(const at::Tensor& dy, const at::Tensor
   return {d_f, d_total, d_out_weight, d_in_weight};
 }
 
+// The maximum of x[0..n) into *max, and whether every x is finite. Fast math may drop a NaN or inf from the
+// maximum (and from a capped exp after it), but not from a plain sum, tested by its bits (finite), which
+// -ffinite-math-only cannot fold away.
+inline bool finite_max(const float* x, int64_t n, float* max) {
+  float m = x[0], total = 0.0f;
+#pragma omp simd reduction(max : m) reduction(+ : total)
+  for (int64_t k = 0; k < n; ++k) {
+    m = std::fmax(m, x[k]);
+    total += x[k];
+  }
+  *max = m;
+  return finite(total);
+}
+
 // The cross-entropy of a chunk of logit rows, and (compute_grad) its gradient written over the logits.
 // logits [c, V] (the whole vocabulary: the caller handles tensor parallelism), labels [c] int64 global ids,
 // weights [c]. Per row, while it sits in L1/L2: the maximum, then exp(z - max) and its sum, then the
@@ -374,16 +388,10 @@ at::Tensor cross_entropy_rows(at::Tensor logits, const at::Tensor& labels, const
   at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       float* z = zp + r * V;
-      float m = z[0], total = 0.0f;
-#pragma omp simd reduction(max : m) reduction(+ : total)
-      for (int64_t k = 0; k < V; ++k) {
-        m = std::fmax(m, z[k]);
-        total += z[k];
-      }
-      // A NaN or inf logit: fast math may drop it from the maximum and the capped exp, but not from a plain
-      // sum (tested by its bits, which -ffinite-math-only cannot fold away). The row's loss and gradient are
-      // NaN, as in torch's ops, so that the run's divergence guard sees it.
-      if (!finite(total)) {
+      float m;
+      // A NaN or inf logit makes the row's loss and gradient NaN, as in torch's ops, so that the run's
+      // divergence guard sees it.
+      if (!finite_max(z, V, &m)) {
         op[r] = std::numeric_limits<float>::quiet_NaN();
         if (compute_grad) std::fill(z, z + V, std::numeric_limits<float>::quiet_NaN());
         continue;
@@ -478,16 +486,10 @@ AttentionShape attention_shape(const at::Tensor& q, const at::Tensor& k, const a
 
 // Scores s of one row (n keys visible, e in the block's buffer) -> exp(scale (s - max)), zero past the
 // diagonal; returns the sum of those (the caller divides the row's output by it, D numbers instead of e)
-// and sets lse. A NaN or inf score makes the row NaN (fast math could drop it from the maximum; the plain
-// sum keeps it, tested by its bits as in cross_entropy_rows).
+// and sets lse. A NaN or inf score makes the row NaN (finite_max).
 inline float softmax_row(float* row, int64_t n, int64_t e, float scale, float* lse) {
-  float m = row[0], total = 0.0f;
-#pragma omp simd reduction(max : m) reduction(+ : total)
-  for (int64_t j = 0; j < n; ++j) {
-    m = std::fmax(m, row[j]);
-    total += row[j];
-  }
-  if (!finite(total)) {
+  float m;
+  if (!finite_max(row, n, &m)) {
     std::fill(row, row + e, std::numeric_limits<float>::quiet_NaN());
     *lse = std::numeric_limits<float>::quiet_NaN();
     return *lse;
