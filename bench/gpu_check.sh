@@ -18,7 +18,7 @@
 #                checkpoint, resumed to 200, and an uninterrupted run to compare the curve (train_run.json)
 #   kernels      fused norm kernels fwd/bwd GB/s against torch (and apex when importable) at hidden
 #                1K-8K (kernels.json)
-#   block_ops    the hand-written RoPE / SwiGLU / RMSNorm / fused loss against the compositions they
+#   block_ops    the hand-written RoPE / SwiGLU / RMSNorm / attention / fused loss against the compositions they
 #                replace, bf16 at a 1.3B layer's shape (block_ops.json): whether eager keeps them on a GPU
 #   gpu_tests    the test suite's GPU-only cases (pytest -m gpu: compiled Triton kernels, NCCL
 #                collectives, the fused loss, the GPU init replay, offload from GPU memory), each

@@ -41,7 +41,7 @@ def test_smoke_run_of_the_gpu_check(tmp_path, bundled_dir):
     assert run["max_abs_loss_diff_resumed_vs_uninterrupted"] == 0.0
     assert run["diag_logged"] and run["valid"]
     assert s["kernels"]["gpu"] is False  # the harness, dry-run on CPU
-    ops = {"rms_norm", "swiglu", "rope_qkv", "peri_junction", "sdpa_layout", "fused_loss"}
+    ops = {"rms_norm", "swiglu", "rope_qkv", "peri_junction", "sdpa_layout", "attention", "fused_loss"}
     assert set(s["block_ops"]["speedup"]) == ops
 
 
