@@ -17,15 +17,17 @@ same values.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
 from kernels import cpu_kernels
 
 # Longest sequence the kernel takes. Its rows of scores span every visible key, where torch's flash kernel
-# streams keys in blocks with an online softmax. Forward + backward, head size 64: the kernel is 1.3x faster
-# at 256 tokens, 1.2x at 1024 (one thread; 1.16x on two), no faster at 2048 (one thread even, two 4% slower),
-# and 5% slower at 4096 (head size 128).
+# streams keys in blocks with an online softmax. Forward + backward, one thread: the kernel is 1.3x SDPA at
+# 256 tokens and 1.2x at 1024 (head size 64), even at 2048 (two threads: 1% slower), 4% slower at 4096 (head
+# size 128; two threads: 10%). bench/RESULTS.md, issue 19, "Causal attention in C++".
 MAX_SEQ_LEN = 1024
 
 
@@ -50,7 +52,13 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 def _kernel_ops():
     """torch.ops.pretrain_cpu when the kernels load and the attention kernel has its sgemm, else None."""
     ops = cpu_kernels.load()
-    return ops if ops is not None and ops.attention_has_blas() else None
+    return ops if ops is not None and _has_blas(ops) else None
+
+
+@functools.cache
+def _has_blas(ops) -> bool:
+    """Asked of the loaded library once, not on every forward and backward."""
+    return ops.attention_has_blas()
 
 
 def _last_dim_contiguous(t: Tensor) -> Tensor:
@@ -60,7 +68,7 @@ def _last_dim_contiguous(t: Tensor) -> Tensor:
 def _batch_major(t: Tensor) -> Tensor:
     """t (B, heads, S, D) with its memory in (B, S, heads, D) order: the layout the op promises."""
     b, h, s, d = t.shape
-    return t if t.stride() == (s * h * d, d, h * d, 1) else t.new_empty(b, s, h, d).permute(0, 2, 1, 3).copy_(t)
+    return t if t.stride() == (s * h * d, d, h * d, 1) else _empty_batch_major(t, h).copy_(t)
 
 
 def _empty_batch_major(like: Tensor, heads: int) -> Tensor:
