@@ -9,9 +9,9 @@ Every dimension, the vocabulary included, comes from the config given (`--set` o
 vocabulary of 0 (the tokenizer's) is read from the config's tokenizer when it exists, else taken as
 `pretrain.data prepare`'s default, and the JSON says which.
 
-Each side (`ours:pre`, `ours:peri`, `hf:pre`, `ours:pre:plain-loss`, `ours:pre:model`, `mcore:pre`) runs in its own
-process, so its peak memory is its own (CPU: the process's peak resident set during the measured
-steps, /proc VmHWM reset after the warm-up steps and glibc's free heap trimmed; GPU:
+Each side (`ours:pre`, `ours:peri`, `hf:pre`, `ours:pre:plain-loss`, `ours:pre:model`, `ours:pre:budget0.5`,
+`mcore:pre`) runs in its own process, so its peak memory is its own (CPU: the process's peak resident set
+during the measured steps, /proc VmHWM reset after the warm-up steps and glibc's free heap trimmed; GPU:
 torch.cuda.max_memory_allocated, reset alike).
 The processes take turns step by step (one runs while the others wait), so machine noise hits all sides alike; the
 figures are medians over the measured steps (--concurrent-warmup runs the unmeasured warm-up steps, where
@@ -166,9 +166,13 @@ def build_side(spec: dict, device: torch.device, dtype: torch.dtype):
     ours.loss_spec = LossSpec(fused="plain-loss" not in variant and cfg.train.fused_loss, z_loss=cfg.train.z_loss)
     if impl == "ours":
         model = ours.to(dtype)
+        budget = next((float(v.removeprefix("budget")) for v in variant if v.startswith("budget")), 1.0)
+        if budget < 1 and not spec["compile"]:
+            raise ValueError(f"side '{spec['side']}': a memory budget is the compiler's (compiled mode only)")
         if spec["compile"]:
             scope = next((v for v in variant if v in ("blocks", "model")), spec["compile_scope"])
-            model.compile_model() if scope == "model" else model.compile_blocks()
+            compile_ = model.compile_model if scope == "model" else model.compile_blocks
+            compile_(memory_budget=budget)
         return model, lambda mod, x, y: mod(x, y)
     if impl == "hf":
         from model.hf_convert import choose_format
@@ -425,6 +429,12 @@ def ratios(sides: dict) -> dict:
     plain = sides.get("ours:pre:plain-loss")
     if ours and plain:
         r["fused_over_plain_loss_tokens_per_s"] = round(ours["tokens_per_s"] / plain["tokens_per_s"], 3)
+    for name, side in sides.items():  # compiled: ours:pre:budget0.5 keeps less for backward, recomputes more
+        if ours and name.startswith("ours:pre:budget"):
+            r[f"{name}_over_ours_pre_tokens_per_s"] = round(side["tokens_per_s"] / ours["tokens_per_s"], 3)
+            r[f"{name}_over_ours_pre_peak_memory"] = round(side["peak_memory_bytes"] / ours["peak_memory_bytes"], 3)
+            if hf:
+                r[f"{name}_over_hf_peak_memory"] = round(side["peak_memory_bytes"] / hf["peak_memory_bytes"], 3)
     for scope in ("blocks", "model"):  # compiled: a scope suffix beside ours:pre's --compile-scope
         if ours and (other := sides.get(f"ours:pre:{scope}")):
             r[f"{scope}_scope_over_config_scope_tokens_per_s"] = round(other["tokens_per_s"] / ours["tokens_per_s"], 3)
@@ -464,7 +474,8 @@ def main(argv=None) -> int:
         "--sides",
         nargs="+",
         default=["ours:pre", "hf:pre", "ours:peri"],
-        help="IMPL:PLACEMENT[:plain-loss|:blocks|:model] per side: ours, hf (pre only), mcore (pre, GPU only)",
+        help="IMPL:PLACEMENT[:plain-loss|:blocks|:model|:budgetB] per side: ours, hf (pre only), mcore (pre, GPU "
+        "only); budgetB (compiled mode only): ours with train.compile_memory_budget B, e.g. ours:pre:budget0.5",
     )
     p.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
     p.add_argument(

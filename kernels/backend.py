@@ -106,7 +106,7 @@ def triton_missing(device: torch.device, hidden_size: int | None = None) -> str 
             return None
         return (
             "the Triton kernels need a CUDA GPU; on CPU they run only under the Triton "
-            "interpreter (TRITON_INTERPRET=1 set before the kernels are first imported; for tests)"
+            "interpreter (TRITON_INTERPRET=1 set before triton is first imported; for tests)"
         )
     return f"the Triton kernels run on cuda (or cpu under the interpreter), not on '{device.type}'"
 

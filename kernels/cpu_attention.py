@@ -21,6 +21,7 @@ import functools
 
 import torch
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
 
 from kernels import cpu_kernels
 
@@ -137,3 +138,17 @@ def _backward(ctx, dout, _dlse):
 
 
 _attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+# FLOPs as torch counts SDPA's (torch.utils.flop_counter, causal mask not discounted), so that
+# FlopCounterMode reports the same whichever op runs. Without them the op counts as free, and inductor's
+# activation memory budget (train.compile_memory_budget), which prices recomputation in FLOPs, would
+# recompute attention rather than store its output.
+@register_flop_formula(torch.ops.pretrain.cpu_causal_attention)
+def _attention_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(q_shape, k_shape, v_shape)
+
+
+@register_flop_formula(torch.ops.pretrain.cpu_causal_attention_backward)
+def _attention_backward_flops(dout_shape, q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(dout_shape, q_shape, k_shape, v_shape)

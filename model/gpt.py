@@ -108,7 +108,7 @@ class GPT(nn.Module):
         if self.loss_spec.fused:  # the fused loss reads the output layer's weight without calling it
             register_external_parameter(self, self.head.weight)
 
-    def compile_blocks(self, **compile_kwargs) -> None:
+    def compile_blocks(self, memory_budget: float = 1.0, **compile_kwargs) -> None:
         """torch.compile each block (regional compilation): blocks of the same shape share one compiled
         graph, so compilation time does not grow with depth. The norm kernels and the fused loss are
         custom ops, opaque to the compiler (no graph breaks); compilation happens at the first call.
@@ -116,7 +116,10 @@ class GPT(nn.Module):
         Activation recomputation (model/recompute.py) checkpoints with a Python context that restores
         the tensor-parallel RNG stream, which the compiler cannot trace: the checkpoint call stays
         outside the compiled code (full: the block's inner forward is compiled; selective: everything
-        around the attention core is)."""
+        around the attention core is). memory_budget < 1: see with_memory_budget(); not with recomputation."""
+        recomputing = any(b.recompute or b.attn.fn.recompute_core for b in self.blocks)
+        if memory_budget < 1 and recomputing:
+            raise ValueError("compile_blocks(memory_budget < 1) with activation recomputation: choose one")
         compiled = lambda fn: torch.compile(fn, **compile_kwargs)
         for block in self.blocks:
             attn = block.attn.fn
@@ -130,15 +133,17 @@ class GPT(nn.Module):
                 block._forward = compiled(block._forward)
             else:
                 block.compile(**compile_kwargs)
+                with_memory_budget(block, memory_budget)
 
-    def compile_model(self, **compile_kwargs) -> None:
+    def compile_model(self, memory_budget: float = 1.0, **compile_kwargs) -> None:
         """torch.compile the whole forward as one graph (train.compile_scope: model): inductor fuses
         across block boundaries, the embedding and the final norm, as torch.compile(model) does for a
         Hugging Face model. Compilation time grows with depth; pipeline stages and activation
-        recomputation need compile_blocks()."""
+        recomputation need compile_blocks(). memory_budget < 1: see with_memory_budget()."""
         if any(b.recompute or b.attn.fn.recompute_core for b in self.blocks):
             raise ValueError("compile_model() with activation recomputation: use compile_blocks()")
         self.compile(**compile_kwargs)
+        with_memory_budget(self, memory_budget)
 
     def junction_kinds(self) -> list[str]:
         """Which op leaves each sublayer (for the run log)."""
@@ -159,6 +164,27 @@ class GPT(nn.Module):
         n = self.num_params(embedding=False) + c.vocab_size * c.hidden_size
         head_dim = c.hidden_size // c.num_heads
         return 6 * n + 12 * c.num_layers * c.num_heads * head_dim * c.seq_len
+
+
+def with_memory_budget(module: nn.Module, budget: float) -> None:
+    """Compiles module's compiled call (nn.Module.compile()) under inductor's activation memory budget
+    (torch._functorch.config.activation_memory_budget, train.compile_memory_budget): below 1, the
+    partitioner keeps about that fraction of what backward would read and recomputes the rest, choosing by
+    FLOPs (pointwise ops and norms count as none; matmuls, attention and the fused loss by theirs).
+    The setting is read when a graph is compiled, at the first call; it is set for this module's calls
+    only, not for the process."""
+    if budget >= 1:
+        return
+    compiled = getattr(module, "_compiled_call_impl", None)
+    if compiled is None:
+        raise ValueError(f"with_memory_budget({type(module).__name__}): call module.compile() first")
+    from torch._functorch import config as functorch_config
+
+    def call(*args, **kwargs):
+        with functorch_config.patch(activation_memory_budget=budget):
+            return compiled(*args, **kwargs)
+
+    module._compiled_call_impl = call
 
 
 def build_model(

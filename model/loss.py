@@ -31,6 +31,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 from kernels import cpu_kernels
 from model.tensor_parallel import copy_to_tp, gather_from_sequence, tp_all_reduce, tp_group, vocab_parallel_token_losses
@@ -211,6 +212,18 @@ def _backward(ctx, grad_loss, _grad_dh, _grad_dw):
 
 
 _linear_cross_entropy.register_autograd(_backward, setup_context=_setup_context)
+
+
+@register_flop_formula(torch.ops.pretrain.linear_cross_entropy)
+def _linear_cross_entropy_flops(
+    hidden_shape, weight_shape, labels_shape, weights_shape, z_loss, chunk, vocab_start, group_name, compute_grad,
+    out_shape=None, **kwargs,
+) -> int:  # fmt: skip
+    """The plain head's matmul FLOPs, as FlopCounterMode counts them: logits 2NdV, and with the gradients
+    (computed here, in forward) dhidden and dweight 2NdV each. Without a formula the op counts as free,
+    and inductor's activation memory budget would recompute the whole loss rather than keep its output."""
+    (n, d), v = hidden_shape, weight_shape[0]
+    return 2 * n * d * v * (3 if compute_grad else 1)
 
 
 def linear_cross_entropy(

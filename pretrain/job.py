@@ -215,17 +215,19 @@ def parallelize(run: Run, model):
 
         apply_ulysses(model, run.groups["sp"])
     apply_activation_checkpointing(model.blocks, cfg.train.activation_checkpointing, cfg.train.checkpoint_blocks)
+    budget = cfg.train.compile_memory_budget
+    budget_note = f", activation memory budget {budget:g}" if budget < 1 else ""
     if cfg.train.compile and cfg.train.compile_scope == "model":  # after TP, which changes what runs
-        model.compile_model()
+        model.compile_model(memory_budget=budget)
         run.log(
-            "[compile] torch.compile on the whole model (compiled at the first step; the time it took is logged "
-            "after the second)"
+            f"[compile] torch.compile on the whole model{budget_note} (compiled at the first step; the time it "
+            "took is logged after the second)"
         )
     elif cfg.train.compile:  # after TP and recomputation, which change what each block runs
-        model.compile_blocks()
+        model.compile_blocks(memory_budget=budget)
         run.log(
-            f"[compile] torch.compile on each of the {len(model.blocks)} blocks (compiled at the first step; "
-            "the time it took is logged after the second)"
+            f"[compile] torch.compile on each of the {len(model.blocks)} blocks{budget_note} (compiled at the "
+            "first step; the time it took is logged after the second)"
         )
     if layout.pp > 1:
         from model.pipeline import build_pipeline

@@ -9,8 +9,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Without a GPU the Triton kernels run under Triton's interpreter, which must be switched on before triton is
+# first imported, and importing the model imports it (torch.utils.flop_counter, where model/loss.py and
+# kernels/cpu_attention.py declare their ops' FLOPs): set here, before any test module, whichever are run.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def _env(extra: dict | None = None) -> dict:

@@ -122,6 +122,46 @@ def test_whole_model_compilation_trains_like_eager(placement):
         eager.compile_model()
 
 
+def saved_for_backward_bytes(model) -> int:
+    """Bytes of the distinct tensors one training forward keeps for backward, the parameters not counted."""
+    seen = {}
+
+    def pack(t):
+        if not isinstance(t, torch.nn.Parameter):
+            seen.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(*batch())
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("scope", ["model", "blocks"])
+def test_a_memory_budget_keeps_less_for_backward_and_trains_like_eager(scope):
+    """train.compile_memory_budget: the same compiled model keeps far less for backward at budget 0.1 than at
+    1, trains like eager, and leaves the process's own setting alone. The backend is AOT autograd with
+    inductor's partitioner (min-cut, where the budget acts) without its code generation."""
+    from torch._functorch import config as functorch_config
+
+    eager = tiny("peri")
+    eager.loss_spec = LossSpec(fused=True)
+    kept = {}
+    for budget in (1.0, 0.1):
+        compiled = copy.deepcopy(eager)
+        compile_ = compiled.compile_model if scope == "model" else compiled.compile_blocks
+        compile_(memory_budget=budget, backend="aot_eager_decomp_partition")
+        torch._dynamo.reset()  # copies of one model share compiled code: each budget compiles its own
+        kept[budget] = saved_for_backward_bytes(compiled)
+        assert functorch_config.activation_memory_budget == 1.0
+    assert kept[0.1] < 0.5 * kept[1.0], kept
+    torch._dynamo.reset()
+    assert_train_alike(eager, compiled, rtol=1e-5, atol=1e-6)  # the budget-0.1 model
+    if scope == "blocks":
+        apply_activation_checkpointing(eager.blocks, "full")
+        with pytest.raises(ValueError, match="memory_budget < 1.* with activation recomputation"):
+            eager.compile_blocks(memory_budget=0.5)
+
+
 # ------------------------------------------------------------------------------------------ custom ops
 
 
@@ -191,13 +231,17 @@ def train(bundled_dir, run_dir, nproc, *sets):
         (2, ["parallel.pp=2"]),
         (2, ["zero.stage=3", "train.activation_checkpointing=selective"]),
         (2, ["parallel.tp=2", "parallel.sequence_parallel=true", "train.compile_scope=model"]),
+        (2, ["parallel.pp=2", "train.compile_memory_budget=0.5"]),
     ],
-    ids=["one-process", "tp2-sp-recompute", "pp2", "dp2-zero3", "tp2-sp-whole-model"],
+    ids=["one-process", "tp2-sp-recompute", "pp2", "dp2-zero3", "tp2-sp-whole-model", "pp2-memory-budget"],
 )
 def test_compiled_training_equals_eager(nproc, layout, bundled_dir, tmp_path):
-    eager_layout = [k for k in layout if not k.startswith("train.compile_scope")]  # needs train.compile: true
+    compiler_keys = ("train.compile_scope", "train.compile_memory_budget")  # need train.compile: true
+    eager_layout = [k for k in layout if not k.startswith(compiler_keys)]
     eager, _ = train(bundled_dir, tmp_path / "eager", nproc, *eager_layout)
     compiled, log = train(bundled_dir, tmp_path / "compiled", nproc, *layout, "train.compile=true")
     assert "[compile] first step" in log and "compilation took about" in log
+    if "train.compile_memory_budget=0.5" in layout:
+        assert "activation memory budget 0.5" in log
     assert sorted(compiled) == sorted(eager) == list(range(1, STEPS + 1))
     assert max(abs(compiled[s] - eager[s]) for s in eager) <= 1e-4

@@ -191,3 +191,17 @@ def test_whole_model_compilation_refuses_pipeline_stages_and_recomputation():
         load_config(tiny, ["train.compile=true", "train.compile_scope=model", "train.activation_checkpointing=full"])
     with pytest.raises(ConfigError, match=r"train\.compile_scope: 'model' is set but train\.compile is false"):
         load_config(tiny, ["train.compile_scope=model"])
+
+
+def test_compile_memory_budget_needs_the_compiler_and_no_recomputation():
+    tiny = ROOT / "configs" / "tiny.yaml"
+    budget = "train.compile_memory_budget"
+    for scope in ("blocks", "model"):
+        cfg = load_config(tiny, ["train.compile=true", f"train.compile_scope={scope}", f"{budget}=0.5"])
+        assert cfg.train.compile_memory_budget == 0.5
+    with pytest.raises(ConfigError, match=r"train\.compile_memory_budget: 1\.5 is above the maximum 1"):
+        load_config(tiny, ["train.compile=true", f"{budget}=1.5"])
+    with pytest.raises(ConfigError, match=r"compile_memory_budget: 0\.5 is the compiler's; .*train\.compile: true"):
+        load_config(tiny, [f"{budget}=0.5"])
+    with pytest.raises(ConfigError, match=r"checkpointing=selective: both decide what backward recomputes"):
+        load_config(tiny, ["train.compile=true", f"{budget}=0.5", "train.activation_checkpointing=selective"])

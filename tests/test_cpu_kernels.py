@@ -296,6 +296,29 @@ def test_causal_attention_compiles_without_a_graph_break():
         torch.testing.assert_close(mine.grad.double(), theirs.grad, rtol=0, atol=1e-5)
 
 
+def test_causal_attention_counts_the_flops_torch_counts_for_flash_attention():
+    """FlopCounterMode over our op, forward and backward, gives what torch's own formulas give its flash
+    attention with the same shapes (grouped-query heads counted as their query heads, as torch counts
+    them); without the formulas the op would count as free, and inductor's memory budget would price its
+    recomputation at nothing."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from kernels import cpu_attention
+
+    b, h, s, d = 2, 4, 40, 16
+    q = torch.randn(b, h, s, d, requires_grad=True)
+    k, v = (torch.randn(b, 2, s, d, requires_grad=True) for _ in range(2))
+    with FlopCounterMode(display=False) as ours:
+        cpu_attention.causal_attention(q, k, v).sum().backward()
+    meta = [torch.empty(b, h, s, d, device="meta") for _ in range(3)]
+    with FlopCounterMode(display=False) as theirs:
+        out, lse, cq, ck, mq, mk, seed, offset, _ = torch.ops.aten._scaled_dot_product_flash_attention(*meta, 0.0, True)
+        torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            torch.empty_like(out), *meta, out, lse, cq, ck, mq, mk, 0.0, True, seed, offset
+        )
+    assert ours.get_total_flops() == theirs.get_total_flops() > 0
+
+
 def test_attention_outside_the_kernels_range_takes_sdpa(monkeypatch):
     """bf16, dropout, a GPU-sized sequence and the switch turned off leave attention to SDPA."""
     from kernels import cpu_attention

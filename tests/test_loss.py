@@ -121,6 +121,22 @@ def test_without_grad_only_the_loss():
     torch.testing.assert_close(loss, reference(h, w, y, mask.float(), 0.0).detach(), rtol=1e-6, atol=1e-6)
 
 
+def test_flops_counted_as_for_the_plain_head():
+    """FlopCounterMode sees the fused loss as the plain head's matmuls (logits; with grad, dhidden and
+    dweight too), so FLOP-priced tools (inductor's activation memory budget) do not take it for free."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    h, w, y, _ = inputs(dtype=torch.float32)
+    counted = []
+    for fn in (lambda: linear_cross_entropy(h, w, y), lambda: F.cross_entropy(h @ w.t(), y)):
+        with FlopCounterMode(display=False) as with_grad:
+            fn().backward()
+        with torch.no_grad(), FlopCounterMode(display=False) as without:
+            fn()
+        counted.append((with_grad.get_total_flops(), without.get_total_flops()))
+    assert counted[0] == counted[1] and counted[0][1] > 0
+
+
 def test_chunk_size_rule():
     assert chunk_tokens_for(10_000, 50_304) == 128  # never below MIN_CHUNK_TOKENS
     assert chunk_tokens_for(10_000, 8_192) == 512  # 4M elements of fp32 logits

@@ -1,9 +1,9 @@
 """Kernel tests run the Triton kernels for real on a GPU and under the Triton interpreter on CPU.
 
 Triton decides interpreted vs compiled when a kernel is *defined* (`@triton.jit` reads
-TRITON_INTERPRET at import time), so the variable is set here, before any test module imports
-kernels.triton_*. kernels/__init__ and kernels.backend never import them, so importing
-`kernels` elsewhere first is harmless.
+TRITON_INTERPRET at import time), and a triton imported before the variable is set runs kernels defined
+after it wrongly, so the variable is set before any test module imports kernels.triton_* or triton: here
+and in tests/conftest.py (for runs of the top-level test files alone).
 """
 
 import os
