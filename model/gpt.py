@@ -171,8 +171,10 @@ def with_memory_budget(module: nn.Module, budget: float) -> None:
     (torch._functorch.config.activation_memory_budget, train.compile_memory_budget): below 1, the
     partitioner keeps about that fraction of what backward would read and recomputes the rest, choosing by
     FLOPs (pointwise ops and norms count as none; matmuls, attention and the fused loss by theirs).
-    The setting is read when a graph is compiled, at the first call; it is set for this module's calls
-    only, not for the process."""
+    is_non_builtin_to_include puts custom ops among the choices priced in FLOPs: by default the partitioner
+    takes them for free to recompute, and below about 0.5 recomputed the whole fused loss (a third of a
+    step at quickstart) and every attention. The settings are read when a graph is compiled, at the first
+    call; they are set for this module's calls only, not for the process."""
     if budget >= 1:
         return
     compiled = getattr(module, "_compiled_call_impl", None)
@@ -181,7 +183,7 @@ def with_memory_budget(module: nn.Module, budget: float) -> None:
     from torch._functorch import config as functorch_config
 
     def call(*args, **kwargs):
-        with functorch_config.patch(activation_memory_budget=budget):
+        with functorch_config.patch(activation_memory_budget=budget, is_non_builtin_to_include=True):
             return compiled(*args, **kwargs)
 
     module._compiled_call_impl = call

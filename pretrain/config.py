@@ -184,7 +184,7 @@ class TrainConfig:
         "activation_memory_budget, torchtitan's memory_budget mode). Below 1 the compiler keeps about that "
         "fraction of the activations backward reads and recomputes the rest, choosing by FLOPs (pointwise ops "
         "and norms first). Quickstart on CPU, whole-model scope: what backward keeps falls from 219 MiB to 150 "
-        "at 0.9 (steps 2.5% longer) and to 20 at 0.1 (steps 1.5x as long), the process's peak by 5-9% "
+        "at 0.9 (steps 2% longer), 105 at 0.5 (6%) and 20 at 0.1 (22%), the process's peak by 6-8% "
         "(bench/RESULTS.md). Not with train.activation_checkpointing (choose one); 1 = off",
         min=0,
         max=1,

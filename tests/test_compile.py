@@ -162,6 +162,35 @@ def test_a_memory_budget_keeps_less_for_backward_and_trains_like_eager(scope):
             eager.compile_blocks(memory_budget=0.5)
 
 
+def test_a_memory_budget_prices_the_fused_loss_and_attention_by_their_flops():
+    """Under a memory budget the partitioner weighs our custom ops by their FLOPs: the fused loss (the
+    output layer's three matmuls) is kept, not recomputed in backward. Priced as free, as torch prices an
+    op without a FLOP formula, it is run again in backward (the control)."""
+    from torch.profiler import profile
+    from torch.utils.flop_counter import flop_registry
+
+    def loss_op_runs(model) -> int:
+        model(*batch()).backward()  # compiles
+        with profile() as prof:
+            model(*batch()).backward()
+        return sum(e.name == "pretrain::linear_cross_entropy" for e in prof.events())
+
+    eager = tiny("pre")
+    eager.loss_spec = LossSpec(fused=True)
+    runs = {}
+    for priced in (True, False):
+        torch._dynamo.reset()
+        saved = {k: flop_registry.pop(k) for k in list(flop_registry) if "pretrain" in str(k) and not priced}
+        try:
+            compiled = copy.deepcopy(eager)
+            compiled.compile_model(memory_budget=0.5, backend="aot_eager_decomp_partition")
+            runs[priced] = loss_op_runs(compiled)
+        finally:
+            flop_registry.update(saved)
+    torch._dynamo.reset()
+    assert runs == {True: 1, False: 2}
+
+
 # ------------------------------------------------------------------------------------------ custom ops
 
 
