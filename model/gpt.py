@@ -167,14 +167,14 @@ class GPT(nn.Module):
 
 
 def with_memory_budget(module: nn.Module, budget: float) -> None:
-    """Compiles module's compiled call (nn.Module.compile()) under inductor's activation memory budget
+    """Runs module's compiled call (nn.Module.compile()) under inductor's activation memory budget
     (torch._functorch.config.activation_memory_budget, train.compile_memory_budget): below 1, the
     partitioner keeps about that fraction of what backward would read and recomputes the rest, choosing by
     FLOPs (pointwise ops and norms count as none; matmuls, attention and the fused loss by theirs).
     is_non_builtin_to_include puts custom ops among the choices priced in FLOPs: by default the partitioner
-    takes them for free to recompute, and below about 0.5 recomputed the whole fused loss (a third of a
-    step at quickstart) and every attention. The settings are read when a graph is compiled, at the first
-    call; they are set for this module's calls only, not for the process."""
+    takes them for free to recompute, and at budgets 0.5 and 0.1 recomputed the whole fused loss (about a
+    quarter of a step at quickstart) and every attention. The settings are read when a graph is compiled,
+    at the first call; they are set for this module's calls only, not for the process."""
     if budget >= 1:
         return
     compiled = getattr(module, "_compiled_call_impl", None)
