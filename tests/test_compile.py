@@ -261,8 +261,17 @@ def train(bundled_dir, run_dir, nproc, *sets):
         (2, ["zero.stage=3", "train.activation_checkpointing=selective"]),
         (2, ["parallel.tp=2", "parallel.sequence_parallel=true", "train.compile_scope=model"]),
         (2, ["parallel.pp=2", "train.compile_memory_budget=0.5"]),
+        (2, ["zero.stage=3", "train.compile_scope=model", "train.compile_memory_budget=0.5"]),
     ],
-    ids=["one-process", "tp2-sp-recompute", "pp2", "dp2-zero3", "tp2-sp-whole-model", "pp2-memory-budget"],
+    ids=[
+        "one-process",
+        "tp2-sp-recompute",
+        "pp2",
+        "dp2-zero3",
+        "tp2-sp-whole-model",
+        "pp2-memory-budget",
+        "dp2-zero3-whole-model-memory-budget",
+    ],
 )
 def test_compiled_training_equals_eager(nproc, layout, bundled_dir, tmp_path):
     compiler_keys = ("train.compile_scope", "train.compile_memory_budget")  # need train.compile: true
