@@ -146,9 +146,15 @@ _attention.register_autograd(_backward, setup_context=_setup_context)
 # recompute attention rather than store its output.
 @register_flop_formula(torch.ops.pretrain.cpu_causal_attention)
 def _attention_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_flop_count(q_shape, k_shape, v_shape)
+    return sdpa_flop_count(q_shape, *_query_headed(q_shape, k_shape, v_shape))
 
 
 @register_flop_formula(torch.ops.pretrain.cpu_causal_attention_backward)
 def _attention_backward_flops(dout_shape, q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_backward_flop_count(dout_shape, q_shape, k_shape, v_shape)
+    return sdpa_backward_flop_count(dout_shape, q_shape, *_query_headed(q_shape, k_shape, v_shape))
+
+
+def _query_headed(q_shape, *kv_shapes) -> list[tuple]:
+    """k and v shapes with as many heads as q: grouped-query heads are counted per query head, as torch counts
+    them (the formulas of older torch releases, the GPU machine's among them, assert equal heads)."""
+    return [(s[0], q_shape[1], *s[2:]) for s in kv_shapes]

@@ -182,8 +182,12 @@ def with_memory_budget(module: nn.Module, budget: float) -> None:
         raise ValueError(f"with_memory_budget({type(module).__name__}): call module.compile() first")
     from torch._functorch import config as functorch_config
 
+    settings = {"activation_memory_budget": budget}
+    if hasattr(functorch_config, "is_non_builtin_to_include"):  # a newer setting than the budget: not in every torch
+        settings["is_non_builtin_to_include"] = True
+
     def call(*args, **kwargs):
-        with functorch_config.patch(activation_memory_budget=budget, is_non_builtin_to_include=True):
+        with functorch_config.patch(settings):
             return compiled(*args, **kwargs)
 
     module._compiled_call_impl = call
