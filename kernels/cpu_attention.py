@@ -156,5 +156,5 @@ def _attention_backward_flops(dout_shape, q_shape, k_shape, v_shape, *args, out_
 
 def _query_headed(q_shape, *kv_shapes) -> list[tuple]:
     """k and v shapes with as many heads as q: grouped-query heads are counted per query head, as torch counts
-    them (the formulas of older torch releases, the GPU machine's among them, assert equal heads)."""
+    them (the formulas of older torch releases assert equal heads)."""
     return [(s[0], q_shape[1], *s[2:]) for s in kv_shapes]
