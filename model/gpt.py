@@ -117,8 +117,7 @@ class GPT(nn.Module):
         the tensor-parallel RNG stream, which the compiler cannot trace: the checkpoint call stays
         outside the compiled code (full: the block's inner forward is compiled; selective: everything
         around the attention core is). memory_budget < 1: see with_memory_budget(); not with recomputation."""
-        recomputing = any(b.recompute or b.attn.fn.recompute_core for b in self.blocks)
-        if memory_budget < 1 and recomputing:
+        if memory_budget < 1 and self._recomputes():
             raise ValueError("compile_blocks(memory_budget < 1) with activation recomputation: choose one")
         compiled = lambda fn: torch.compile(fn, **compile_kwargs)
         for block in self.blocks:
@@ -140,10 +139,14 @@ class GPT(nn.Module):
         across block boundaries, the embedding and the final norm, as torch.compile(model) does for a
         Hugging Face model. Compilation time grows with depth; pipeline stages and activation
         recomputation need compile_blocks(). memory_budget < 1: see with_memory_budget()."""
-        if any(b.recompute or b.attn.fn.recompute_core for b in self.blocks):
+        if self._recomputes():
             raise ValueError("compile_model() with activation recomputation: use compile_blocks()")
         self.compile(**compile_kwargs)
         with_memory_budget(self, memory_budget)
+
+    def _recomputes(self) -> bool:
+        """Whether activation checkpointing (model/recompute.py) is on in any block."""
+        return any(b.recompute or b.attn.fn.recompute_core for b in self.blocks)
 
     def junction_kinds(self) -> list[str]:
         """Which op leaves each sublayer (for the run log)."""

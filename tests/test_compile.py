@@ -22,7 +22,7 @@ from model import build_model
 from model.loss import LossSpec
 from model.recompute import apply_activation_checkpointing
 from pretrain.config import Config, ModelConfig, resolve
-from tests.conftest import run_module, tiny_args
+from tests.conftest import run_module, saved_for_backward_bytes, tiny_args
 from tests.conftest import train_losses as losses
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -122,20 +122,6 @@ def test_whole_model_compilation_trains_like_eager(placement):
         eager.compile_model()
 
 
-def saved_for_backward_bytes(model) -> int:
-    """Bytes of the distinct tensors one training forward keeps for backward, the parameters not counted."""
-    seen = {}
-
-    def pack(t):
-        if not isinstance(t, torch.nn.Parameter):
-            seen.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(*batch())
-    return sum(seen.values())
-
-
 @pytest.mark.parametrize("scope", ["model", "blocks"])
 def test_a_memory_budget_keeps_less_for_backward_and_trains_like_eager(scope):
     """train.compile_memory_budget: the same compiled model keeps far less for backward at budget 0.1 than at
@@ -151,7 +137,7 @@ def test_a_memory_budget_keeps_less_for_backward_and_trains_like_eager(scope):
         compile_ = compiled.compile_model if scope == "model" else compiled.compile_blocks
         compile_(memory_budget=budget, backend="aot_eager_decomp_partition")
         torch._dynamo.reset()  # copies of one model share compiled code: each budget compiles its own
-        kept[budget] = saved_for_backward_bytes(compiled)
+        kept[budget] = saved_for_backward_bytes(compiled, *batch())
         assert functorch_config.activation_memory_budget == 1.0
     assert kept[0.1] < 0.5 * kept[1.0], kept
     torch._dynamo.reset()
@@ -162,7 +148,7 @@ def test_a_memory_budget_keeps_less_for_backward_and_trains_like_eager(scope):
             eager.compile_blocks(memory_budget=0.5)
 
 
-def test_a_memory_budget_prices_the_fused_loss_and_attention_by_their_flops():
+def test_a_memory_budget_prices_the_fused_loss_by_its_flops():
     """Under a memory budget the partitioner weighs our custom ops by their FLOPs: the fused loss (the
     output layer's three matmuls) is kept, not recomputed in backward. Priced as free, as torch prices an
     op without a FLOP formula, it is run again in backward (the control)."""

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from model.mlp import swiglu
 from model.rope import Rotary
+from tests.conftest import saved_for_backward_bytes
 
 S, B, HD = 6, 3, 8
 
@@ -79,19 +80,6 @@ def test_single_tensor_rotation_and_its_gradient():
     torch.testing.assert_close(rotary.apply(wide, cos, sin), reference_rotate(wide, cos, sin), rtol=0, atol=1e-14)
 
 
-def saved_bytes(fn, x):
-    """Bytes of the distinct storages autograd keeps for backward of fn(x)."""
-    seen = {}
-
-    def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(x)
-    return sum(seen.values())
-
-
 def test_swiglu_equals_silu_gate_times_up():
     gu = torch.randn(S, B, 2 * 10, dtype=torch.float64, requires_grad=True)
 
@@ -106,8 +94,8 @@ def test_swiglu_equals_silu_gate_times_up():
         torch.autograd.grad(swiglu(gu), gu, g)[0], torch.autograd.grad(reference(gu), gu, g)[0], rtol=0, atol=1e-14
     )
     # it keeps the input only: autograd of the expression also keeps silu(gate), half the input's size
-    assert saved_bytes(swiglu, gu) == gu.numel() * 8
-    assert saved_bytes(reference, gu) == gu.numel() * 8 * 3 // 2
+    assert saved_for_backward_bytes(swiglu, gu) == gu.numel() * 8
+    assert saved_for_backward_bytes(reference, gu) == gu.numel() * 8 * 3 // 2
 
 
 def test_under_torch_compile_the_plain_expressions_run(monkeypatch):
